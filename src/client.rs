@@ -1,0 +1,293 @@
+//! The Rust client: connects with the transport settings measured fastest
+//! here, reassembles chunked tensors, and verifies every chunk's CRC-32C.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), minibatchd::client::ClientError> {
+//! use minibatchd::client::{Client, BatchRequest};
+//! let mut c = Client::connect("http://127.0.0.1:50051").await?;
+//! let b = c.get_batch(&BatchRequest::new("train", 2, 500)).await?;
+//! assert_eq!(b.x.shape, vec![500, 784]);
+//! # Ok(()) }
+//! ```
+use std::time::Duration;
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto;
+use crate::proto::batch_service_client::BatchServiceClient;
+use crate::store::DType;
+use crate::wire::dtype_from_proto;
+
+/// HTTP/2 max frame size the client advertises. The server's DATA frames are
+/// bounded by it; 16 KiB (the default) halves throughput here, 256 KiB–1 MiB
+/// measured best, 4 MiB and above got slower (../shared/notes).
+pub const MAX_FRAME_SIZE: u32 = 512 * 1024;
+
+/// Flow-control windows: a few minibatches in flight per stream.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// Largest message accepted from the server (the server's own default).
+pub const MAX_DECODE: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("invalid address {0:?}")]
+    Address(String),
+    #[error("server answered {code:?}: {message}", code = .0.code(), message = .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("minibatch {index}, tensor {name}: chunk at offset {offset} failed its CRC-32C check (data corrupted in transit)")]
+    Checksum { index: u64, name: String, offset: u64 },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// One reassembled tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorData {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    /// Little-endian, C-order bytes.
+    pub data: Vec<u8>,
+    /// For uint8 standing for floats: value = float32(byte) / divisor.
+    pub scale_divisor: u32,
+}
+
+/// One minibatch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub index: u64,
+    pub x: TensorData,
+    pub y: TensorData,
+    /// Example indices, when the request asked for them.
+    pub indices: Option<TensorData>,
+}
+
+/// Everything GetBatch and StreamBatches take, with defaults.
+#[derive(Debug, Clone, Default)]
+pub struct BatchRequest {
+    pub set: String,
+    pub index: u64,
+    pub size: u32,
+    pub order: proto::Order,
+    pub x_dtype: Option<DType>,
+    pub y_dtype: Option<DType>,
+    pub with_indices: bool,
+    /// StreamBatches only: minibatches to send (0 = to the end).
+    pub count: u64,
+}
+
+impl BatchRequest {
+    pub fn new(set: &str, index: u64, size: u32) -> Self {
+        Self {
+            set: set.into(),
+            index,
+            size,
+            ..Default::default()
+        }
+    }
+}
+
+fn dt(d: Option<DType>) -> i32 {
+    d.map(|d| crate::wire::dtype_to_proto(d) as i32).unwrap_or(0)
+}
+
+/// A connection to one minibatchd server.
+#[derive(Clone)]
+pub struct Client {
+    inner: BatchServiceClient<Channel>,
+    channel: Channel,
+}
+
+impl Client {
+    /// Connects to `addr` (`http://host:port`, or bare `host:port`).
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let ep = Endpoint::from_shared(uri.clone())
+            .map_err(|_| ClientError::Address(addr.into()))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .max_frame_size(MAX_FRAME_SIZE)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW);
+        let channel = ep.connect().await.map_err(|source| ClientError::Connect { addr: uri, source })?;
+        Ok(Self {
+            inner: BatchServiceClient::new(channel.clone()).max_decoding_message_size(MAX_DECODE),
+            channel,
+        })
+    }
+
+    pub async fn info(&mut self) -> Result<proto::DatasetInfo, ClientError> {
+        Ok(self.inner.get_info(proto::GetInfoRequest {}).await?.into_inner())
+    }
+
+    /// gRPC health of the BatchService (`grpc.health.v1`).
+    pub async fn health(&mut self) -> Result<bool, ClientError> {
+        let mut h = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let r = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "minibatch.v1.BatchService".into(),
+            })
+            .await?;
+        Ok(r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+
+    /// One minibatch.
+    pub async fn get_batch(&mut self, r: &BatchRequest) -> Result<Batch, ClientError> {
+        let req = proto::GetBatchRequest {
+            set: r.set.clone(),
+            index: r.index,
+            size: r.size,
+            order: Some(r.order),
+            x_dtype: dt(r.x_dtype),
+            y_dtype: dt(r.y_dtype),
+            with_indices: r.with_indices,
+        };
+        let stream = self.inner.get_batch(req).await?.into_inner();
+        let mut batches = assemble(stream);
+        let b = batches
+            .next()
+            .await
+            .ok_or_else(|| ClientError::Protocol("stream ended without a minibatch".into()))??;
+        if batches.next().await.is_some() {
+            return Err(ClientError::Protocol("GetBatch sent more than one minibatch".into()));
+        }
+        Ok(b)
+    }
+
+    /// Minibatches `r.index ..` (`r.count` of them, 0 = to the end of the epoch).
+    pub async fn stream_batches(&mut self, r: &BatchRequest) -> Result<impl Stream<Item = Result<Batch, ClientError>>, ClientError> {
+        let req = proto::StreamBatchesRequest {
+            set: r.set.clone(),
+            size: r.size,
+            order: Some(r.order),
+            start: r.index,
+            count: r.count,
+            x_dtype: dt(r.x_dtype),
+            y_dtype: dt(r.y_dtype),
+            with_indices: r.with_indices,
+        };
+        let stream = self.inner.stream_batches(req).await?.into_inner();
+        Ok(assemble(stream))
+    }
+}
+
+/// Turns a stream of chunks into a stream of verified minibatches.
+pub fn assemble<S>(chunks: S) -> Assembler<S>
+where
+    S: Stream<Item = Result<proto::TensorChunk, tonic::Status>> + Unpin,
+{
+    Assembler {
+        inner: chunks,
+        tensors: Vec::new(),
+        index: None,
+        done: false,
+    }
+}
+
+/// Reassembles chunks into minibatches, checking CRC-32C, offsets and order.
+pub struct Assembler<S> {
+    inner: S,
+    tensors: Vec<TensorData>,
+    index: Option<u64>,
+    done: bool,
+}
+
+impl<S> Assembler<S> {
+    /// Adds one chunk; returns a minibatch when its last chunk arrives.
+    fn push(&mut self, c: proto::TensorChunk) -> Result<Option<Batch>, ClientError> {
+        let proto_err = |m: String| Err(ClientError::Protocol(m));
+        if crc32c::crc32c(&c.data) != c.crc32c {
+            return Err(ClientError::Checksum { index: c.index, name: c.name, offset: c.offset });
+        }
+        if let Some(i) = self.index.filter(|&i| i != c.index) {
+            return proto_err(format!("minibatch {} began before {i} ended", c.index));
+        }
+        self.index = Some(c.index);
+        if self.tensors.last().is_none_or(|t| t.name != c.name) {
+            if c.offset != 0 {
+                return proto_err(format!("tensor {} starts at offset {}", c.name, c.offset));
+            }
+            let Some(dtype) = proto::Dtype::try_from(c.dtype).ok().and_then(dtype_from_proto) else {
+                return proto_err(format!("unknown dtype {}", c.dtype));
+            };
+            self.tensors.push(TensorData {
+                name: c.name.clone(),
+                dtype,
+                shape: c.shape.clone(),
+                data: Vec::with_capacity(c.total_bytes.min(1 << 30) as usize),
+                scale_divisor: c.scale_divisor,
+            });
+        }
+        let t = self.tensors.last_mut().expect("pushed above");
+        if c.offset != t.data.len() as u64 || t.data.len() as u64 + c.data.len() as u64 > c.total_bytes {
+            return proto_err(format!("tensor {} chunk at offset {} out of order", c.name, c.offset));
+        }
+        t.data.extend_from_slice(&c.data);
+        if !c.last {
+            return Ok(None);
+        }
+        if t.data.len() as u64 != c.total_bytes {
+            return proto_err(format!("tensor {} ended at {} of {} bytes", c.name, t.data.len(), c.total_bytes));
+        }
+        let (mut x, mut y, mut indices) = (None, None, None);
+        for t in self.tensors.drain(..) {
+            match t.name.as_str() {
+                "x" => x = Some(t),
+                "y" => y = Some(t),
+                "indices" => indices = Some(t),
+                _ => {}
+            }
+        }
+        self.index = None;
+        match (x, y) {
+            (Some(x), Some(y)) => Ok(Some(Batch { index: c.index, x, y, indices })),
+            _ => proto_err("minibatch without x or y".into()),
+        }
+    }
+}
+
+impl<S> Stream for Assembler<S>
+where
+    S: Stream<Item = Result<proto::TensorChunk, tonic::Status>> + Unpin,
+{
+    type Item = Result<Batch, ClientError>;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            let next = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+            let item = match next {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.done = true;
+                    if self.tensors.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(ClientError::Protocol("stream ended inside a minibatch".into()))));
+                }
+                Poll::Ready(Some(Err(s))) => Err(ClientError::from(s)),
+                Poll::Ready(Some(Ok(c))) => self.push(c),
+            };
+            match item {
+                Ok(None) => continue,
+                Ok(Some(b)) => return Poll::Ready(Some(Ok(b))),
+                Err(e) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+}

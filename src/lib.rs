@@ -1,0 +1,48 @@
+//! minibatchd: loads a training dataset once into pinned host memory and
+//! serves minibatches over gRPC to remote trainers.
+//!
+//! # Layout
+//! A minibatch flows top to bottom once: load → store → order → wire → service.
+//!
+//! - [`memory`]: page-aligned, lockable host buffers the loader fills.
+//! - [`load`]: file → tensors: gzip ([`load::gzip`]), a restricted pickle
+//!   reader ([`load::pickle`]), the dataset layout ([`load::layout`]) and IDX
+//!   files ([`load::idx`]); one error type with file and byte offsets.
+//! - [`store`]: the resident dataset: sets of typed tensors as zero-copy slices.
+//! - [`analyze`]: per-tensor facts: sha256, value range, label histogram and
+//!   which narrower wire dtypes are exact.
+//! - [`order`]: which examples a minibatch holds: index math, seeded shuffle,
+//!   shards, resume.
+//! - [`wire`]: tensors → `TensorChunk` messages: chunking, dtype conversion, CRC-32C.
+//! - [`service`]: the tonic `BatchService`: requests in, status codes out.
+//! - [`server`]: `run(listener, shutdown)`: health, reflection, metrics, limits.
+//! - [`metrics`]: Prometheus counters and histograms and their HTTP endpoint.
+//! - [`client`]: the Rust client other programs (and the CLI) use.
+//! - [`proto`]: the generated wire contract (`proto/minibatch/v1/minibatch.proto`).
+pub mod analyze;
+pub mod client;
+pub mod load;
+pub mod memory;
+pub mod metrics;
+pub mod order;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod wire;
+
+/// Generated from `proto/minibatch/v1/minibatch.proto` at build time.
+pub mod proto {
+    tonic::include_proto!("minibatch.v1");
+
+    /// Encoded descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("minibatch_descriptor");
+}
+
+/// Name under which the bundled sample appears in logs and GetInfo.
+pub const BUNDLED_SAMPLE_NAME: &str = "mnist-sample.pkl.gz";
+
+/// The bundled sample: 5,000 real MNIST digits (3,000 / 1,000 / 1,000) in
+/// the original file's exact pickle form; made by `scripts/make_sample.py`,
+/// attribution in `data/README.md`. Built into the binary so the daemon runs
+/// with no dataset on any machine or image.
+pub static BUNDLED_SAMPLE: &[u8] = include_bytes!("../data/mnist-sample.pkl.gz");

@@ -1,0 +1,152 @@
+//! Prometheus metrics and the tiny HTTP endpoint that serves them.
+//!
+//! Hand-rolled on purpose: a handful of counters and histograms do not justify
+//! a metrics framework and an HTTP stack in the data path's binary. The text
+//! format is Prometheus exposition format 0.0.4.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Latency buckets in seconds: from a small minibatch on loopback (~100 µs)
+/// to a whole epoch streamed to a slow client.
+pub const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0, 60.0,
+];
+
+/// Longest request head the endpoint reads before answering 431.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+/// All metrics of one server.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String), u64>>,
+    minibatches: Mutex<BTreeMap<String, u64>>,
+    bytes: Mutex<BTreeMap<String, u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    pub active_streams: AtomicU64,
+    pub dataset_bytes: AtomicU64,
+    pub pinned_bytes: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a finished RPC with its gRPC status code name and duration.
+    pub fn request(&self, method: &str, code: tonic::Code, took: Duration) {
+        *self
+            .requests
+            .lock()
+            .unwrap()
+            .entry((method.to_string(), format!("{code:?}")))
+            .or_default() += 1;
+        let mut l = self.latency.lock().unwrap();
+        let h = l.entry(method.to_string()).or_default();
+        let s = took.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum += s;
+        h.count += 1;
+    }
+
+    /// Counts one minibatch of `bytes` payload bytes sent.
+    pub fn minibatch(&self, method: &str, bytes: u64) {
+        *self.minibatches.lock().unwrap().entry(method.to_string()).or_default() += 1;
+        *self.bytes.lock().unwrap().entry(method.to_string()).or_default() += bytes;
+    }
+
+    /// Renders the exposition text.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        o.push_str("# HELP minibatchd_requests_total RPCs finished, by method and gRPC status code.\n# TYPE minibatchd_requests_total counter\n");
+        for ((m, c), v) in self.requests.lock().unwrap().iter() {
+            let _ = writeln!(o, "minibatchd_requests_total{{method=\"{m}\",code=\"{c}\"}} {v}");
+        }
+        o.push_str("# HELP minibatchd_minibatches_total Minibatches sent.\n# TYPE minibatchd_minibatches_total counter\n");
+        for (m, v) in self.minibatches.lock().unwrap().iter() {
+            let _ = writeln!(o, "minibatchd_minibatches_total{{method=\"{m}\"}} {v}");
+        }
+        o.push_str("# HELP minibatchd_sent_bytes_total Tensor payload bytes sent.\n# TYPE minibatchd_sent_bytes_total counter\n");
+        for (m, v) in self.bytes.lock().unwrap().iter() {
+            let _ = writeln!(o, "minibatchd_sent_bytes_total{{method=\"{m}\"}} {v}");
+        }
+        o.push_str("# HELP minibatchd_request_duration_seconds RPC duration, first byte in to last byte out.\n# TYPE minibatchd_request_duration_seconds histogram\n");
+        for (m, h) in self.latency.lock().unwrap().iter() {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(o, "minibatchd_request_duration_seconds_bucket{{method=\"{m}\",le=\"{b}\"}} {}", h.counts[i]);
+            }
+            let _ = writeln!(o, "minibatchd_request_duration_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(o, "minibatchd_request_duration_seconds_sum{{method=\"{m}\"}} {}", h.sum);
+            let _ = writeln!(o, "minibatchd_request_duration_seconds_count{{method=\"{m}\"}} {}", h.count);
+        }
+        let g = |o: &mut String, name: &str, help: &str, v: u64| {
+            let _ = write!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+        };
+        g(&mut o, "minibatchd_active_streams", "Response streams in flight.", self.active_streams.load(Ordering::Relaxed));
+        g(&mut o, "minibatchd_dataset_bytes", "Host bytes holding the dataset.", self.dataset_bytes.load(Ordering::Relaxed));
+        g(&mut o, "minibatchd_dataset_pinned_bytes", "Host bytes of the dataset locked in RAM (mlock).", self.pinned_bytes.load(Ordering::Relaxed));
+        o
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (mut sock, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(512);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+            let (status, ctype, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+                ("200 OK", "text/plain; version=0.0.4", m.render())
+            } else if head.len() >= MAX_REQUEST_HEAD {
+                ("431 Request Header Fields Too Large", "text/plain", String::new())
+            } else {
+                ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,416 @@
+//! The tonic `BatchService`: requests in, status codes out, nothing else.
+//! Which examples (order), how they are encoded (wire) and where they live
+//! (store) are decided elsewhere; every error becomes a status in one place,
+//! `impl From<ServeError> for Status`.
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::sync::OnceCell;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::analyze::DatasetStats;
+use crate::memory::PinState;
+use crate::metrics::Metrics;
+use crate::order::{OrderError, OrderSpec, PermCache, Plan};
+use crate::proto;
+use crate::store::{DType, Dataset, Set};
+use crate::wire::{self, Conversion, TensorMessage};
+
+/// Limits a client can read from GetInfo.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest minibatch (examples) one request may ask for. Bounds the
+    /// memory one stream holds: a gathered or converted minibatch is built
+    /// whole before it is chunked.
+    pub max_batch_size: usize,
+    /// Largest gRPC message sent or accepted.
+    pub max_message_bytes: usize,
+    /// Largest `data` field in one TensorChunk.
+    pub chunk_bytes: usize,
+}
+
+/// Default largest minibatch: 16,384 MNIST images are 51 MB as float32,
+/// a bound on what one shuffled stream holds at once.
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 16_384;
+/// gRPC's default message limit, which stock clients enforce.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            chunk_bytes: wire::DEFAULT_CHUNK_BYTES,
+        }
+    }
+}
+
+/// Everything that can go wrong serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("unknown set {name:?}; this dataset has {available}")]
+    UnknownSet { name: String, available: String },
+    #[error("{0}")]
+    Order(#[from] OrderError),
+    #[error("start {start} is past the end: this order has {batches} minibatches")]
+    StartPastEnd { start: u64, batches: u64 },
+    #[error("{tensor} is {from}; cannot send it as {to}: {why}")]
+    Conversion {
+        tensor: String,
+        from: DType,
+        to: DType,
+        why: String,
+    },
+    #[error("unknown dtype value {0} in request")]
+    BadDType(i32),
+    #[error("dataset statistics are unavailable: {0}")]
+    Stats(String),
+}
+
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ServeError::UnknownSet { .. } => Status::not_found(msg),
+            ServeError::Order(OrderError::PastEnd { .. }) | ServeError::StartPastEnd { .. } => Status::out_of_range(msg),
+            ServeError::Order(_) | ServeError::BadDType(_) => Status::invalid_argument(msg),
+            ServeError::Conversion { .. } => Status::failed_precondition(msg),
+            ServeError::Stats(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// State shared by every request.
+pub struct Shared {
+    pub dataset: Arc<Dataset>,
+    /// Computed once, in the background from start-up (see `analyze`).
+    pub stats: OnceCell<Arc<DatasetStats>>,
+    pub perms: PermCache,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub fn new(dataset: Arc<Dataset>, limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
+        metrics.dataset_bytes.store(dataset.memory_bytes as u64, Ordering::Relaxed);
+        let pinned = if dataset.pin == PinState::Pinned { dataset.memory_bytes as u64 } else { 0 };
+        metrics.pinned_bytes.store(pinned, Ordering::Relaxed);
+        Arc::new(Self {
+            dataset,
+            stats: OnceCell::new(),
+            perms: PermCache::default(),
+            limits,
+            metrics,
+        })
+    }
+
+    /// The dataset's statistics, computing them (off the async threads) if
+    /// no one has yet.
+    pub async fn stats(&self) -> Result<Arc<DatasetStats>, ServeError> {
+        self.stats
+            .get_or_try_init(|| async {
+                let ds = self.dataset.clone();
+                let t0 = Instant::now();
+                let st = tokio::task::spawn_blocking(move || crate::analyze::dataset_stats(&ds))
+                    .await
+                    .map_err(|e| ServeError::Stats(e.to_string()))?;
+                tracing::info!(ms = t0.elapsed().as_millis() as u64, fingerprint = %st.fingerprint, "dataset statistics ready");
+                Ok(Arc::new(st))
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct BatchService {
+    shared: Arc<Shared>,
+}
+
+impl BatchService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn set(&self, name: &str) -> Result<Set, ServeError> {
+        self.shared.dataset.set(name).cloned().ok_or_else(|| ServeError::UnknownSet {
+            name: name.to_string(),
+            available: self
+                .shared
+                .dataset
+                .sets
+                .iter()
+                .map(|s| format!("{:?}", s.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    async fn conversions(&self, set: &Set, x: i32, y: i32) -> Result<(Conversion, Conversion), ServeError> {
+        let want = |v: i32| -> Result<Option<DType>, ServeError> {
+            let d = proto::Dtype::try_from(v).map_err(|_| ServeError::BadDType(v))?;
+            Ok(wire::dtype_from_proto(d))
+        };
+        let (wx, wy) = (want(x)?, want(y)?);
+        let mut out = [Conversion::identity(&set.x), Conversion::identity(&set.y)];
+        for (i, (name, t, w)) in [("x", &set.x, wx), ("y", &set.y, wy)].into_iter().enumerate() {
+            let Some(to) = w.filter(|&to| to != t.dtype) else { continue };
+            let stats = self.shared.stats().await?;
+            let st = stats.get(&set.name, name).expect("stats cover every tensor");
+            out[i] = wire::conversion(t, st, to).map_err(|why| ServeError::Conversion {
+                tensor: format!("{}.{name}", set.name),
+                from: t.dtype,
+                to,
+                why,
+            })?;
+        }
+        Ok((out[0], out[1]))
+    }
+
+    fn plan(&self, set: &Set, size: u32, order: Option<proto::Order>) -> Result<Plan, ServeError> {
+        let o = order.unwrap_or_default();
+        let spec = OrderSpec {
+            shuffle: o.shuffle,
+            seed: o.seed,
+            epoch: o.epoch,
+            rank: o.rank,
+            world_size: o.world_size,
+            drop_last: o.drop_last,
+        };
+        Ok(Plan::new(set.examples(), size as usize, self.shared.limits.max_batch_size, &spec, &self.shared.perms)?)
+    }
+
+    fn finish(&self, method: &'static str, t0: Instant, r: Result<BatchStream, ServeError>) -> Result<Response<BatchStream>, Status> {
+        match r {
+            Ok(s) => Ok(Response::new(s)),
+            Err(e) => {
+                let st = Status::from(e);
+                tracing::debug!(method, code = ?st.code(), message = st.message(), "request refused");
+                self.shared.metrics.request(method, st.code(), t0.elapsed());
+                Err(st)
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::batch_service_server::BatchService for BatchService {
+    async fn get_info(&self, _req: Request<proto::GetInfoRequest>) -> Result<Response<proto::DatasetInfo>, Status> {
+        let t0 = Instant::now();
+        let stats = self.shared.stats().await.map_err(Status::from)?;
+        let ds = &self.shared.dataset;
+        let tinfo = |set: &str, name: &str, t: &crate::store::Tensor| {
+            let st = stats.get(set, name).expect("stats cover every tensor");
+            proto::TensorInfo {
+                dtype: wire::dtype_to_proto(t.dtype) as i32,
+                shape: t.shape[1..].iter().map(|&d| d as u64).collect(),
+                sha256: st.sha256.clone(),
+                wire_dtypes: wire::wire_dtypes(t, st).into_iter().map(|d| wire::dtype_to_proto(d) as i32).collect(),
+                scale_divisor: st.uint8_divisor.unwrap_or(0),
+            }
+        };
+        let sets = ds
+            .sets
+            .iter()
+            .map(|s| proto::SetInfo {
+                name: s.name.clone(),
+                examples: s.examples() as u64,
+                x: Some(tinfo(&s.name, "x", &s.x)),
+                y: Some(tinfo(&s.name, "y", &s.y)),
+                classes: stats
+                    .get(&s.name, "y")
+                    .and_then(|st| st.histogram.as_ref())
+                    .map(|h| h.keys().copied().collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let source = std::path::Path::new(&ds.source)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| ds.source.clone());
+        let l = self.shared.limits;
+        let info = proto::DatasetInfo {
+            source,
+            format: ds.format.name().into(),
+            fingerprint: stats.fingerprint.clone(),
+            sets,
+            memory_bytes: ds.memory_bytes as u64,
+            pinned: ds.pin == PinState::Pinned,
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            limits: Some(proto::Limits {
+                max_batch_size: l.max_batch_size as u32,
+                max_message_bytes: l.max_message_bytes as u32,
+                chunk_bytes: l.chunk_bytes as u32,
+            }),
+        };
+        self.shared.metrics.request("GetInfo", tonic::Code::Ok, t0.elapsed());
+        Ok(Response::new(info))
+    }
+
+    type GetBatchStream = BatchStream;
+
+    async fn get_batch(&self, req: Request<proto::GetBatchRequest>) -> Result<Response<BatchStream>, Status> {
+        let t0 = Instant::now();
+        let r = req.into_inner();
+        let result = async {
+            let set = self.set(&r.set)?;
+            let plan = self.plan(&set, r.size, r.order)?;
+            plan.batch(r.index)?;
+            let (cx, cy) = self.conversions(&set, r.x_dtype, r.y_dtype).await?;
+            Ok(BatchStream::new(
+                "GetBatch",
+                self.shared.clone(),
+                set,
+                plan,
+                (cx, cy),
+                r.with_indices,
+                r.index..r.index + 1,
+                t0,
+            ))
+        }
+        .await;
+        self.finish("GetBatch", t0, result)
+    }
+
+    type StreamBatchesStream = BatchStream;
+
+    async fn stream_batches(&self, req: Request<proto::StreamBatchesRequest>) -> Result<Response<BatchStream>, Status> {
+        let t0 = Instant::now();
+        let r = req.into_inner();
+        let result = async {
+            let set = self.set(&r.set)?;
+            let plan = self.plan(&set, r.size, r.order)?;
+            let batches = plan.batches();
+            if r.start >= batches && !(r.start == 0 && batches == 0) {
+                return Err(ServeError::StartPastEnd { start: r.start, batches });
+            }
+            let end = if r.count == 0 { batches } else { r.start.saturating_add(r.count).min(batches) };
+            let (cx, cy) = self.conversions(&set, r.x_dtype, r.y_dtype).await?;
+            Ok(BatchStream::new(
+                "StreamBatches",
+                self.shared.clone(),
+                set,
+                plan,
+                (cx, cy),
+                r.with_indices,
+                r.start..end,
+                t0,
+            ))
+        }
+        .await;
+        self.finish("StreamBatches", t0, result)
+    }
+}
+
+/// The response stream of GetBatch and StreamBatches. It builds one
+/// minibatch only when the previous one has been taken by the transport, so
+/// a slow client holds at most one minibatch (plus HTTP/2 windows) in server
+/// memory, never an epoch.
+pub struct BatchStream {
+    method: &'static str,
+    shared: Arc<Shared>,
+    set: Set,
+    plan: Plan,
+    conv: (Conversion, Conversion),
+    with_indices: bool,
+    next: u64,
+    end: u64,
+    pending: VecDeque<proto::TensorChunk>,
+    started: Instant,
+    done: bool,
+}
+
+impl BatchStream {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        method: &'static str,
+        shared: Arc<Shared>,
+        set: Set,
+        plan: Plan,
+        conv: (Conversion, Conversion),
+        with_indices: bool,
+        range: std::ops::Range<u64>,
+        started: Instant,
+    ) -> Self {
+        shared.metrics.active_streams.fetch_add(1, Ordering::Relaxed);
+        Self {
+            method,
+            shared,
+            set,
+            plan,
+            conv,
+            with_indices,
+            next: range.start,
+            end: range.end,
+            pending: VecDeque::new(),
+            started,
+            done: false,
+        }
+    }
+
+    /// Queues the messages of minibatch `index`.
+    fn build(&mut self, index: u64) {
+        let sel = self.plan.batch(index).expect("index validated against the plan");
+        let n = sel.len() as u64;
+        let chunk = self.shared.limits.chunk_bytes;
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let shape = |t: &crate::store::Tensor| {
+            let mut s = vec![n];
+            s.extend(t.shape[1..].iter().map(|&d| d as u64));
+            s
+        };
+        for (name, t, conv) in [("x", &self.set.x, self.conv.0), ("y", &self.set.y, self.conv.1)] {
+            let data = wire::tensor_bytes(t, &sel, &conv);
+            bytes += data.len() as u64;
+            let last = name == "y" && !self.with_indices;
+            let divisor = if conv.to == DType::U8 { conv.divisor } else { 0 };
+            let m = TensorMessage { index, name, dtype: conv.to, shape: shape(t), divisor, data };
+            wire::chunk(m, chunk, last, &mut out);
+        }
+        if self.with_indices {
+            let idx: Vec<u8> = sel.indices().iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
+            let m = TensorMessage { index, name: "indices", dtype: DType::I64, shape: vec![n], divisor: 0, data: idx.into() };
+            wire::chunk(m, chunk, true, &mut out);
+        }
+        self.shared.metrics.minibatch(self.method, bytes);
+        self.pending.extend(out);
+    }
+}
+
+impl Stream for BatchStream {
+    type Item = Result<proto::TensorChunk, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.pending.is_empty() && this.next < this.end {
+            let i = this.next;
+            this.next += 1;
+            this.build(i);
+        }
+        match this.pending.pop_front() {
+            Some(m) => Poll::Ready(Some(Ok(m))),
+            None => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Drop for BatchStream {
+    fn drop(&mut self) {
+        let m = &self.shared.metrics;
+        m.active_streams.fetch_sub(1, Ordering::Relaxed);
+        // A stream dropped before its end means the client left (or the
+        // server shut down past its grace period).
+        let code = if self.done { tonic::Code::Ok } else { tonic::Code::Cancelled };
+        m.request(self.method, code, self.started.elapsed());
+    }
+}
