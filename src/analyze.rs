@@ -57,65 +57,86 @@ pub fn tensor_stats(t: &Tensor) -> TensorStats {
     })
 }
 
-fn scan(t: &Tensor) -> TensorStats {
-    let mut st = TensorStats {
-        sha256: String::new(),
-        min: None,
-        max: None,
-        multiple_of_1_256: false,
-        multiple_of_1_255: false,
-        uint8_divisor: None,
-        float16_exact: false,
-        bfloat16_exact: false,
-        float32_exact: false,
-        int32_exact: false,
-        histogram: None,
-    };
-    let b = &t.data[..];
-    match t.dtype {
+/// Scan results for one piece of a tensor; pieces merge into [`TensorStats`].
+#[derive(Debug, Clone)]
+struct Part {
+    lo: f64,
+    hi: f64,
+    any: bool,
+    m256: bool,
+    m255: bool,
+    f16: bool,
+    bf16: bool,
+    f32: bool,
+    i32: bool,
+    hist: Option<BTreeMap<i64, u64>>,
+}
+
+impl Part {
+    fn empty() -> Self {
+        Part { lo: f64::INFINITY, hi: f64::NEG_INFINITY, any: false, m256: true, m255: true, f16: true, bf16: true, f32: true, i32: true, hist: Some(BTreeMap::new()) }
+    }
+
+    fn merge(mut self, o: Part) -> Part {
+        self.lo = self.lo.min(o.lo);
+        self.hi = self.hi.max(o.hi);
+        self.any |= o.any;
+        self.m256 &= o.m256;
+        self.m255 &= o.m255;
+        self.f16 &= o.f16;
+        self.bf16 &= o.bf16;
+        self.f32 &= o.f32;
+        self.i32 &= o.i32;
+        self.hist = match (self.hist, o.hist) {
+            (Some(mut a), Some(b)) => {
+                for (k, v) in b {
+                    *a.entry(k).or_default() += v;
+                }
+                (a.len() <= MAX_CLASSES).then_some(a)
+            }
+            _ => None,
+        };
+        self
+    }
+}
+
+/// Bytes per scan job: small enough to share a big tensor between cores,
+/// large enough that merging is free.
+const SCAN_PIECE: usize = 8 << 20;
+
+/// Scans `b` (whole elements of `d`).
+fn scan_part(d: DType, b: &[u8]) -> Part {
+    let mut p = Part::empty();
+    p.any = !b.is_empty();
+    match d {
         DType::F32 => {
             let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-            let (mut m256, mut m255, mut f16x, mut bf16x) = (true, true, true, true);
+            let (mut m256, mut f16, mut bf16) = (true, true, true);
             for c in b.chunks_exact(4) {
                 let v = f32::from_le_bytes(c.try_into().unwrap());
                 lo = lo.min(v);
                 hi = hi.max(v);
-                let k = (v * 256.0).round();
-                m256 &= (0.0..=255.0).contains(&k) && k / 256.0 == v;
-                let k = (v * 255.0).round();
-                m255 &= (0.0..=255.0).contains(&k) && k / 255.0 == v;
-                bf16x &= v.to_bits() & 0xffff == 0 && !v.is_nan();
-                f16x &= half::f16::from_f32(v).to_f32() == v;
+                // Non-short-circuit `&` keeps the loop branch-free.
+                m256 &= is_multiple(v, 256.0);
+                bf16 &= (v.to_bits() & 0xffff == 0) & !v.is_nan();
+                f16 &= f16_exact(v);
             }
-            let any = !b.is_empty();
-            st.min = any.then_some(lo as f64);
-            st.max = any.then_some(hi as f64);
-            st.multiple_of_1_256 = m256 && any;
-            st.multiple_of_1_255 = m255 && any;
-            st.uint8_divisor = if st.multiple_of_1_256 {
-                Some(256)
-            } else if st.multiple_of_1_255 {
-                Some(255)
-            } else {
-                None
-            };
-            st.float16_exact = f16x && any;
-            st.bfloat16_exact = bf16x && any;
-            st.float32_exact = true;
+            (p.lo, p.hi) = (lo as f64, hi as f64);
+            // A separate pass that stops at the first miss: k/256 data (MNIST)
+            // fails it at its first non-zero pixel.
+            let m255 = b.chunks_exact(4).all(|c| is_multiple(f32::from_le_bytes(c.try_into().unwrap()), 255.0));
+            (p.m256, p.m255, p.f16, p.bf16) = (m256, m255, f16, bf16);
+            p.i32 = false;
+            p.hist = None;
         }
         DType::F64 => {
-            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-            let mut f32x = true;
             for c in b.chunks_exact(8) {
                 let v = f64::from_le_bytes(c.try_into().unwrap());
-                lo = lo.min(v);
-                hi = hi.max(v);
-                f32x &= (v as f32) as f64 == v;
+                p.lo = p.lo.min(v);
+                p.hi = p.hi.max(v);
+                p.f32 &= (v as f32) as f64 == v;
             }
-            let any = !b.is_empty();
-            st.min = any.then_some(lo);
-            st.max = any.then_some(hi);
-            st.float32_exact = f32x && any;
+            (p.m256, p.m255, p.f16, p.bf16, p.i32, p.hist) = (false, false, false, false, false, None);
         }
         d if d.is_integer() || d == DType::Bool => {
             let mut hist: BTreeMap<i64, u64> = BTreeMap::new();
@@ -132,19 +153,79 @@ fn scan(t: &Tensor) -> TensorStats {
                     too_many = hist.len() > MAX_CLASSES;
                 }
             }
-            let any = !b.is_empty();
-            st.min = any.then_some(lo as f64);
-            st.max = any.then_some(hi as f64);
-            st.int32_exact = any && lo >= i32::MIN as i128 && hi <= i32::MAX as i128;
-            st.histogram = (!too_many && any).then_some(hist);
-            if d == DType::U8 {
-                st.uint8_divisor = t.scale_divisor;
-                st.float32_exact = t.scale_divisor.is_some();
+            if p.any {
+                (p.lo, p.hi) = (lo as f64, hi as f64);
             }
+            p.i32 = lo >= i32::MIN as i128 && hi <= i32::MAX as i128;
+            p.hist = (!too_many).then_some(hist);
+            (p.m256, p.m255, p.f16, p.bf16, p.f32) = (false, false, false, false, false);
         }
-        _ => {}
+        _ => {
+            (p.m256, p.m255, p.f16, p.bf16, p.f32, p.i32, p.hist) = (false, false, false, false, false, false, None);
+        }
     }
-    st
+    p
+}
+
+/// Turns a merged scan into stats (without the hash).
+fn finish(t: &Tensor, p: Part) -> TensorStats {
+    let any = p.any;
+    let float = t.dtype == DType::F32;
+    let m256 = any && float && p.m256;
+    let m255 = any && float && p.m255;
+    TensorStats {
+        sha256: String::new(),
+        min: any.then_some(p.lo),
+        max: any.then_some(p.hi),
+        multiple_of_1_256: m256,
+        multiple_of_1_255: m255,
+        uint8_divisor: if m256 {
+            Some(256)
+        } else if m255 {
+            Some(255)
+        } else if t.dtype == DType::U8 {
+            t.scale_divisor
+        } else {
+            None
+        },
+        float16_exact: any && float && p.f16,
+        bfloat16_exact: any && float && p.bf16,
+        float32_exact: match t.dtype {
+            DType::F32 => true,
+            DType::F64 => any && p.f32,
+            DType::U8 => t.scale_divisor.is_some(),
+            _ => false,
+        },
+        int32_exact: any && t.dtype.is_integer() && p.i32,
+        histogram: if any { p.hist } else { None },
+    }
+}
+
+fn scan(t: &Tensor) -> TensorStats {
+    finish(t, scan_part(t.dtype, &t.data))
+}
+
+/// v == float32(k) / d for some integer k in 0..=255.
+fn is_multiple(v: f32, d: f32) -> bool {
+    // Truncation is floor here: negative inputs fail the range check anyway
+    // (and `as` saturates, mapping NaN to 0, which then fails `== v`).
+    let k = (v * d + 0.5) as i32;
+    (0..=255).contains(&k) & ((k as f32) / d == v)
+}
+
+/// v converts to float16 and back unchanged (checked on the bits, since a
+/// software f16 conversion per value is several times slower).
+fn f16_exact(v: f32) -> bool {
+    let bits = v.to_bits();
+    let exp = ((bits >> 23) & 0xff) as i32 - 127;
+    let sig = (bits & 0x7f_ffff) | 0x80_0000;
+    match exp {
+        -127 => bits & 0x7fff_ffff == 0, // zero (f32 subnormals underflow f16)
+        128 => bits & 0x7f_ffff == 0,    // infinity yes, NaN no
+        -14..=15 => bits & 0x1fff == 0,  // f16 normal: 10 mantissa bits
+        -24..=-15 => sig.trailing_zeros() as i32 >= -1 - exp, // f16 subnormal: multiples of 2^-24
+        _ => false,
+    }
 }
 
 fn int_value(d: DType, c: &[u8]) -> i128 {
@@ -181,19 +262,74 @@ impl DatasetStats {
 /// Computes stats for the whole dataset and its fingerprint: sha256 over the
 /// lines `"<set> <tensor> <dtype> <d0,d1,..> <sha256>\n"`, in set order,
 /// x before y.
+///
+/// The work (one hash and one scan per tensor) runs on every core, largest
+/// job first: hashing MNIST's train x alone is most of the total.
 pub fn dataset_stats(ds: &Dataset) -> DatasetStats {
-    let mut tensors = Vec::new();
-    let mut fp = Sha256::new();
-    for s in &ds.sets {
-        for (name, t) in [("x", &s.x), ("y", &s.y)] {
-            let st = tensor_stats(t);
-            let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
-            fp.update(format!("{} {} {} {} {}\n", s.name, name, t.dtype, shape.join(","), st.sha256).as_bytes());
-            tensors.push((s.name.clone(), name, st));
+    let tensors: Vec<(&str, &'static str, &Tensor)> = ds
+        .sets
+        .iter()
+        .flat_map(|s| [(s.name.as_str(), "x", &s.x), (s.name.as_str(), "y", &s.y)])
+        .collect();
+    // Jobs: hash a whole tensor (sequential by nature), or scan a piece of
+    // one; largest first so the big hash starts at once.
+    #[derive(Clone, Copy)]
+    enum Job {
+        Hash(usize),
+        Scan(usize, usize, usize),
+    }
+    let mut jobs = Vec::new();
+    for (i, (_, _, t)) in tensors.iter().enumerate() {
+        jobs.push((t.data.len(), Job::Hash(i)));
+        let step = SCAN_PIECE / t.dtype.size() * t.dtype.size();
+        let mut a = 0;
+        while a < t.data.len() || a == 0 {
+            let b = (a + step).min(t.data.len());
+            jobs.push((b - a, Job::Scan(i, a, b)));
+            a = b;
+            if a == 0 {
+                break;
+            }
         }
     }
+    jobs.sort_by_key(|&(n, _)| std::cmp::Reverse(n));
+    let queue = std::sync::Mutex::new(jobs.into_iter().map(|(_, j)| j));
+    let hashes = std::sync::Mutex::new(vec![String::new(); tensors.len()]);
+    let parts = std::sync::Mutex::new(vec![Part::empty(); tensors.len()]);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let Some(job) = queue.lock().unwrap().next() else { break };
+                match job {
+                    Job::Hash(i) => {
+                        let h = sha256_hex(&tensors[i].2.data);
+                        hashes.lock().unwrap()[i] = h;
+                    }
+                    Job::Scan(i, a, b) => {
+                        let t = tensors[i].2;
+                        let p = scan_part(t.dtype, &t.data[a..b]);
+                        let mut all = parts.lock().unwrap();
+                        let prev = std::mem::replace(&mut all[i], Part::empty());
+                        all[i] = prev.merge(p);
+                    }
+                }
+            });
+        }
+    });
+    let hashes = hashes.into_inner().unwrap();
+    let scans: Vec<TensorStats> = parts.into_inner().unwrap().into_iter().zip(&tensors).map(|(p, (_, _, t))| finish(t, p)).collect();
+    let mut fp = Sha256::new();
+    let mut out = Vec::new();
+    for (i, ((set, name, t), st)) in tensors.iter().zip(scans).enumerate() {
+        let mut st = st;
+        st.sha256 = hashes[i].clone();
+        let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+        fp.update(format!("{set} {name} {} {} {}\n", t.dtype, shape.join(","), st.sha256).as_bytes());
+        out.push((set.to_string(), *name, st));
+    }
     DatasetStats {
-        tensors,
+        tensors: out,
         fingerprint: hex(&fp.finalize()),
     }
 }
@@ -221,6 +357,23 @@ mod tests {
         assert!(!s.bfloat16_exact);
         let t = f32_tensor(&[1.0, 2.0 / 255.0]);
         assert_eq!(tensor_stats(&t).uint8_divisor, Some(255));
+    }
+
+    #[test]
+    fn f16_check_matches_a_real_conversion() {
+        let mut x = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            // Bias towards values with few mantissa bits so both answers occur.
+            let v = f32::from_bits(x & 0xffff_e000);
+            let want = half::f16::from_f32(v).to_f32() == v;
+            assert_eq!(f16_exact(v), want, "{v:e} ({:#x})", v.to_bits());
+        }
+        for v in [0.0f32, -0.0, 65504.0, 65520.0, 6.0e-8, 5.9604645e-8, f32::INFINITY, 1.0 / 3.0] {
+            assert_eq!(f16_exact(v), half::f16::from_f32(v).to_f32() == v, "{v:e}");
+        }
     }
 
     #[test]

@@ -1213,10 +1213,24 @@ fn decode_raw_unicode_escape(b: &mut [u8], latin1: bool) -> Result<usize, (usize
 }
 
 /// Rewrites UTF-8 text of code points <= U+00FF as latin1 bytes, in place.
+/// Runs of ASCII are moved eight bytes at a time: Python 3's protocol 2
+/// pickles carry every numpy payload this way.
 fn utf8_to_latin1_in_place(b: &mut [u8]) -> Result<usize, (usize, String)> {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
     let n = b.len();
     let (mut r, mut w) = (0, 0);
     while r < n {
+        if r + 8 <= n {
+            let word = u64::from_ne_bytes(b[r..r + 8].try_into().unwrap());
+            if word & HIGH == 0 {
+                if r != w {
+                    b.copy_within(r..r + 8, w);
+                }
+                r += 8;
+                w += 8;
+                continue;
+            }
+        }
         let c = b[r];
         if c < 0x80 {
             b[w] = c;

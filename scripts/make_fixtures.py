@@ -1,0 +1,468 @@
+#!/usr/bin/env python3
+"""Writes every pickle variant minibatchd's loader must accept, and hostile
+files it must reject, with a manifest.json that says what to expect.
+
+Usage: python3 scripts/make_fixtures.py OUTDIR
+
+Every accepted file is a small dataset in mnist.pkl.gz's layout,
+``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))``, with 7 / 3 / 2
+examples, x holding random multiples of 1/256 (or random values of its
+integer / bool dtype) and y random labels 0-9, from a fixed seed.
+
+manifest.json:
+
+    {"numpy": "2.4.6", "python": "3.11.7",
+     "files": [{"file": "np2-p2.pkl", "description": "...",
+                "sets": [{"name": "train", "examples": 7,
+                          "x": {"dtype": "float32", "shape": [7, 784], "sha256": "..."},
+                          "y": {"dtype": "int64", "shape": [7], "sha256": "..."}},
+                         ...]}, ...],
+     "hostile": [{"file": "hostile/os-system.pkl", "description": "...",
+                  "error_any": ["refusing global os.system"]}, ...]}
+
+The expected tensors come from numpy itself: ``pickle.load(f,
+encoding='latin1')``, then for a list of arrays (the tutorial's other form)
+``np.stack(list)``, for a list of Python ints ``np.asarray(list,
+dtype=np.int64)``; dtype is numpy's name of the array's type (byte order
+dropped) and sha256 is of ``np.ascontiguousarray(a,
+a.dtype.newbyteorder('<')).tobytes()``, i.e. little-endian C order, what the
+loader must serve. A hostile file's ``error_any`` lists substrings of which
+the loader's error message must contain at least one.
+
+Writers:
+* ``np2``: Python 3's own pickler with the installed numpy 2.x, whose
+  streams name ``numpy._core.multiarray._reconstruct`` (protocols 0-4),
+  ``numpy._core.numeric._frombuffer`` (protocol 5) and
+  ``numpy._core.multiarray.scalar``.
+* ``np1``: the pure-Python ``pickle._Pickler`` with ``save_global``
+  remapping ``numpy._core`` to ``numpy.core``, i.e. what numpy 1.x wrote.
+* ``py2``: scripts/py2pickle.py, Python 2's opcodes written by hand
+  (protocols 0 and 1 as pickle.py, protocol 2 as cPickle).
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+import types
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import py2pickle  # noqa: E402
+
+SEED = 20240229
+SIZES = (7, 3, 2)
+NAMES = ("train", "valid", "test")
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
+
+def values(rng, shape, dtype) -> np.ndarray:
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        a = rng.integers(0, 256, size=shape) / 256
+    elif dt.kind == "b":
+        a = rng.integers(0, 2, size=shape)
+    else:
+        info = np.iinfo(dt.newbyteorder("="))
+        a = rng.integers(info.min, info.max, size=shape, dtype=np.int64, endpoint=True)
+    return np.asarray(a).astype(dt)
+
+
+def dataset(seed, *, width=6, row_shape=None, xdtype="<f4", ydtype="<i8", sizes=SIZES):
+    rng = np.random.default_rng(seed)
+    row = tuple(row_shape) if row_shape is not None else (width,)
+    sets = []
+    for n in sizes:
+        x = values(rng, (n,) + row, xdtype)
+        y = rng.integers(0, 10, size=n).astype(ydtype)
+        sets.append((x, y))
+    return tuple(sets)
+
+
+# ---------------------------------------------------------------------------
+# writers
+# ---------------------------------------------------------------------------
+
+def np2(obj, protocol: int) -> bytes:
+    return pickle.dumps(obj, protocol=protocol)
+
+
+class NumPy1Pickler(pickle._Pickler):
+    """The pure-Python pickler, naming numpy's modules as numpy 1.x did."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    @staticmethod
+    def remap(module: str) -> str:
+        if module == "numpy._core" or module.startswith("numpy._core."):
+            return "numpy.core" + module[len("numpy._core"):]
+        return module
+
+    def save_global(self, obj, name=None):
+        # As pickle._Pickler.save_global (Python 3.11), minus the import check
+        # (numpy 2 warns on importing numpy.core), with the module remapped.
+        write = self.write
+        if name is None:
+            name = getattr(obj, "__qualname__", None) or obj.__name__
+        module_name = self.remap(pickle.whichmodule(obj, name))
+        if self.proto >= 4:
+            self.save(module_name)
+            self.save(name)
+            write(pickle.STACK_GLOBAL)
+        elif self.proto >= 3:
+            write(pickle.GLOBAL + bytes(module_name, "utf-8") + b"\n" + bytes(name, "utf-8") + b"\n")
+        else:
+            if self.fix_imports:
+                r_name_mapping = _compat_pickle.REVERSE_NAME_MAPPING
+                r_import_mapping = _compat_pickle.REVERSE_IMPORT_MAPPING
+                if (module_name, name) in r_name_mapping:
+                    module_name, name = r_name_mapping[(module_name, name)]
+                elif module_name in r_import_mapping:
+                    module_name = r_import_mapping[module_name]
+            write(pickle.GLOBAL + bytes(module_name, "ascii") + b"\n" + bytes(name, "ascii") + b"\n")
+        self.memoize(obj)
+
+    dispatch[types.FunctionType] = save_global
+
+
+def np1(obj, protocol: int) -> bytes:
+    f = io.BytesIO()
+    NumPy1Pickler(f, protocol=protocol).dump(obj)
+    return f.getvalue()
+
+
+def py2(obj, protocol: int) -> bytes:
+    return py2pickle.dumps(obj, protocol)
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=9, mtime=0)
+
+
+# ---------------------------------------------------------------------------
+# expectations
+# ---------------------------------------------------------------------------
+
+def expected_tensor(v):
+    if isinstance(v, np.ndarray):
+        a = v
+    elif isinstance(v, (list, tuple)) and v and all(isinstance(e, (int, bool)) and not isinstance(e, np.generic) for e in v):
+        a = np.asarray(v, dtype=np.int64)
+    elif isinstance(v, (list, tuple)) and v and all(isinstance(e, (np.ndarray, np.generic)) for e in v):
+        a = np.stack(v)
+    else:
+        raise TypeError(f"not a tensor: {type(v).__name__}")
+    le = np.ascontiguousarray(a, a.dtype.newbyteorder("<"))
+    return {
+        "dtype": a.dtype.name,
+        "shape": list(a.shape),
+        "sha256": hashlib.sha256(le.tobytes()).hexdigest(),
+    }
+
+
+def expected_sets(data: bytes):
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy 2 warns on numpy.core
+        obj = pickle.loads(data, encoding="latin1")
+    assert len(obj) == 3
+    sets = []
+    for name, (x, y) in zip(NAMES, obj):
+        ex, ey = expected_tensor(x), expected_tensor(y)
+        assert ex["shape"][0] == ey["shape"][0]
+        sets.append({"name": name, "examples": ex["shape"][0], "x": ex, "y": ey})
+    return sets
+
+
+# ---------------------------------------------------------------------------
+# accepted variants
+# ---------------------------------------------------------------------------
+
+class Out:
+    def __init__(self, root: str):
+        self.root = root
+        self.files = []
+        self.hostile = []
+        self.names = set()
+
+    def _write(self, rel: str, data: bytes):
+        assert rel not in self.names, rel
+        self.names.add(rel)
+        path = os.path.join(self.root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def accept(self, rel: str, data: bytes, description: str, *, also_gz: bool = False):
+        self._write(rel, data)
+        self.files.append({"file": rel, "description": description, "sets": expected_sets(data)})
+        if also_gz:
+            self.accept(rel + ".gz", gz(data), description + "; gzip'd")
+
+    def reject(self, rel: str, data: bytes, description: str, *errors: str):
+        self._write(rel, data)
+        self.hostile.append({"file": rel, "description": description, "error_any": list(errors)})
+
+
+WRITERS = {
+    "np2": (np2, "Python 3 pickle, numpy 2 module names (numpy._core.*)"),
+    "np1": (np1, "Python 3 pickle, numpy 1.x module names (numpy.core.*)"),
+}
+
+
+def force_escapes(x: np.ndarray) -> np.ndarray:
+    """Puts float32 values whose bytes need every Python 2 repr escape into
+    row 0: k/256 for k in 128..255 stores k-128 in byte 2 (k=167 -> 0x27 ',
+    162 -> 0x22 ", 138 -> \\n, 137 -> \\t, 141 -> \\r, 220 -> 0x5c \\\\);
+    k=100 gives 0xc8 (\\xc8), and zeros give \\x00."""
+    x = x.copy()
+    ks = [167, 162, 138, 137, 141, 220, 100, 0]
+    x[0, : len(ks)] = np.array(ks, dtype=np.float32) / 256
+    return x
+
+
+def accepted(out: Out):
+    seed = SEED
+    # 1. Python 3 protocols 0-5, numpy 2 and numpy 1.x names, plain and gzip'd.
+    for tag, (writer, what) in WRITERS.items():
+        for p in range(6):
+            seed += 1
+            d = dataset(seed, width=784)
+            out.accept(f"{tag}-p{p}.pkl", writer(d, p), f"{what}, protocol {p}; x float32 [n, 784]", also_gz=True)
+
+    # 2. Python 2 (hand-written opcodes), protocols 0, 1, 2.
+    seed += 1
+    d = dataset(seed, width=784)
+    d = ((force_escapes(d[0][0]), d[0][1]),) + d[1:]
+    for p, who in ((0, "pickle.py, text opcodes"), (1, "pickle.py, binary opcodes"), (2, "cPickle, as mnist.pkl.gz")):
+        data = py2(d, p)
+        if p == 0:
+            for esc in (b"\\x", b"\\n", b"\\t", b"\\r", b"\\\\", b"\\'", b'"'):
+                assert esc in data, esc
+        out.accept(f"py2-p{p}.pkl", data, f"Python 2 {who}, protocol {p}; x float32 [n, 784]", also_gz=True)
+    # every byte value in a protocol 0 STRING (single-quoted: holds ' and ")
+    seed += 1
+    d = dataset(seed, width=40, xdtype="u1")
+    d = (((np.arange(280) % 256).astype(np.uint8).reshape(7, 40), d[0][1]),) + d[1:]
+    out.accept("py2-p0-allbytes.pkl", py2(d, 0), "Python 2 pickle.py protocol 0; x uint8 holding every byte value 0-255 (every repr escape)")
+    # a payload with ' but no " is double-quoted by Python 2's repr
+    seed += 1
+    d = dataset(seed, width=16, xdtype="u1")
+    fix = lambda a: np.where(a == 0x22, 0x27, a).astype(np.uint8)  # noqa: E731
+    d = tuple((fix(x), y) for x, y in d)
+    d = ((np.concatenate([np.full((7, 1), 0x27, np.uint8), d[0][0][:, 1:]], axis=1), d[0][1]),) + d[1:]
+    assert b"S\"" in py2(d, 0)
+    out.accept("py2-p0-dquote.pkl", py2(d, 0), "Python 2 pickle.py protocol 0; payload with ' and no \" (double-quoted STRING)")
+    seed += 1
+    d = dataset(seed, xdtype=">f4", ydtype=">i8")
+    out.accept("py2-p2-bigendian.pkl", py2(d, 2), "Python 2 cPickle protocol 2; x >f4, y >i8 (big-endian)")
+    out.accept("py2-p1-bigendian.pkl", py2(d, 1), "Python 2 pickle.py protocol 1; x >f4, y >i8 (big-endian)")
+    seed += 1
+    d = dataset(seed, width=5)
+    d = tuple((np.asfortranarray(x), y) for x, y in d)
+    out.accept("py2-p2-fortran.pkl", py2(d, 2), "Python 2 cPickle protocol 2; x Fortran order (is_fortran True)")
+    out.accept("py2-p0-fortran.pkl", py2(d, 0), "Python 2 pickle.py protocol 0; x Fortran order (is_fortran True)")
+    seed += 1
+    d = dataset(seed, width=6)
+    d = tuple(([r for r in x], [int(v) for v in y]) for x, y in d)
+    out.accept("py2-p2-list.pkl", py2(d, 2), "Python 2 cPickle protocol 2; tutorial list form: x list of 1-D float32 arrays, y list of ints")
+    seed += 1
+    d = dataset(seed, width=6, xdtype="u1", ydtype="<i8")
+    out.accept("py2-p2-uint8.pkl", py2(d, 2), "Python 2 cPickle protocol 2; x uint8 ('|u1')")
+
+    # 3. x dtypes (and label dtypes), at protocol 2 (_reconstruct) and 5 (_frombuffer).
+    for dt in ("float32", "float64", "uint8", "int32", "int64", "float16", "int8", "int16", "uint16", "bool"):
+        seed += 1
+        d = dataset(seed, xdtype=dt)
+        for p in (2, 5):
+            out.accept(f"dtype-x-{dt}-p{p}.pkl", np2(d, p), f"x {dt}, y int64; protocol {p}")
+    for dt in ("int32", "uint8"):
+        seed += 1
+        d = dataset(seed, ydtype=dt)
+        for p in (2, 5):
+            out.accept(f"dtype-y-{dt}-p{p}.pkl", np2(d, p), f"x float32, y {dt}; protocol {p}")
+
+    # 4. big-endian arrays.
+    seed += 1
+    d = dataset(seed, xdtype=">f4", ydtype=">i8")
+    for p in (0, 2, 4, 5):
+        out.accept(f"bigendian-p{p}.pkl", np2(d, p), f"x >f4, y >i8 (big-endian); protocol {p}")
+    out.accept("bigendian-np1-p2.pkl.gz", gz(np1(d, 2)), "x >f4, y >i8 (big-endian); numpy 1.x names, protocol 2, gzip'd")
+    for dt in (">f8", ">i4", ">f2", ">u2", ">i2"):
+        seed += 1
+        d2 = dataset(seed, xdtype=dt)
+        out.accept(f"bigendian-x-{np.dtype(dt).name}-p4.pkl", np2(d2, 4), f"x {dt} (big-endian); protocol 4")
+    # one big-endian pair object used for train and test: memo reference, swapped once
+    seed += 1
+    d = dataset(seed, xdtype=">f4", ydtype=">i8")
+    shared = (d[0], d[1], d[0])
+    for p in (2, 5):
+        out.accept(f"bigendian-shared-p{p}.pkl", np2(shared, p), f"big-endian; test is the same (x, y) pair object as train (memo reference); protocol {p}")
+    out.accept("bigendian-shared-py2-p2.pkl", py2(shared, 2), "big-endian; test is the same (x, y) pair as train (BINGET); Python 2 cPickle protocol 2")
+
+    # 5. Fortran order.
+    seed += 1
+    d = dataset(seed, width=5)
+    df = tuple((np.asfortranarray(x), y) for x, y in d)
+    for p in (0, 2, 4, 5):
+        out.accept(f"fortran-p{p}.pkl", np2(df, p), f"x Fortran order (np.asfortranarray, 2-D); protocol {p}")
+    seed += 1
+    d = dataset(seed, row_shape=(2, 3))
+    df = tuple((np.asfortranarray(x), y) for x, y in d)
+    for p in (2, 5):
+        out.accept(f"fortran-3d-p{p}.pkl", np2(df, p), f"x Fortran order, 3-D [n, 2, 3]; protocol {p}")
+    seed += 1
+    d = dataset(seed, width=5, xdtype=">f8")
+    df = tuple((np.asfortranarray(x), y) for x, y in d)
+    out.accept("fortran-bigendian-p5.pkl", np2(df, 5), "x Fortran order and big-endian (>f8); protocol 5")
+
+    # 6. The tutorial's list form.
+    seed += 1
+    d = dataset(seed, width=784)
+    dl = tuple(([r for r in x], [int(v) for v in y]) for x, y in d)
+    for p in (0, 2, 4, 5):
+        out.accept(f"list-p{p}.pkl", np2(dl, p), f"list form: x list of 1-D float32 arrays [784], y list of Python ints; protocol {p}")
+    out.accept("list-np1-p2.pkl", np1(dl, 2), "list form; numpy 1.x names, protocol 2")
+    seed += 1
+    d = dataset(seed, width=6)
+    ds = tuple(([r for r in x], [np.int64(v) for v in y]) for x, y in d)
+    for p in (2, 4):
+        out.accept(f"list-npscalar-p{p}.pkl", np2(ds, p), f"list form: x list of arrays, y list of numpy.int64 scalars; protocol {p}")
+    out.accept("list-npscalar-np1-p2.pkl", np1(ds, 2), "list form with numpy.int64 scalar labels; numpy 1.x names (numpy.core.multiarray.scalar), protocol 2")
+    seed += 1
+    d = dataset(seed, width=6, xdtype=">f4")
+    dl = tuple(([r for r in x], [int(v) for v in y]) for x, y in d)
+    out.accept("list-bigendian-p4.pkl", np2(dl, 4), "list form with big-endian (>f4) rows; protocol 4")
+
+    # 7. Layout details.
+    seed += 1
+    d = dataset(seed)
+    out.accept("layout-lists-p4.pkl", np2([list(p) for p in d], 4), "top level and pairs are lists, not tuples; protocol 4")
+    seed += 1
+    d = dataset(seed, row_shape=(4, 7))
+    out.accept("x-3d-p4.pkl", np2(d, 4), "x 3-D [n, 4, 7]; protocol 4")
+    seed += 1
+    d = dataset(seed)
+    out.accept("shared-pair-p2.pkl", np2((d[0], d[1], d[1]), 2), "valid and test are the same (x, y) pair object (memo reference); protocol 2")
+    seed += 1
+    d = dataset(seed, sizes=(1, 1, 1))
+    out.accept("one-example-p2.pkl", np2(d, 2), "one example per set; protocol 2")
+
+
+# ---------------------------------------------------------------------------
+# hostile files
+# ---------------------------------------------------------------------------
+
+def hostile(out: Out):
+    good = dataset(SEED + 1000, width=8)
+    good_py2 = py2(good, 2)
+    good_gz = gz(good_py2)
+    h = "hostile/"
+
+    out.reject(h + "os-system.pkl", b"cos\nsystem\n(S'echo pwned'\ntR.",
+               "protocol 0 GLOBAL os.system + REDUCE", "refusing global os.system")
+    out.reject(h + "builtins-eval.pkl",
+               b"\x80\x04\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94"
+               b"\x8c\x0dprint('pwned')\x94\x85\x94R\x94.",
+               "protocol 4 STACK_GLOBAL builtins.eval + REDUCE", "refusing global builtins.eval")
+    out.reject(h + "reduce-class.pkl",
+               pickle.dumps(__import__("collections").OrderedDict(a=1), protocol=2),
+               "REDUCE of a class (collections.OrderedDict)", "refusing global", "not allowed")
+    out.reject(h + "newobj.pkl", b"\x80\x02cnumpy\ndtype\nq\x00)\x81q\x01.",
+               "NEWOBJ of an allowed class (numpy.dtype)", "not allowed", "refusing global")
+    out.reject(h + "inst.pkl", b"(S'f4'\ninumpy\ndtype\np0\n.",
+               "protocol 0 INST (numpy.dtype)", "not allowed", "refusing global")
+    out.reject(h + "obj.pkl", b"\x80\x01(cnumpy\ndtype\nU\x02f4o.",
+               "protocol 1 OBJ (numpy.dtype)", "not allowed", "refusing global")
+
+    cut = len(good_gz) * 3 // 5
+    out.reject(h + "truncated.pkl.gz", good_gz[:cut],
+               f"gzip cut at byte {cut} of {len(good_gz)} (in the deflate data)", "ends early", "truncated")
+    out.reject(h + "truncated-trailer.pkl.gz", good_gz[:-5],
+               "gzip missing the last 5 bytes of its trailer", "ends early", "truncated")
+    bad = bytearray(good_gz)
+    bad[-8] ^= 0xFF
+    out.reject(h + "bad-crc.pkl.gz", bytes(bad), "gzip CRC-32 trailer with one byte flipped", "CRC-32 mismatch")
+    out.reject(h + "trailing-garbage.pkl.gz", good_gz + b"garbage after the member\n",
+               "bytes after the gzip member", "trailing garbage")
+    out.reject(h + "not-a-pickle.pkl", b"<!-- this is not a pickle, just text -->\nhello\n",
+               "random text", "unknown opcode")
+
+    two = dataset(SEED + 1001, sizes=(7, 3))
+    out.reject(h + "two-pairs.pkl", np2(two, 2), "top level is a tuple of 2 pairs", "expected a tuple of 3")
+    mm = list(dataset(SEED + 1002))
+    mm[1] = (mm[1][0], np.concatenate([mm[1][1], mm[1][1][:1]]))
+    out.reject(h + "xy-mismatch.pkl", np2(tuple(mm), 2), "valid: x has 3 examples, y has 4", "examples but y has")
+    x0 = good[0][0]
+    short = py2pickle.RawArray(x0.shape, x0.dtype, x0.tobytes()[:-4])
+    out.reject(h + "payload-short.pkl", py2(((short, good[0][1]),) + good[1:], 2),
+               "train x: BINSTRING 4 bytes shorter than its shape needs", "payload holds")
+    out.reject(h + "huge-length.pkl", b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"abc.",
+               "BINBYTES8 declaring 2**62 bytes", "remain")
+
+    row = np.zeros(784, dtype=np.float32)
+    bomb = (([row] * 100_000, [0] * 100_000),) + dataset(SEED + 1003)[1:]
+    data = np2(bomb, 2)
+    assert data.count(b"h") >= 100_000
+    out.reject(h + "memo-bomb.pkl.gz", gz(data),
+               "train x: list of 100,000 BINGET references to one [784] float32 array (313 MB if stacked)",
+               "more than the whole input holds")
+    out.reject(h + "deep-marks.pkl", b"\x80\x02" + b"(" * 1000 + b"N" + b"t" * 1000 + b".",
+               "1000 nested MARKs", "nested MARKs")
+    out.reject(h + "no-stop.pkl", good_py2[:-1], "valid dataset without its STOP opcode", "without a STOP")
+
+    obj = list(dataset(SEED + 1004))
+    obj[0] = (np.array(obj[0][0].tolist(), dtype=object), obj[0][1])
+    out.reject(h + "object-array.pkl", np2(tuple(obj), 2), "train x has dtype=object", "dtype=object")
+    st = list(dataset(SEED + 1005))
+    sx = np.zeros(7, dtype=[("a", "<f4"), ("b", "<i4")])
+    st[0] = (sx, st[0][1])
+    out.reject(h + "structured.pkl", np2(tuple(st), 2), "train x has a structured dtype [('a', f4), ('b', i4)]", "structured")
+    buffers = []
+    # a buffer_callback returning False makes every buffer out-of-band
+    nb = pickle.dumps(dataset(SEED + 1006), protocol=5, buffer_callback=lambda b: buffers.append(b) or False)
+    assert b"\x97" in nb and buffers
+    out.reject(h + "next-buffer.pkl", nb, "protocol 5 with out-of-band buffers (NEXT_BUFFER)", "not allowed")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__.split("\n\n")[1])
+    root = sys.argv[1]
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            p = os.path.join(root, name)
+            if name == "manifest.json" or name == "hostile" or name.endswith((".pkl", ".pkl.gz")):
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    os.makedirs(root, exist_ok=True)
+    out = Out(root)
+    accepted(out)
+    hostile(out)
+    manifest = {
+        "generator": "scripts/make_fixtures.py",
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "files": out.files,
+        "hostile": out.hostile,
+    }
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    total = sum(os.path.getsize(os.path.join(root, e["file"])) for e in out.files + out.hostile)
+    print(f"{root}: {len(out.files)} accepted, {len(out.hostile)} hostile files, {total} bytes")
+
+
+if __name__ == "__main__":
+    main()
