@@ -217,6 +217,12 @@ struct BenchArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        // Tools whose output is piped (`inspect | head`) should end quietly
+        // when the reader leaves, as Unix tools do, not panic on EPIPE.
+        // SAFETY: restoring the default disposition of one signal at start-up.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_tracing(cli.log_format, &cli.log);
     let r = match cli.cmd {
         Cmd::Inspect(a) => inspect(a),
