@@ -74,7 +74,18 @@ struct Part {
 
 impl Part {
     fn empty() -> Self {
-        Part { lo: f64::INFINITY, hi: f64::NEG_INFINITY, any: false, m256: true, m255: true, f16: true, bf16: true, f32: true, i32: true, hist: Some(BTreeMap::new()) }
+        Part {
+            lo: f64::INFINITY,
+            hi: f64::NEG_INFINITY,
+            any: false,
+            m256: true,
+            m255: true,
+            f16: true,
+            bf16: true,
+            f32: true,
+            i32: true,
+            hist: Some(BTreeMap::new()),
+        }
     }
 
     fn merge(mut self, o: Part) -> Part {
@@ -124,7 +135,9 @@ fn scan_part(d: DType, b: &[u8]) -> Part {
             (p.lo, p.hi) = (lo as f64, hi as f64);
             // A separate pass that stops at the first miss: k/256 data (MNIST)
             // fails it at its first non-zero pixel.
-            let m255 = b.chunks_exact(4).all(|c| is_multiple(f32::from_le_bytes(c.try_into().unwrap()), 255.0));
+            let m255 = b
+                .chunks_exact(4)
+                .all(|c| is_multiple(f32::from_le_bytes(c.try_into().unwrap()), 255.0));
             (p.m256, p.m255, p.f16, p.bf16) = (m256, m255, f16, bf16);
             p.i32 = false;
             p.hist = None;
@@ -136,7 +149,8 @@ fn scan_part(d: DType, b: &[u8]) -> Part {
                 p.hi = p.hi.max(v);
                 p.f32 &= (v as f32) as f64 == v;
             }
-            (p.m256, p.m255, p.f16, p.bf16, p.i32, p.hist) = (false, false, false, false, false, None);
+            (p.m256, p.m255, p.f16, p.bf16, p.i32, p.hist) =
+                (false, false, false, false, false, None);
         }
         d if d.is_integer() || d == DType::Bool => {
             let mut hist: BTreeMap<i64, u64> = BTreeMap::new();
@@ -161,7 +175,8 @@ fn scan_part(d: DType, b: &[u8]) -> Part {
             (p.m256, p.m255, p.f16, p.bf16, p.f32) = (false, false, false, false, false);
         }
         _ => {
-            (p.m256, p.m255, p.f16, p.bf16, p.f32, p.i32, p.hist) = (false, false, false, false, false, false, None);
+            (p.m256, p.m255, p.f16, p.bf16, p.f32, p.i32, p.hist) =
+                (false, false, false, false, false, false, None);
         }
     }
     p
@@ -296,11 +311,16 @@ pub fn dataset_stats(ds: &Dataset) -> DatasetStats {
     let queue = std::sync::Mutex::new(jobs.into_iter().map(|(_, j)| j));
     let hashes = std::sync::Mutex::new(vec![String::new(); tensors.len()]);
     let parts = std::sync::Mutex::new(vec![Part::empty(); tensors.len()]);
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(8);
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
-                let Some(job) = queue.lock().unwrap().next() else { break };
+                let Some(job) = queue.lock().unwrap().next() else {
+                    break;
+                };
                 match job {
                     Job::Hash(i) => {
                         let h = sha256_hex(&tensors[i].2.data);
@@ -318,14 +338,28 @@ pub fn dataset_stats(ds: &Dataset) -> DatasetStats {
         }
     });
     let hashes = hashes.into_inner().unwrap();
-    let scans: Vec<TensorStats> = parts.into_inner().unwrap().into_iter().zip(&tensors).map(|(p, (_, _, t))| finish(t, p)).collect();
+    let scans: Vec<TensorStats> = parts
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .zip(&tensors)
+        .map(|(p, (_, _, t))| finish(t, p))
+        .collect();
     let mut fp = Sha256::new();
     let mut out = Vec::new();
     for (i, ((set, name, t), st)) in tensors.iter().zip(scans).enumerate() {
         let mut st = st;
         st.sha256 = hashes[i].clone();
         let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
-        fp.update(format!("{set} {name} {} {} {}\n", t.dtype, shape.join(","), st.sha256).as_bytes());
+        fp.update(
+            format!(
+                "{set} {name} {} {} {}\n",
+                t.dtype,
+                shape.join(","),
+                st.sha256
+            )
+            .as_bytes(),
+        );
         out.push((set.to_string(), *name, st));
     }
     DatasetStats {
@@ -371,7 +405,16 @@ mod tests {
             let want = half::f16::from_f32(v).to_f32() == v;
             assert_eq!(f16_exact(v), want, "{v:e} ({:#x})", v.to_bits());
         }
-        for v in [0.0f32, -0.0, 65504.0, 65520.0, 6.0e-8, 5.9604645e-8, f32::INFINITY, 1.0 / 3.0] {
+        for v in [
+            0.0f32,
+            -0.0,
+            65504.0,
+            65520.0,
+            6.0e-8,
+            5.9604645e-8,
+            f32::INFINITY,
+            1.0 / 3.0,
+        ] {
             assert_eq!(f16_exact(v), half::f16::from_f32(v).to_f32() == v, "{v:e}");
         }
     }

@@ -44,7 +44,11 @@ pub enum ClientError {
     #[error("server answered {code:?}: {message}", code = .0.code(), message = .0.message())]
     Status(#[from] tonic::Status),
     #[error("minibatch {index}, tensor {name}: chunk at offset {offset} failed its CRC-32C check (data corrupted in transit)")]
-    Checksum { index: u64, name: String, offset: u64 },
+    Checksum {
+        index: u64,
+        name: String,
+        offset: u64,
+    },
     #[error("protocol error: {0}")]
     Protocol(String),
 }
@@ -97,7 +101,8 @@ impl BatchRequest {
 }
 
 fn dt(d: Option<DType>) -> i32 {
-    d.map(|d| crate::wire::dtype_to_proto(d) as i32).unwrap_or(0)
+    d.map(|d| crate::wire::dtype_to_proto(d) as i32)
+        .unwrap_or(0)
 }
 
 /// A connection to one minibatchd server.
@@ -110,7 +115,11 @@ pub struct Client {
 impl Client {
     /// Connects to `addr` (`http://host:port`, or bare `host:port`).
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
-        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
         let ep = Endpoint::from_shared(uri.clone())
             .map_err(|_| ClientError::Address(addr.into()))?
             .tcp_nodelay(true)
@@ -118,7 +127,10 @@ impl Client {
             .max_frame_size(MAX_FRAME_SIZE)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW);
-        let channel = ep.connect().await.map_err(|source| ClientError::Connect { addr: uri, source })?;
+        let channel = ep
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect { addr: uri, source })?;
         Ok(Self {
             inner: BatchServiceClient::new(channel.clone()).max_decoding_message_size(MAX_DECODE),
             channel,
@@ -126,7 +138,11 @@ impl Client {
     }
 
     pub async fn info(&mut self) -> Result<proto::DatasetInfo, ClientError> {
-        Ok(self.inner.get_info(proto::GetInfoRequest {}).await?.into_inner())
+        Ok(self
+            .inner
+            .get_info(proto::GetInfoRequest {})
+            .await?
+            .into_inner())
     }
 
     /// gRPC health of the BatchService (`grpc.health.v1`).
@@ -137,7 +153,8 @@ impl Client {
                 service: "minibatch.v1.BatchService".into(),
             })
             .await?;
-        Ok(r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+        Ok(r.into_inner().status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
     }
 
     /// One minibatch.
@@ -158,13 +175,18 @@ impl Client {
             .await
             .ok_or_else(|| ClientError::Protocol("stream ended without a minibatch".into()))??;
         if batches.next().await.is_some() {
-            return Err(ClientError::Protocol("GetBatch sent more than one minibatch".into()));
+            return Err(ClientError::Protocol(
+                "GetBatch sent more than one minibatch".into(),
+            ));
         }
         Ok(b)
     }
 
     /// Minibatches `r.index ..` (`r.count` of them, 0 = to the end of the epoch).
-    pub async fn stream_batches(&mut self, r: &BatchRequest) -> Result<impl Stream<Item = Result<Batch, ClientError>>, ClientError> {
+    pub async fn stream_batches(
+        &mut self,
+        r: &BatchRequest,
+    ) -> Result<impl Stream<Item = Result<Batch, ClientError>>, ClientError> {
         let req = proto::StreamBatchesRequest {
             set: r.set.clone(),
             size: r.size,
@@ -206,7 +228,11 @@ impl<S> Assembler<S> {
     fn push(&mut self, c: proto::TensorChunk) -> Result<Option<Batch>, ClientError> {
         let proto_err = |m: String| Err(ClientError::Protocol(m));
         if crc32c::crc32c(&c.data) != c.crc32c {
-            return Err(ClientError::Checksum { index: c.index, name: c.name, offset: c.offset });
+            return Err(ClientError::Checksum {
+                index: c.index,
+                name: c.name,
+                offset: c.offset,
+            });
         }
         if let Some(i) = self.index.filter(|&i| i != c.index) {
             return proto_err(format!("minibatch {} began before {i} ended", c.index));
@@ -216,7 +242,10 @@ impl<S> Assembler<S> {
             if c.offset != 0 {
                 return proto_err(format!("tensor {} starts at offset {}", c.name, c.offset));
             }
-            let Some(dtype) = proto::Dtype::try_from(c.dtype).ok().and_then(dtype_from_proto) else {
+            let Some(dtype) = proto::Dtype::try_from(c.dtype)
+                .ok()
+                .and_then(dtype_from_proto)
+            else {
                 return proto_err(format!("unknown dtype {}", c.dtype));
             };
             self.tensors.push(TensorData {
@@ -228,15 +257,25 @@ impl<S> Assembler<S> {
             });
         }
         let t = self.tensors.last_mut().expect("pushed above");
-        if c.offset != t.data.len() as u64 || t.data.len() as u64 + c.data.len() as u64 > c.total_bytes {
-            return proto_err(format!("tensor {} chunk at offset {} out of order", c.name, c.offset));
+        if c.offset != t.data.len() as u64
+            || t.data.len() as u64 + c.data.len() as u64 > c.total_bytes
+        {
+            return proto_err(format!(
+                "tensor {} chunk at offset {} out of order",
+                c.name, c.offset
+            ));
         }
         t.data.extend_from_slice(&c.data);
         if !c.last {
             return Ok(None);
         }
         if t.data.len() as u64 != c.total_bytes {
-            return proto_err(format!("tensor {} ended at {} of {} bytes", c.name, t.data.len(), c.total_bytes));
+            return proto_err(format!(
+                "tensor {} ended at {} of {} bytes",
+                c.name,
+                t.data.len(),
+                c.total_bytes
+            ));
         }
         let (mut x, mut y, mut indices) = (None, None, None);
         for t in self.tensors.drain(..) {
@@ -249,7 +288,12 @@ impl<S> Assembler<S> {
         }
         self.index = None;
         match (x, y) {
-            (Some(x), Some(y)) => Ok(Some(Batch { index: c.index, x, y, indices })),
+            (Some(x), Some(y)) => Ok(Some(Batch {
+                index: c.index,
+                x,
+                y,
+                indices,
+            })),
             _ => proto_err("minibatch without x or y".into()),
         }
     }
@@ -261,7 +305,10 @@ where
 {
     type Item = Result<Batch, ClientError>;
 
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
         if self.done {
             return Poll::Ready(None);
@@ -275,7 +322,9 @@ where
                     if self.tensors.is_empty() {
                         return Poll::Ready(None);
                     }
-                    return Poll::Ready(Some(Err(ClientError::Protocol("stream ended inside a minibatch".into()))));
+                    return Poll::Ready(Some(Err(ClientError::Protocol(
+                        "stream ended inside a minibatch".into(),
+                    ))));
                 }
                 Poll::Ready(Some(Err(s))) => Err(ClientError::from(s)),
                 Poll::Ready(Some(Ok(c))) => self.push(c),

@@ -35,7 +35,8 @@ pub mod proto {
     tonic::include_proto!("minibatch.v1");
 
     /// Encoded descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("minibatch_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("minibatch_descriptor");
 }
 
 /// Name under which the bundled sample appears in logs and GetInfo.

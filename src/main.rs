@@ -12,12 +12,21 @@ use minibatchd::service::{Limits, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BY
 use minibatchd::store::{DType, Dataset};
 
 #[derive(Parser)]
-#[command(name = "minibatchd", version, about = "Loads a training dataset once into pinned memory and serves minibatches over gRPC")]
+#[command(
+    name = "minibatchd",
+    version,
+    about = "Loads a training dataset once into pinned memory and serves minibatches over gRPC"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
     /// Log format.
-    #[arg(long, global = true, env = "MINIBATCHD_LOG_FORMAT", default_value = "human")]
+    #[arg(
+        long,
+        global = true,
+        env = "MINIBATCHD_LOG_FORMAT",
+        default_value = "human"
+    )]
     log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "minibatchd=debug").
     #[arg(long, global = true, env = "MINIBATCHD_LOG", default_value = "info")]
@@ -65,15 +74,24 @@ struct LoadArgs {
 impl LoadArgs {
     fn load(&self, pin: PinPolicy) -> anyhow::Result<Dataset> {
         let opts = LoadOptions {
-            max_bytes: self.max_dataset_bytes.unwrap_or_else(load::default_max_bytes),
+            max_bytes: self
+                .max_dataset_bytes
+                .unwrap_or_else(load::default_max_bytes),
             valid_split: self.valid_split,
             pin,
         };
         Ok(match &self.data {
             Some(p) => load::load(p, &opts)?,
             None => {
-                tracing::info!("no --data given: using the bundled sample ({})", minibatchd::BUNDLED_SAMPLE_NAME);
-                load::load_bytes(Path::new(minibatchd::BUNDLED_SAMPLE_NAME), minibatchd::BUNDLED_SAMPLE, &opts)?
+                tracing::info!(
+                    "no --data given: using the bundled sample ({})",
+                    minibatchd::BUNDLED_SAMPLE_NAME
+                );
+                load::load_bytes(
+                    Path::new(minibatchd::BUNDLED_SAMPLE_NAME),
+                    minibatchd::BUNDLED_SAMPLE,
+                    &opts,
+                )?
             }
         })
     }
@@ -87,7 +105,11 @@ struct ServeArgs {
     #[arg(long, env = "MINIBATCHD_ADDR", default_value = "127.0.0.1:50051")]
     addr: String,
     /// Prometheus metrics listen address (HTTP, GET /metrics); "off" disables.
-    #[arg(long, env = "MINIBATCHD_METRICS_ADDR", default_value = "127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "MINIBATCHD_METRICS_ADDR",
+        default_value = "127.0.0.1:50052"
+    )]
     metrics_addr: String,
     /// Largest minibatch (examples) a request may ask for.
     #[arg(long, env = "MINIBATCHD_MAX_BATCH_SIZE", default_value_t = DEFAULT_MAX_BATCH_SIZE)]
@@ -242,8 +264,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => b.init(),
         LogFormat::Json => b.json().init(),
@@ -252,7 +277,9 @@ fn init_tracing(format: LogFormat, filter: &str) {
 
 /// A current-thread runtime: on 2 cores it beat a multi-thread one for clients.
 fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -274,18 +301,28 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     minibatchd::server::validate(&opts).map_err(anyhow::Error::msg)?;
     let ds = Arc::new(a.load.load(pin)?);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&a.addr).await.with_context(|| format!("cannot listen on {}", a.addr))?;
+        let listener = tokio::net::TcpListener::bind(&a.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.addr))?;
         let metrics = Arc::new(minibatchd::metrics::Metrics::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if a.metrics_addr != "off" && !a.metrics_addr.is_empty() {
-            let ml = tokio::net::TcpListener::bind(&a.metrics_addr).await.with_context(|| format!("cannot listen on {} (metrics)", a.metrics_addr))?;
+            let ml = tokio::net::TcpListener::bind(&a.metrics_addr)
+                .await
+                .with_context(|| format!("cannot listen on {} (metrics)", a.metrics_addr))?;
             tracing::info!(addr = %ml.local_addr()?, "serving metrics at /metrics");
             let mut rx = stop_rx.clone();
-            tokio::spawn(minibatchd::metrics::serve(ml, metrics.clone(), async move {
-                let _ = rx.changed().await;
-            }));
+            tokio::spawn(minibatchd::metrics::serve(
+                ml,
+                metrics.clone(),
+                async move {
+                    let _ = rx.changed().await;
+                },
+            ));
         }
         let shutdown = async move {
             shutdown_signal().await;
@@ -296,7 +333,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = term.recv() => tracing::info!("SIGTERM received"),
@@ -320,7 +358,11 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             let mut v = serde_json::to_value(st).expect("stats serialize");
             v["dtype"] = t.dtype.name().into();
             v["shape"] = t.shape.clone().into();
-            v["wire_dtypes"] = minibatchd::wire::wire_dtypes(t, st).iter().map(|d| d.name()).collect::<Vec<_>>().into();
+            v["wire_dtypes"] = minibatchd::wire::wire_dtypes(t, st)
+                .iter()
+                .map(|d| d.name())
+                .collect::<Vec<_>>()
+                .into();
             v
         };
         sets.push(serde_json::json!({
@@ -338,15 +380,35 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     }
     println!("source      {} ({})", ds.source, ds.format.name());
     println!("fingerprint {}", stats.fingerprint);
-    println!("memory      {} bytes of tensors, {} bytes held; loaded in {:.1} ms", ds.tensor_bytes(), ds.memory_bytes, load_ms);
+    println!(
+        "memory      {} bytes of tensors, {} bytes held; loaded in {:.1} ms",
+        ds.tensor_bytes(),
+        ds.memory_bytes,
+        load_ms
+    );
     for s in &sets {
-        println!("\nset {} — {} examples", s["name"].as_str().unwrap_or(""), s["examples"]);
+        println!(
+            "\nset {} — {} examples",
+            s["name"].as_str().unwrap_or(""),
+            s["examples"]
+        );
         for k in ["x", "y"] {
             let t = &s[k];
-            println!("  {k}: {} {}  sha256 {}", t["dtype"].as_str().unwrap_or(""), t["shape"], t["sha256"].as_str().unwrap_or(""));
-            println!("     range [{}, {}]  wire dtypes {}", t["min"], t["max"], t["wire_dtypes"]);
+            println!(
+                "  {k}: {} {}  sha256 {}",
+                t["dtype"].as_str().unwrap_or(""),
+                t["shape"],
+                t["sha256"].as_str().unwrap_or("")
+            );
+            println!(
+                "     range [{}, {}]  wire dtypes {}",
+                t["min"], t["max"], t["wire_dtypes"]
+            );
             if t["dtype"].as_str().is_some_and(|d| d.starts_with("float")) {
-                println!("     multiples of 1/256: {}  of 1/255: {}", t["multiple_of_1_256"], t["multiple_of_1_255"]);
+                println!(
+                    "     multiples of 1/256: {}  of 1/255: {}",
+                    t["multiple_of_1_256"], t["multiple_of_1_255"]
+                );
             }
             if let Some(h) = t["histogram"].as_object() {
                 let hs: Vec<String> = h.iter().map(|(k, v)| format!("{k}:{v}")).collect();
@@ -358,8 +420,13 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
 }
 
 async fn health(a: ClientArgs) -> anyhow::Result<()> {
-    let mut c = tokio::time::timeout(Duration::from_secs(5), Client::connect(&a.server)).await.context("connect timed out")??;
-    if tokio::time::timeout(Duration::from_secs(5), c.health()).await.context("health check timed out")?? {
+    let mut c = tokio::time::timeout(Duration::from_secs(5), Client::connect(&a.server))
+        .await
+        .context("connect timed out")??;
+    if tokio::time::timeout(Duration::from_secs(5), c.health())
+        .await
+        .context("health check timed out")??
+    {
         println!("SERVING");
         Ok(())
     } else {
@@ -370,11 +437,24 @@ async fn health(a: ClientArgs) -> anyhow::Result<()> {
 async fn info(a: ClientArgs) -> anyhow::Result<()> {
     let mut c = Client::connect(&a.server).await?;
     let i = c.info().await?;
-    let dt = |v: i32| minibatchd::proto::Dtype::try_from(v).map(|d| d.as_str_name().trim_start_matches("DTYPE_").to_lowercase()).unwrap_or_default();
-    println!("source {} ({}), fingerprint {}", i.source, i.format, i.fingerprint);
-    println!("memory {} bytes, pinned: {}, server {}", i.memory_bytes, i.pinned, i.server_version);
+    let dt = |v: i32| {
+        minibatchd::proto::Dtype::try_from(v)
+            .map(|d| d.as_str_name().trim_start_matches("DTYPE_").to_lowercase())
+            .unwrap_or_default()
+    };
+    println!(
+        "source {} ({}), fingerprint {}",
+        i.source, i.format, i.fingerprint
+    );
+    println!(
+        "memory {} bytes, pinned: {}, server {}",
+        i.memory_bytes, i.pinned, i.server_version
+    );
     if let Some(l) = i.limits {
-        println!("limits: max batch {}, max message {} bytes, chunk {} bytes", l.max_batch_size, l.max_message_bytes, l.chunk_bytes);
+        println!(
+            "limits: max batch {}, max message {} bytes, chunk {} bytes",
+            l.max_batch_size, l.max_message_bytes, l.chunk_bytes
+        );
     }
     for s in &i.sets {
         let x = s.x.clone().unwrap_or_default();
@@ -385,7 +465,11 @@ async fn info(a: ClientArgs) -> anyhow::Result<()> {
             s.examples,
             dt(x.dtype),
             x.shape,
-            x.wire_dtypes.iter().map(|&d| dt(d)).collect::<Vec<_>>().join(","),
+            x.wire_dtypes
+                .iter()
+                .map(|&d| dt(d))
+                .collect::<Vec<_>>()
+                .join(","),
             dt(y.dtype),
             y.shape,
             s.classes
@@ -399,7 +483,14 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
     let mut r = BatchRequest::new(&a.set, a.index, a.size);
     r.x_dtype = a.x_dtype.map(Into::into);
     r.y_dtype = a.y_dtype.map(Into::into);
-    r.order = minibatchd::proto::Order { shuffle: a.shuffle, seed: a.seed, epoch: a.epoch, rank: a.rank, world_size: a.world_size, drop_last: false };
+    r.order = minibatchd::proto::Order {
+        shuffle: a.shuffle,
+        seed: a.seed,
+        epoch: a.epoch,
+        rank: a.rank,
+        world_size: a.world_size,
+        drop_last: false,
+    };
     let t0 = Instant::now();
     let b = c.get_batch(&r).await?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -411,7 +502,11 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
             t.shape,
             t.data.len(),
             minibatchd::analyze::sha256_hex(&t.data),
-            if t.scale_divisor > 0 { format!(" (value = byte / {})", t.scale_divisor) } else { String::new() }
+            if t.scale_divisor > 0 {
+                format!(" (value = byte / {})", t.scale_divisor)
+            } else {
+                String::new()
+            }
         );
     }
     println!("minibatch {} of set {} in {ms:.2} ms", b.index, a.set);
@@ -444,7 +539,11 @@ fn npy(t: &minibatchd::client::TensorData) -> Vec<u8> {
         DType::Bool => "|b1",
     };
     let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
-    let shape = if shape.len() == 1 { format!("({},)", shape[0]) } else { format!("({})", shape.join(", ")) };
+    let shape = if shape.len() == 1 {
+        format!("({},)", shape[0])
+    } else {
+        format!("({})", shape.join(", "))
+    };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -460,7 +559,12 @@ fn npy(t: &minibatchd::client::TensorData) -> Vec<u8> {
 async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let mut probe = Client::connect(&a.client.server).await?;
     let info = probe.info().await?;
-    let n = info.sets.iter().find(|s| s.name == a.set).map(|s| s.examples).with_context(|| format!("no set {:?}", a.set))?;
+    let n = info
+        .sets
+        .iter()
+        .find(|s| s.name == a.set)
+        .map(|s| s.examples)
+        .with_context(|| format!("no set {:?}", a.set))?;
     let batches = n.div_ceil(a.size as u64).max(1);
     let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
     let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -468,7 +572,8 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..a.concurrency.max(1) {
-        let (server, set, method, count) = (a.client.server.clone(), a.set.clone(), a.method, a.count);
+        let (server, set, method, count) =
+            (a.client.server.clone(), a.set.clone(), a.method, a.count);
         let (total, bytes) = (total.clone(), bytes.clone());
         let x_dtype = a.x_dtype.map(DType::from);
         let (size, shuffle) = (a.size, a.shuffle);
@@ -497,7 +602,10 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
                         let s = Instant::now();
                         let b = c.get_batch(&r).await?;
                         lat.push(s.elapsed());
-                        bytes.fetch_add((b.x.data.len() + b.y.data.len()) as u64, std::sync::atomic::Ordering::Relaxed);
+                        bytes.fetch_add(
+                            (b.x.data.len() + b.y.data.len()) as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                         i = (i + 1) % batches;
                     }
                     BenchMethod::StreamBatches => {
@@ -509,7 +617,10 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
                             let b = b?;
                             lat.push(s.elapsed());
                             s = Instant::now();
-                            bytes.fetch_add((b.x.data.len() + b.y.data.len()) as u64, std::sync::atomic::Ordering::Relaxed);
+                            bytes.fetch_add(
+                                (b.x.data.len() + b.y.data.len()) as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                             if !more(&total) {
                                 break 'outer;
                             }
@@ -545,7 +656,11 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     progress.abort();
     let secs = t0.elapsed().as_secs_f64();
     lat.sort();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1e3)
+            .unwrap_or(0.0)
+    };
     let b = bytes.load(std::sync::atomic::Ordering::Relaxed) as f64;
     let res = serde_json::json!({
         "method": match a.method { BenchMethod::GetBatch => "GetBatch", BenchMethod::StreamBatches => "StreamBatches" },

@@ -63,8 +63,18 @@ impl Metrics {
 
     /// Counts one minibatch of `bytes` payload bytes sent.
     pub fn minibatch(&self, method: &str, bytes: u64) {
-        *self.minibatches.lock().unwrap().entry(method.to_string()).or_default() += 1;
-        *self.bytes.lock().unwrap().entry(method.to_string()).or_default() += bytes;
+        *self
+            .minibatches
+            .lock()
+            .unwrap()
+            .entry(method.to_string())
+            .or_default() += 1;
+        *self
+            .bytes
+            .lock()
+            .unwrap()
+            .entry(method.to_string())
+            .or_default() += bytes;
     }
 
     /// Renders the exposition text.
@@ -72,7 +82,10 @@ impl Metrics {
         let mut o = String::new();
         o.push_str("# HELP minibatchd_requests_total RPCs finished, by method and gRPC status code.\n# TYPE minibatchd_requests_total counter\n");
         for ((m, c), v) in self.requests.lock().unwrap().iter() {
-            let _ = writeln!(o, "minibatchd_requests_total{{method=\"{m}\",code=\"{c}\"}} {v}");
+            let _ = writeln!(
+                o,
+                "minibatchd_requests_total{{method=\"{m}\",code=\"{c}\"}} {v}"
+            );
         }
         o.push_str("# HELP minibatchd_minibatches_total Minibatches sent.\n# TYPE minibatchd_minibatches_total counter\n");
         for (m, v) in self.minibatches.lock().unwrap().iter() {
@@ -85,24 +98,59 @@ impl Metrics {
         o.push_str("# HELP minibatchd_request_duration_seconds RPC duration, first byte in to last byte out.\n# TYPE minibatchd_request_duration_seconds histogram\n");
         for (m, h) in self.latency.lock().unwrap().iter() {
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(o, "minibatchd_request_duration_seconds_bucket{{method=\"{m}\",le=\"{b}\"}} {}", h.counts[i]);
+                let _ = writeln!(
+                    o,
+                    "minibatchd_request_duration_seconds_bucket{{method=\"{m}\",le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
             }
-            let _ = writeln!(o, "minibatchd_request_duration_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(o, "minibatchd_request_duration_seconds_sum{{method=\"{m}\"}} {}", h.sum);
-            let _ = writeln!(o, "minibatchd_request_duration_seconds_count{{method=\"{m}\"}} {}", h.count);
+            let _ = writeln!(
+                o,
+                "minibatchd_request_duration_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                o,
+                "minibatchd_request_duration_seconds_sum{{method=\"{m}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                o,
+                "minibatchd_request_duration_seconds_count{{method=\"{m}\"}} {}",
+                h.count
+            );
         }
         let g = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = write!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
         };
-        g(&mut o, "minibatchd_active_streams", "Response streams in flight.", self.active_streams.load(Ordering::Relaxed));
-        g(&mut o, "minibatchd_dataset_bytes", "Host bytes holding the dataset.", self.dataset_bytes.load(Ordering::Relaxed));
-        g(&mut o, "minibatchd_dataset_pinned_bytes", "Host bytes of the dataset locked in RAM (mlock).", self.pinned_bytes.load(Ordering::Relaxed));
+        g(
+            &mut o,
+            "minibatchd_active_streams",
+            "Response streams in flight.",
+            self.active_streams.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "minibatchd_dataset_bytes",
+            "Host bytes holding the dataset.",
+            self.dataset_bytes.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "minibatchd_dataset_pinned_bytes",
+            "Host bytes of the dataset locked in RAM (mlock).",
+            self.pinned_bytes.load(Ordering::Relaxed),
+        );
         o
     }
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let (mut sock, _) = tokio::select! {
@@ -134,13 +182,18 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>, shut
                 return;
             }
             let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-            let (status, ctype, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-                ("200 OK", "text/plain; version=0.0.4", m.render())
-            } else if head.len() >= MAX_REQUEST_HEAD {
-                ("431 Request Header Fields Too Large", "text/plain", String::new())
-            } else {
-                ("404 Not Found", "text/plain", "try /metrics\n".to_string())
-            };
+            let (status, ctype, body) =
+                if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+                    ("200 OK", "text/plain; version=0.0.4", m.render())
+                } else if head.len() >= MAX_REQUEST_HEAD {
+                    (
+                        "431 Request Header Fields Too Large",
+                        "text/plain",
+                        String::new(),
+                    )
+                } else {
+                    ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+                };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

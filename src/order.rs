@@ -29,7 +29,11 @@ pub enum OrderError {
     #[error("world_size {world} exceeds the {n} examples of the set: some shards would be empty")]
     WorldTooLarge { world: u32, n: usize },
     #[error("minibatch {index} is past the end: this order has {batches} minibatches of size {size} (indices 0..{batches})")]
-    PastEnd { index: u64, batches: u64, size: usize },
+    PastEnd {
+        index: u64,
+        batches: u64,
+        size: usize,
+    },
 }
 
 /// How the caller wants the epoch ordered (the proto's `Order`).
@@ -84,7 +88,13 @@ pub struct Plan {
 
 impl Plan {
     /// Resolves the order; `perms` caches shuffles across requests.
-    pub fn new(n: usize, size: usize, max: usize, spec: &OrderSpec, perms: &PermCache) -> Result<Plan, OrderError> {
+    pub fn new(
+        n: usize,
+        size: usize,
+        max: usize,
+        spec: &OrderSpec,
+        perms: &PermCache,
+    ) -> Result<Plan, OrderError> {
         if size == 0 {
             return Err(OrderError::ZeroSize);
         }
@@ -93,14 +103,21 @@ impl Plan {
         }
         let world = spec.world_size.max(1);
         if spec.rank >= world {
-            return Err(OrderError::BadRank { rank: spec.rank, world });
+            return Err(OrderError::BadRank {
+                rank: spec.rank,
+                world,
+            });
         }
         if world as usize > n.max(1) {
             return Err(OrderError::WorldTooLarge { world, n });
         }
         let world = world as usize;
         let shard_len = if world > 1 { n / world } else { n };
-        let batches = if spec.drop_last { shard_len / size } else { shard_len.div_ceil(size) } as u64;
+        let batches = if spec.drop_last {
+            shard_len / size
+        } else {
+            shard_len.div_ceil(size)
+        } as u64;
         let perm = spec.shuffle.then(|| perms.get(n, spec.seed, spec.epoch));
         Ok(Plan {
             perm,
@@ -171,9 +188,12 @@ pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
 /// Recently used permutations. Trainers fetch the same epoch's order many
 /// times (once per minibatch with GetBatch), and a 50,000-entry shuffle costs
 /// more than serving a small minibatch.
+/// (examples, seed, epoch)
+type PermKey = (usize, u64, u64);
+
 #[derive(Debug, Default)]
 pub struct PermCache {
-    entries: Mutex<VecDeque<((usize, u64, u64), Arc<Vec<u32>>)>>,
+    entries: Mutex<VecDeque<(PermKey, Arc<Vec<u32>>)>>,
 }
 
 /// Permutations kept. Each is 4 bytes per example (200 KB for MNIST's
@@ -214,7 +234,14 @@ mod tests {
         assert_eq!(p.batches(), 3);
         assert_eq!(p.batch(2).unwrap(), Selection::Range(1000, 1005));
         assert!(matches!(p.batch(3), Err(OrderError::PastEnd { .. })));
-        let p = plan(1005, 500, OrderSpec { drop_last: true, ..Default::default() });
+        let p = plan(
+            1005,
+            500,
+            OrderSpec {
+                drop_last: true,
+                ..Default::default()
+            },
+        );
         assert_eq!(p.batches(), 2);
     }
 
@@ -235,7 +262,14 @@ mod tests {
         let n = 103;
         let mut all = Vec::new();
         for rank in 0..4 {
-            let spec = OrderSpec { shuffle: true, seed: 7, epoch: 3, rank, world_size: 4, drop_last: false };
+            let spec = OrderSpec {
+                shuffle: true,
+                seed: 7,
+                epoch: 3,
+                rank,
+                world_size: 4,
+                drop_last: false,
+            };
             let p = plan(n, 10, spec);
             assert_eq!(p.shard_len(), 25);
             for i in 0..p.batches() {
@@ -251,9 +285,22 @@ mod tests {
     #[test]
     fn bad_requests() {
         let c = PermCache::default();
-        let s = OrderSpec { rank: 2, world_size: 2, ..Default::default() };
-        assert_eq!(Plan::new(10, 1, 5, &s, &c).unwrap_err(), OrderError::BadRank { rank: 2, world: 2 });
-        assert_eq!(Plan::new(10, 0, 5, &OrderSpec::default(), &c).unwrap_err(), OrderError::ZeroSize);
-        assert!(matches!(Plan::new(10, 6, 5, &OrderSpec::default(), &c), Err(OrderError::TooLarge { .. })));
+        let s = OrderSpec {
+            rank: 2,
+            world_size: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            Plan::new(10, 1, 5, &s, &c).unwrap_err(),
+            OrderError::BadRank { rank: 2, world: 2 }
+        );
+        assert_eq!(
+            Plan::new(10, 0, 5, &OrderSpec::default(), &c).unwrap_err(),
+            OrderError::ZeroSize
+        );
+        assert!(matches!(
+            Plan::new(10, 6, 5, &OrderSpec::default(), &c),
+            Err(OrderError::TooLarge { .. })
+        ));
     }
 }

@@ -111,7 +111,10 @@ pub async fn run(
         r = &mut serve => return r.map_err(Into::into),
         _ = shutdown => {}
     }
-    tracing::info!(grace_s = opts.shutdown_grace.as_secs_f64(), "shutting down: health NOT_SERVING, finishing in-flight streams");
+    tracing::info!(
+        grace_s = opts.shutdown_grace.as_secs_f64(),
+        "shutting down: health NOT_SERVING, finishing in-flight streams"
+    );
     health
         .set_not_serving::<proto::batch_service_server::BatchServiceServer<BatchService>>()
         .await;

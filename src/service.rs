@@ -77,7 +77,9 @@ impl From<ServeError> for Status {
         let msg = e.to_string();
         match e {
             ServeError::UnknownSet { .. } => Status::not_found(msg),
-            ServeError::Order(OrderError::PastEnd { .. }) | ServeError::StartPastEnd { .. } => Status::out_of_range(msg),
+            ServeError::Order(OrderError::PastEnd { .. }) | ServeError::StartPastEnd { .. } => {
+                Status::out_of_range(msg)
+            }
             ServeError::Order(_) | ServeError::BadDType(_) => Status::invalid_argument(msg),
             ServeError::Conversion { .. } => Status::failed_precondition(msg),
             ServeError::Stats(_) => Status::internal(msg),
@@ -97,8 +99,14 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(dataset: Arc<Dataset>, limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
-        metrics.dataset_bytes.store(dataset.memory_bytes as u64, Ordering::Relaxed);
-        let pinned = if dataset.pin == PinState::Pinned { dataset.memory_bytes as u64 } else { 0 };
+        metrics
+            .dataset_bytes
+            .store(dataset.memory_bytes as u64, Ordering::Relaxed);
+        let pinned = if dataset.pin == PinState::Pinned {
+            dataset.memory_bytes as u64
+        } else {
+            0
+        };
         metrics.pinned_bytes.store(pinned, Ordering::Relaxed);
         Arc::new(Self {
             dataset,
@@ -139,30 +147,46 @@ impl BatchService {
     }
 
     fn set(&self, name: &str) -> Result<Set, ServeError> {
-        self.shared.dataset.set(name).cloned().ok_or_else(|| ServeError::UnknownSet {
-            name: name.to_string(),
-            available: self
-                .shared
-                .dataset
-                .sets
-                .iter()
-                .map(|s| format!("{:?}", s.name))
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+        self.shared
+            .dataset
+            .set(name)
+            .cloned()
+            .ok_or_else(|| ServeError::UnknownSet {
+                name: name.to_string(),
+                available: self
+                    .shared
+                    .dataset
+                    .sets
+                    .iter()
+                    .map(|s| format!("{:?}", s.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
-    async fn conversions(&self, set: &Set, x: i32, y: i32) -> Result<(Conversion, Conversion), ServeError> {
+    async fn conversions(
+        &self,
+        set: &Set,
+        x: i32,
+        y: i32,
+    ) -> Result<(Conversion, Conversion), ServeError> {
         let want = |v: i32| -> Result<Option<DType>, ServeError> {
             let d = proto::Dtype::try_from(v).map_err(|_| ServeError::BadDType(v))?;
             Ok(wire::dtype_from_proto(d))
         };
         let (wx, wy) = (want(x)?, want(y)?);
         let mut out = [Conversion::identity(&set.x), Conversion::identity(&set.y)];
-        for (i, (name, t, w)) in [("x", &set.x, wx), ("y", &set.y, wy)].into_iter().enumerate() {
-            let Some(to) = w.filter(|&to| to != t.dtype) else { continue };
+        for (i, (name, t, w)) in [("x", &set.x, wx), ("y", &set.y, wy)]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(to) = w.filter(|&to| to != t.dtype) else {
+                continue;
+            };
             let stats = self.shared.stats().await?;
-            let st = stats.get(&set.name, name).expect("stats cover every tensor");
+            let st = stats
+                .get(&set.name, name)
+                .expect("stats cover every tensor");
             out[i] = wire::conversion(t, st, to).map_err(|why| ServeError::Conversion {
                 tensor: format!("{}.{name}", set.name),
                 from: t.dtype,
@@ -183,10 +207,21 @@ impl BatchService {
             world_size: o.world_size,
             drop_last: o.drop_last,
         };
-        Ok(Plan::new(set.examples(), size as usize, self.shared.limits.max_batch_size, &spec, &self.shared.perms)?)
+        Ok(Plan::new(
+            set.examples(),
+            size as usize,
+            self.shared.limits.max_batch_size,
+            &spec,
+            &self.shared.perms,
+        )?)
     }
 
-    fn finish(&self, method: &'static str, t0: Instant, r: Result<BatchStream, ServeError>) -> Result<Response<BatchStream>, Status> {
+    fn finish(
+        &self,
+        method: &'static str,
+        t0: Instant,
+        r: Result<BatchStream, ServeError>,
+    ) -> Result<Response<BatchStream>, Status> {
         match r {
             Ok(s) => Ok(Response::new(s)),
             Err(e) => {
@@ -201,7 +236,10 @@ impl BatchService {
 
 #[tonic::async_trait]
 impl proto::batch_service_server::BatchService for BatchService {
-    async fn get_info(&self, _req: Request<proto::GetInfoRequest>) -> Result<Response<proto::DatasetInfo>, Status> {
+    async fn get_info(
+        &self,
+        _req: Request<proto::GetInfoRequest>,
+    ) -> Result<Response<proto::DatasetInfo>, Status> {
         let t0 = Instant::now();
         let stats = self.shared.stats().await.map_err(Status::from)?;
         let ds = &self.shared.dataset;
@@ -211,7 +249,10 @@ impl proto::batch_service_server::BatchService for BatchService {
                 dtype: wire::dtype_to_proto(t.dtype) as i32,
                 shape: t.shape[1..].iter().map(|&d| d as u64).collect(),
                 sha256: st.sha256.clone(),
-                wire_dtypes: wire::wire_dtypes(t, st).into_iter().map(|d| wire::dtype_to_proto(d) as i32).collect(),
+                wire_dtypes: wire::wire_dtypes(t, st)
+                    .into_iter()
+                    .map(|d| wire::dtype_to_proto(d) as i32)
+                    .collect(),
                 scale_divisor: st.uint8_divisor.unwrap_or(0),
             }
         };
@@ -249,13 +290,18 @@ impl proto::batch_service_server::BatchService for BatchService {
                 chunk_bytes: l.chunk_bytes as u32,
             }),
         };
-        self.shared.metrics.request("GetInfo", tonic::Code::Ok, t0.elapsed());
+        self.shared
+            .metrics
+            .request("GetInfo", tonic::Code::Ok, t0.elapsed());
         Ok(Response::new(info))
     }
 
     type GetBatchStream = BatchStream;
 
-    async fn get_batch(&self, req: Request<proto::GetBatchRequest>) -> Result<Response<BatchStream>, Status> {
+    async fn get_batch(
+        &self,
+        req: Request<proto::GetBatchRequest>,
+    ) -> Result<Response<BatchStream>, Status> {
         let t0 = Instant::now();
         let r = req.into_inner();
         let result = async {
@@ -280,7 +326,10 @@ impl proto::batch_service_server::BatchService for BatchService {
 
     type StreamBatchesStream = BatchStream;
 
-    async fn stream_batches(&self, req: Request<proto::StreamBatchesRequest>) -> Result<Response<BatchStream>, Status> {
+    async fn stream_batches(
+        &self,
+        req: Request<proto::StreamBatchesRequest>,
+    ) -> Result<Response<BatchStream>, Status> {
         let t0 = Instant::now();
         let r = req.into_inner();
         let result = async {
@@ -288,9 +337,16 @@ impl proto::batch_service_server::BatchService for BatchService {
             let plan = self.plan(&set, r.size, r.order)?;
             let batches = plan.batches();
             if r.start >= batches && !(r.start == 0 && batches == 0) {
-                return Err(ServeError::StartPastEnd { start: r.start, batches });
+                return Err(ServeError::StartPastEnd {
+                    start: r.start,
+                    batches,
+                });
             }
-            let end = if r.count == 0 { batches } else { r.start.saturating_add(r.count).min(batches) };
+            let end = if r.count == 0 {
+                batches
+            } else {
+                r.start.saturating_add(r.count).min(batches)
+            };
             let (cx, cy) = self.conversions(&set, r.x_dtype, r.y_dtype).await?;
             Ok(BatchStream::new(
                 "StreamBatches",
@@ -338,7 +394,10 @@ impl BatchStream {
         range: std::ops::Range<u64>,
         started: Instant,
     ) -> Self {
-        shared.metrics.active_streams.fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .active_streams
+            .fetch_add(1, Ordering::Relaxed);
         Self {
             method,
             shared,
@@ -356,7 +415,10 @@ impl BatchStream {
 
     /// Queues the messages of minibatch `index`.
     fn build(&mut self, index: u64) {
-        let sel = self.plan.batch(index).expect("index validated against the plan");
+        let sel = self
+            .plan
+            .batch(index)
+            .expect("index validated against the plan");
         let n = sel.len() as u64;
         let chunk = self.shared.limits.chunk_bytes;
         let mut out = Vec::new();
@@ -366,17 +428,42 @@ impl BatchStream {
             s.extend(t.shape[1..].iter().map(|&d| d as u64));
             s
         };
-        for (name, t, conv) in [("x", &self.set.x, self.conv.0), ("y", &self.set.y, self.conv.1)] {
+        for (name, t, conv) in [
+            ("x", &self.set.x, self.conv.0),
+            ("y", &self.set.y, self.conv.1),
+        ] {
             let data = wire::tensor_bytes(t, &sel, &conv);
             bytes += data.len() as u64;
             let last = name == "y" && !self.with_indices;
-            let divisor = if conv.to == DType::U8 { conv.divisor } else { 0 };
-            let m = TensorMessage { index, name, dtype: conv.to, shape: shape(t), divisor, data };
+            let divisor = if conv.to == DType::U8 {
+                conv.divisor
+            } else {
+                0
+            };
+            let m = TensorMessage {
+                index,
+                name,
+                dtype: conv.to,
+                shape: shape(t),
+                divisor,
+                data,
+            };
             wire::chunk(m, chunk, last, &mut out);
         }
         if self.with_indices {
-            let idx: Vec<u8> = sel.indices().iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
-            let m = TensorMessage { index, name: "indices", dtype: DType::I64, shape: vec![n], divisor: 0, data: idx.into() };
+            let idx: Vec<u8> = sel
+                .indices()
+                .iter()
+                .flat_map(|&i| (i as i64).to_le_bytes())
+                .collect();
+            let m = TensorMessage {
+                index,
+                name: "indices",
+                dtype: DType::I64,
+                shape: vec![n],
+                divisor: 0,
+                data: idx.into(),
+            };
             wire::chunk(m, chunk, true, &mut out);
         }
         self.shared.metrics.minibatch(self.method, bytes);
@@ -410,7 +497,11 @@ impl Drop for BatchStream {
         m.active_streams.fetch_sub(1, Ordering::Relaxed);
         // A stream dropped before its end means the client left (or the
         // server shut down past its grace period).
-        let code = if self.done { tonic::Code::Ok } else { tonic::Code::Cancelled };
+        let code = if self.done {
+            tonic::Code::Ok
+        } else {
+            tonic::Code::Cancelled
+        };
         m.request(self.method, code, self.started.elapsed());
     }
 }

@@ -118,7 +118,9 @@ fn convert(src: &[u8], conv: &Conversion, out: &mut BytesMut) {
         }
         (DType::F32, DType::F16) => {
             for c in src.chunks_exact(4) {
-                out.put_u16_le(half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_bits());
+                out.put_u16_le(
+                    half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_bits(),
+                );
             }
         }
         (DType::F32, DType::BF16) => {
@@ -156,7 +158,12 @@ pub struct TensorMessage<'a> {
 }
 
 /// Appends `m`'s chunks to `out`; marks the final chunk `last` if asked.
-pub fn chunk(m: TensorMessage<'_>, chunk_bytes: usize, last: bool, out: &mut Vec<proto::TensorChunk>) {
+pub fn chunk(
+    m: TensorMessage<'_>,
+    chunk_bytes: usize,
+    last: bool,
+    out: &mut Vec<proto::TensorChunk>,
+) {
     let total = m.data.len();
     let chunk_bytes = chunk_bytes.max(1);
     let mut off = 0;
@@ -180,6 +187,68 @@ pub fn chunk(m: TensorMessage<'_>, chunk_bytes: usize, last: bool, out: &mut Vec
             break;
         }
     }
+}
+
+/// Wire dtypes every tensor could be asked for (besides "as stored").
+const CANDIDATES: [DType; 5] = [DType::F32, DType::U8, DType::F16, DType::BF16, DType::I32];
+
+/// How `t` goes on the wire as `to`, if that is exact; the error says why not.
+/// `stats` (the full-pass facts) decide whether values survive the change.
+pub fn conversion(
+    t: &Tensor,
+    stats: &crate::analyze::TensorStats,
+    to: DType,
+) -> Result<Conversion, String> {
+    if to == t.dtype {
+        return Ok(Conversion::identity(t));
+    }
+    let ok = |divisor| {
+        Ok(Conversion {
+            from: t.dtype,
+            to,
+            divisor,
+        })
+    };
+    match (t.dtype, to) {
+        (DType::F32, DType::U8) => match stats.uint8_divisor {
+            Some(d) => ok(d),
+            None => Err(
+                "values are not all k/256 or k/255 for k in 0..=255, so uint8 would lose precision"
+                    .into(),
+            ),
+        },
+        (DType::F32, DType::F16) if stats.float16_exact => ok(0),
+        (DType::F32, DType::F16) => {
+            Err("some values are not exactly representable in float16".into())
+        }
+        (DType::F32, DType::BF16) if stats.bfloat16_exact => ok(0),
+        (DType::F32, DType::BF16) => {
+            Err("some values are not exactly representable in bfloat16".into())
+        }
+        (DType::F64, DType::F32) if stats.float32_exact => ok(0),
+        (DType::F64, DType::F32) => {
+            Err("some values are not exactly representable in float32".into())
+        }
+        (DType::U8, DType::F32) => match t.scale_divisor {
+            Some(d) => ok(d),
+            None => Err("uint8 data without a pixel scale has no float meaning".into()),
+        },
+        (DType::I64, DType::I32) if stats.int32_exact => ok(0),
+        (DType::I64, DType::I32) => Err("some values do not fit int32".into()),
+        (from, to) => Err(format!("no conversion from {from} to {to} is offered")),
+    }
+}
+
+/// Wire dtypes `t` converts to exactly, the stored dtype first.
+pub fn wire_dtypes(t: &Tensor, stats: &crate::analyze::TensorStats) -> Vec<DType> {
+    let mut v = vec![t.dtype];
+    v.extend(
+        CANDIDATES
+            .iter()
+            .copied()
+            .filter(|&d| d != t.dtype && conversion(t, stats, d).is_ok()),
+    );
+    v
 }
 
 #[cfg(test)]
@@ -209,10 +278,18 @@ mod tests {
     #[test]
     fn uint8_and_bfloat16_conversions() {
         let t = t();
-        let c = Conversion { from: DType::F32, to: DType::U8, divisor: 256 };
+        let c = Conversion {
+            from: DType::F32,
+            to: DType::U8,
+            divisor: 256,
+        };
         let b = tensor_bytes(&t, &Selection::Range(0, 3), &c);
         assert_eq!(&b[..], &[0, 128, 1, 255, 64, 192]);
-        let c = Conversion { from: DType::F32, to: DType::BF16, divisor: 0 };
+        let c = Conversion {
+            from: DType::F32,
+            to: DType::BF16,
+            divisor: 0,
+        };
         let b = tensor_bytes(&t, &Selection::Range(0, 1), &c);
         assert_eq!(&b[..], &[0, 0, 0, 0x3f]);
     }
@@ -221,50 +298,22 @@ mod tests {
     fn chunks_cover_the_tensor_with_crcs() {
         let data = Bytes::from((0..2500u32).map(|i| i as u8).collect::<Vec<_>>());
         let mut out = Vec::new();
-        let m = TensorMessage { index: 7, name: "x", dtype: DType::U8, shape: vec![2500], divisor: 0, data: data.clone() };
+        let m = TensorMessage {
+            index: 7,
+            name: "x",
+            dtype: DType::U8,
+            shape: vec![2500],
+            divisor: 0,
+            data: data.clone(),
+        };
         chunk(m, 1000, true, &mut out);
         assert_eq!(out.len(), 3);
-        assert_eq!(out.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![0, 1000, 2000]);
+        assert_eq!(
+            out.iter().map(|c| c.offset).collect::<Vec<_>>(),
+            vec![0, 1000, 2000]
+        );
         assert!(out.iter().all(|c| c.crc32c == crc32c::crc32c(&c.data)));
         assert_eq!(out.iter().filter(|c| c.last).count(), 1);
         assert!(out[2].last);
     }
-}
-
-/// Wire dtypes every tensor could be asked for (besides "as stored").
-const CANDIDATES: [DType; 5] = [DType::F32, DType::U8, DType::F16, DType::BF16, DType::I32];
-
-/// How `t` goes on the wire as `to`, if that is exact; the error says why not.
-/// `stats` (the full-pass facts) decide whether values survive the change.
-pub fn conversion(t: &Tensor, stats: &crate::analyze::TensorStats, to: DType) -> Result<Conversion, String> {
-    if to == t.dtype {
-        return Ok(Conversion::identity(t));
-    }
-    let ok = |divisor| Ok(Conversion { from: t.dtype, to, divisor });
-    match (t.dtype, to) {
-        (DType::F32, DType::U8) => match stats.uint8_divisor {
-            Some(d) => ok(d),
-            None => Err("values are not all k/256 or k/255 for k in 0..=255, so uint8 would lose precision".into()),
-        },
-        (DType::F32, DType::F16) if stats.float16_exact => ok(0),
-        (DType::F32, DType::F16) => Err("some values are not exactly representable in float16".into()),
-        (DType::F32, DType::BF16) if stats.bfloat16_exact => ok(0),
-        (DType::F32, DType::BF16) => Err("some values are not exactly representable in bfloat16".into()),
-        (DType::F64, DType::F32) if stats.float32_exact => ok(0),
-        (DType::F64, DType::F32) => Err("some values are not exactly representable in float32".into()),
-        (DType::U8, DType::F32) => match t.scale_divisor {
-            Some(d) => ok(d),
-            None => Err("uint8 data without a pixel scale has no float meaning".into()),
-        },
-        (DType::I64, DType::I32) if stats.int32_exact => ok(0),
-        (DType::I64, DType::I32) => Err("some values do not fit int32".into()),
-        (from, to) => Err(format!("no conversion from {from} to {to} is offered")),
-    }
-}
-
-/// Wire dtypes `t` converts to exactly, the stored dtype first.
-pub fn wire_dtypes(t: &Tensor, stats: &crate::analyze::TensorStats) -> Vec<DType> {
-    let mut v = vec![t.dtype];
-    v.extend(CANDIDATES.iter().copied().filter(|&d| d != t.dtype && conversion(t, stats, d).is_ok()));
-    v
 }

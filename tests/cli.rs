@@ -7,11 +7,19 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_minibatchd");
 
 fn run(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).env("MINIBATCHD_LOG", "error").output().expect("binary runs")
+    Command::new(BIN)
+        .args(args)
+        .env("MINIBATCHD_LOG", "error")
+        .output()
+        .expect("binary runs")
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Daemon(Child, String);
@@ -21,11 +29,18 @@ impl Daemon {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec!["serve", "--addr", &addr, "--metrics-addr", "off"];
         args.extend_from_slice(extra);
-        let child = Command::new(BIN).args(&args).stderr(Stdio::piped()).spawn().unwrap();
+        let child = Command::new(BIN)
+            .args(&args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let d = Daemon(child, addr);
         let t0 = Instant::now();
         while !run(&["health", "--server", &d.1]).status.success() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "daemon did not become healthy");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "daemon did not become healthy"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         d
@@ -48,7 +63,11 @@ impl Drop for Daemon {
 #[test]
 fn inspect_json_of_the_bundled_sample() {
     let out = run(&["inspect", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let sets = v["sets"].as_array().unwrap();
     assert_eq!(sets.len(), 3);
@@ -66,7 +85,11 @@ fn inspect_json_of_the_bundled_sample() {
 fn hostile_file_exits_non_zero_naming_global_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("evil.pkl");
-    std::fs::write(&p, b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.").unwrap();
+    std::fs::write(
+        &p,
+        b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.",
+    )
+    .unwrap();
     let out = run(&["inspect", p.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -74,17 +97,48 @@ fn hostile_file_exits_non_zero_naming_global_and_offset() {
     assert!(err.contains("byte 2"), "{err}");
     assert!(err.contains("refusing global os.system"), "{err}");
     // serve refuses to start on it, too.
-    let out = Command::new(BIN).args(["serve", "--addr", "127.0.0.1:0", "--metrics-addr", "off", "--data", p.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "off",
+            "--data",
+            p.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
 }
 
 /// Writes the bundled sample's arrays as IDX files (the official format:
 /// big-endian dimensions, uint8 pixels 0..255, uint8 labels).
 fn write_idx(dir: &Path, gz: bool) {
-    let ds = minibatchd::load::load_bytes(Path::new("s"), minibatchd::BUNDLED_SAMPLE, &Default::default()).unwrap();
-    let train_x: Vec<u8> = [&ds.sets[0].x, &ds.sets[1].x].iter().flat_map(|t| t.data.chunks(4).map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 256.0) as u8)).collect();
-    let train_y: Vec<u8> = [&ds.sets[0].y, &ds.sets[1].y].iter().flat_map(|t| t.data.chunks(8).map(|c| c[0])).collect();
-    let test_x: Vec<u8> = ds.sets[2].x.data.chunks(4).map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 256.0) as u8).collect();
+    let ds = minibatchd::load::load_bytes(
+        Path::new("s"),
+        minibatchd::BUNDLED_SAMPLE,
+        &Default::default(),
+    )
+    .unwrap();
+    let train_x: Vec<u8> = [&ds.sets[0].x, &ds.sets[1].x]
+        .iter()
+        .flat_map(|t| {
+            t.data
+                .chunks(4)
+                .map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 256.0) as u8)
+        })
+        .collect();
+    let train_y: Vec<u8> = [&ds.sets[0].y, &ds.sets[1].y]
+        .iter()
+        .flat_map(|t| t.data.chunks(8).map(|c| c[0]))
+        .collect();
+    let test_x: Vec<u8> = ds.sets[2]
+        .x
+        .data
+        .chunks(4)
+        .map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 256.0) as u8)
+        .collect();
     let test_y: Vec<u8> = ds.sets[2].y.data.chunks(8).map(|c| c[0]).collect();
     let file = |name: &str, dims: &[u32], data: &[u8]| {
         let mut b = vec![0, 0, 8, dims.len() as u8];
@@ -92,9 +146,16 @@ fn write_idx(dir: &Path, gz: bool) {
             b.extend_from_slice(&d.to_be_bytes());
         }
         b.extend_from_slice(data);
-        let name = if gz { format!("{name}.gz") } else { name.to_string() };
+        let name = if gz {
+            format!("{name}.gz")
+        } else {
+            name.to_string()
+        };
         let bytes = if gz { gzip(&b) } else { b };
-        std::fs::File::create(dir.join(name)).unwrap().write_all(&bytes).unwrap();
+        std::fs::File::create(dir.join(name))
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
     };
     file("train-images-idx3-ubyte", &[4000, 28, 28], &train_x);
     file("train-labels-idx1-ubyte", &[4000], &train_y);
@@ -108,7 +169,13 @@ fn gzip(data: &[u8]) -> Vec<u8> {
         let c = libdeflate_sys::libdeflate_alloc_compressor(6);
         let bound = libdeflate_sys::libdeflate_gzip_compress_bound(c, data.len());
         let mut out = vec![0u8; bound];
-        let n = libdeflate_sys::libdeflate_gzip_compress(c, data.as_ptr() as *const _, data.len(), out.as_mut_ptr() as *mut _, bound);
+        let n = libdeflate_sys::libdeflate_gzip_compress(
+            c,
+            data.as_ptr() as *const _,
+            data.len(),
+            out.as_mut_ptr() as *mut _,
+            bound,
+        );
         libdeflate_sys::libdeflate_free_compressor(c);
         out.truncate(n);
         out
@@ -120,10 +187,21 @@ fn idx_directory_reproduces_the_pickle_split() {
     for gz in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         write_idx(dir.path(), gz);
-        let out = run(&["inspect", "--json", "--valid-split", "1000", dir.path().to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = run(&[
+            "inspect",
+            "--json",
+            "--valid-split",
+            "1000",
+            dir.path().to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let sample: serde_json::Value = serde_json::from_slice(&run(&["inspect", "--json"]).stdout).unwrap();
+        let sample: serde_json::Value =
+            serde_json::from_slice(&run(&["inspect", "--json"]).stdout).unwrap();
         assert_eq!(v["format"], "idx");
         for i in 0..3 {
             let (s, p) = (&v["sets"][i], &sample["sets"][i]);
@@ -131,16 +209,38 @@ fn idx_directory_reproduces_the_pickle_split() {
             assert_eq!(s["examples"], p["examples"]);
             assert_eq!(s["x"]["dtype"], "uint8");
             assert_eq!(s["x"]["uint8_divisor"], 256);
-            assert_eq!(s["y"]["sha256"], p["y"]["sha256"], "labels widened to int64 match the pickle");
+            assert_eq!(
+                s["y"]["sha256"], p["y"]["sha256"],
+                "labels widened to int64 match the pickle"
+            );
         }
         // Served as float32, IDX pixels are the pickle's values exactly.
         let dir_s = dir.path().to_str().unwrap().to_string();
         let d = Daemon::start(&["--data", &dir_s, "--valid-split", "1000"]);
         let outd = tempfile::tempdir().unwrap();
-        let o = run(&["get", "--server", &d.1, "--set", "valid", "--index", "1", "--size", "300", "--x-dtype", "float32", "--out", outd.path().to_str().unwrap()]);
+        let o = run(&[
+            "get",
+            "--server",
+            &d.1,
+            "--set",
+            "valid",
+            "--index",
+            "1",
+            "--size",
+            "300",
+            "--x-dtype",
+            "float32",
+            "--out",
+            outd.path().to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let got = std::fs::read(outd.path().join("x.npy")).unwrap();
-        let ds = minibatchd::load::load_bytes(Path::new("s"), minibatchd::BUNDLED_SAMPLE, &Default::default()).unwrap();
+        let ds = minibatchd::load::load_bytes(
+            Path::new("s"),
+            minibatchd::BUNDLED_SAMPLE,
+            &Default::default(),
+        )
+        .unwrap();
         let want = ds.sets[1].x.rows(300, 600);
         assert_eq!(&got[got.len() - want.len()..], &want[..]);
     }
@@ -152,14 +252,32 @@ fn serve_get_info_health_and_sigterm() {
     let o = run(&["info", "--server", &d.1]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("train") && text.contains("3000 examples"), "{text}");
+    assert!(
+        text.contains("train") && text.contains("3000 examples"),
+        "{text}"
+    );
     let outd = tempfile::tempdir().unwrap();
-    let o = run(&["get", "--server", &d.1, "--index", "2", "--size", "500", "--out", outd.path().to_str().unwrap()]);
+    let o = run(&[
+        "get",
+        "--server",
+        &d.1,
+        "--index",
+        "2",
+        "--size",
+        "500",
+        "--out",
+        outd.path().to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let x = std::fs::read(outd.path().join("x.npy")).unwrap();
     assert!(x.starts_with(b"\x93NUMPY\x01\x00"));
     assert_eq!(x.len(), 128 + 500 * 784 * 4);
-    let ds = minibatchd::load::load_bytes(Path::new("s"), minibatchd::BUNDLED_SAMPLE, &Default::default()).unwrap();
+    let ds = minibatchd::load::load_bytes(
+        Path::new("s"),
+        minibatchd::BUNDLED_SAMPLE,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(&x[128..], &ds.sets[0].x.rows(1000, 1500)[..]);
     let o = run(&["bench", "--server", &d.1, "--count", "20", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -167,12 +285,23 @@ fn serve_get_info_health_and_sigterm() {
     assert_eq!(v["minibatches"], 20);
     let st = d.sigterm();
     assert!(st.success(), "graceful exit on SIGTERM: {st:?}");
-    assert!(!run(&["health", "--server", &d.1]).status.success(), "health fails once the daemon is gone");
+    assert!(
+        !run(&["health", "--server", &d.1]).status.success(),
+        "health fails once the daemon is gone"
+    );
 }
 
 #[test]
 fn bad_configuration_is_refused() {
-    let o = run(&["serve", "--addr", "127.0.0.1:0", "--metrics-addr", "off", "--chunk-bytes", "5000000"]);
+    let o = run(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "off",
+        "--chunk-bytes",
+        "5000000",
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("exceeds the max message size"));
 }

@@ -27,8 +27,15 @@ async fn get_info_describes_the_dataset() {
     let srv = TestServer::start(sample()).await;
     let mut c = srv.client().await;
     let info = c.info().await.unwrap();
-    let names: Vec<_> = info.sets.iter().map(|s| (s.name.as_str(), s.examples)).collect();
-    assert_eq!(names, vec![("train", 3000), ("valid", 1000), ("test", 1000)]);
+    let names: Vec<_> = info
+        .sets
+        .iter()
+        .map(|s| (s.name.as_str(), s.examples))
+        .collect();
+    assert_eq!(
+        names,
+        vec![("train", 3000), ("valid", 1000), ("test", 1000)]
+    );
     let x = info.sets[0].x.clone().unwrap();
     assert_eq!(x.dtype, proto::Dtype::Float32 as i32);
     assert_eq!(x.shape, vec![784]);
@@ -44,7 +51,9 @@ async fn get_info_describes_the_dataset() {
     assert_eq!(info.format, "pickle+gzip");
     let l = info.limits.unwrap();
     assert_eq!(l.max_message_bytes, 4 << 20);
-    assert!(l.chunk_bytes as usize + minibatchd::wire::MESSAGE_OVERHEAD <= l.max_message_bytes as usize);
+    assert!(
+        l.chunk_bytes as usize + minibatchd::wire::MESSAGE_OVERHEAD <= l.max_message_bytes as usize
+    );
     assert_eq!(info.server_version, env!("CARGO_PKG_VERSION"));
 }
 
@@ -54,14 +63,25 @@ async fn minibatches_are_the_loaded_bytes() {
     let mut c = srv.client().await;
     // 3000 examples in minibatches of 700: 0..700, ..., 2800..3000 (partial).
     for (index, range) in [(0u64, 0..700), (2, 1400..2100), (4, 2800..3000)] {
-        let b = c.get_batch(&BatchRequest::new("train", index, 700)).await.unwrap();
+        let b = c
+            .get_batch(&BatchRequest::new("train", index, 700))
+            .await
+            .unwrap();
         let idx: Vec<usize> = range.collect();
         assert_eq!(b.index, index);
         assert_eq!(b.x.shape, vec![idx.len() as u64, 784]);
         assert_eq!(b.y.shape, vec![idx.len() as u64]);
         assert_eq!(b.x.dtype, DType::F32);
-        assert_eq!(b.x.data, rows(&srv.dataset, "train", "x", &idx), "x of minibatch {index}");
-        assert_eq!(b.y.data, rows(&srv.dataset, "train", "y", &idx), "y of minibatch {index}");
+        assert_eq!(
+            b.x.data,
+            rows(&srv.dataset, "train", "x", &idx),
+            "x of minibatch {index}"
+        );
+        assert_eq!(
+            b.y.data,
+            rows(&srv.dataset, "train", "y", &idx),
+            "y of minibatch {index}"
+        );
     }
 }
 
@@ -69,49 +89,100 @@ async fn minibatches_are_the_loaded_bytes() {
 async fn status_codes_for_bad_requests() {
     let srv = TestServer::start(synthetic()).await;
     let mut c = srv.client().await;
-    let e = c.get_batch(&BatchRequest::new("train", 24, 500)).await.unwrap_err();
+    let e = c
+        .get_batch(&BatchRequest::new("train", 24, 500))
+        .await
+        .unwrap_err();
     assert_eq!(code(e), Code::OutOfRange);
-    let e = c.get_batch(&BatchRequest::new("train", 0, 0)).await.unwrap_err();
+    let e = c
+        .get_batch(&BatchRequest::new("train", 0, 0))
+        .await
+        .unwrap_err();
     assert_eq!(code(e), Code::InvalidArgument);
-    let e = c.get_batch(&BatchRequest::new("train", 0, 16_385)).await.unwrap_err();
+    let e = c
+        .get_batch(&BatchRequest::new("train", 0, 16_385))
+        .await
+        .unwrap_err();
     assert_eq!(code(e), Code::InvalidArgument);
-    let e = c.get_batch(&BatchRequest::new("training", 0, 10)).await.unwrap_err();
+    let e = c
+        .get_batch(&BatchRequest::new("training", 0, 10))
+        .await
+        .unwrap_err();
     assert_eq!(code(e), Code::NotFound);
     let mut r = BatchRequest::new("train", 0, 10);
     r.order.rank = 3;
     r.order.world_size = 2;
-    assert_eq!(code(c.get_batch(&r).await.unwrap_err()), Code::InvalidArgument);
+    assert_eq!(
+        code(c.get_batch(&r).await.unwrap_err()),
+        Code::InvalidArgument
+    );
     // valid's floats are not k/256: no exact uint8, float16 or bfloat16.
     for d in [DType::U8, DType::F16, DType::BF16] {
         let mut r = BatchRequest::new("valid", 0, 10);
         r.x_dtype = Some(d);
-        assert_eq!(code(c.get_batch(&r).await.unwrap_err()), Code::FailedPrecondition, "{d}");
+        assert_eq!(
+            code(c.get_batch(&r).await.unwrap_err()),
+            Code::FailedPrecondition,
+            "{d}"
+        );
     }
     let mut r = BatchRequest::new("train", 0, 10);
     r.y_dtype = Some(DType::U8);
-    assert_eq!(code(c.get_batch(&r).await.unwrap_err()), Code::FailedPrecondition);
+    assert_eq!(
+        code(c.get_batch(&r).await.unwrap_err()),
+        Code::FailedPrecondition
+    );
     // A dtype number the contract does not define.
-    let mut raw = proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr)).await.unwrap();
+    let mut raw =
+        proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr))
+            .await
+            .unwrap();
     let e = raw
-        .get_batch(proto::GetBatchRequest { set: "train".into(), index: 0, size: 1, x_dtype: 99, ..Default::default() })
+        .get_batch(proto::GetBatchRequest {
+            set: "train".into(),
+            index: 0,
+            size: 1,
+            x_dtype: 99,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = raw
-        .stream_batches(proto::StreamBatchesRequest { set: "train".into(), size: 500, start: 24, ..Default::default() })
+        .stream_batches(proto::StreamBatchesRequest {
+            set: "train".into(),
+            size: 500,
+            start: 24,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange);
     // The server still serves after all that.
-    assert_eq!(c.get_batch(&BatchRequest::new("train", 23, 500)).await.unwrap().x.shape, vec![500, 784]);
+    assert_eq!(
+        c.get_batch(&BatchRequest::new("train", 23, 500))
+            .await
+            .unwrap()
+            .x
+            .shape,
+        vec![500, 784]
+    );
 }
 
 #[tokio::test]
 async fn a_minibatch_larger_than_a_chunk_arrives_whole_in_small_messages() {
     let srv = TestServer::start(synthetic()).await;
-    let mut raw = proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr)).await.unwrap();
+    let mut raw =
+        proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr))
+            .await
+            .unwrap();
     let mut s = raw
-        .get_batch(proto::GetBatchRequest { set: "train".into(), index: 0, size: 10_000, ..Default::default() })
+        .get_batch(proto::GetBatchRequest {
+            set: "train".into(),
+            index: 0,
+            size: 10_000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -121,23 +192,45 @@ async fn a_minibatch_larger_than_a_chunk_arrives_whole_in_small_messages() {
     }
     let x: Vec<_> = chunks.iter().filter(|c| c.name == "x").collect();
     assert!(x.len() >= 30, "31 MB in {} chunks", x.len());
-    assert!(chunks.iter().all(|c| prost::Message::encoded_len(c) < 4 << 20));
+    assert!(chunks
+        .iter()
+        .all(|c| prost::Message::encoded_len(c) < 4 << 20));
     assert!(chunks.iter().all(|c| crc32c::crc32c(&c.data) == c.crc32c));
     assert_eq!(chunks.iter().filter(|c| c.last).count(), 1);
     assert!(chunks.last().unwrap().last);
     assert_eq!(x[0].shape, vec![10_000, 784]);
     let mut c = srv.client().await;
-    let b = c.get_batch(&BatchRequest::new("train", 0, 10_000)).await.unwrap();
+    let b = c
+        .get_batch(&BatchRequest::new("train", 0, 10_000))
+        .await
+        .unwrap();
     let idx: Vec<usize> = (0..10_000).collect();
     assert_eq!(b.x.data.len(), 10_000 * 784 * 4);
     assert_eq!(b.x.data, rows(&srv.dataset, "train", "x", &idx));
     // minibatch 1 of 10,000 is examples 10,000..12,000: partial, 2,000.
-    let b = c.get_batch(&BatchRequest::new("train", 1, 10_000)).await.unwrap();
+    let b = c
+        .get_batch(&BatchRequest::new("train", 1, 10_000))
+        .await
+        .unwrap();
     assert_eq!(b.x.shape, vec![2000, 784]);
-    assert_eq!(b.y.data, rows(&srv.dataset, "train", "y", &(10_000..12_000).collect::<Vec<_>>()));
+    assert_eq!(
+        b.y.data,
+        rows(
+            &srv.dataset,
+            "train",
+            "y",
+            &(10_000..12_000).collect::<Vec<_>>()
+        )
+    );
 }
 
-async fn epoch(c: &mut Client, set: &str, size: u32, order: proto::Order, start: u64) -> Vec<minibatchd::client::Batch> {
+async fn epoch(
+    c: &mut Client,
+    set: &str,
+    size: u32,
+    order: proto::Order,
+    start: u64,
+) -> Vec<minibatchd::client::Batch> {
     let mut r = BatchRequest::new(set, start, size);
     r.order = order;
     r.with_indices = true;
@@ -146,7 +239,13 @@ async fn epoch(c: &mut Client, set: &str, size: u32, order: proto::Order, start:
 }
 
 fn indices(b: &minibatchd::client::Batch) -> Vec<usize> {
-    b.indices.as_ref().unwrap().data.chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize).collect()
+    b.indices
+        .as_ref()
+        .unwrap()
+        .data
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize)
+        .collect()
 }
 
 #[tokio::test]
@@ -154,19 +253,40 @@ async fn shuffles_are_reproducible_across_servers_and_differ_by_epoch() {
     let a = TestServer::start(sample()).await;
     let b = TestServer::start(sample()).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let order = proto::Order { shuffle: true, seed: 1234, epoch: 5, ..Default::default() };
+    let order = proto::Order {
+        shuffle: true,
+        seed: 1234,
+        epoch: 5,
+        ..Default::default()
+    };
     let ea = epoch(&mut ca, "train", 500, order, 0).await;
     let eb = epoch(&mut cb, "train", 500, order, 0).await;
     assert_eq!(ea.len(), 6);
     assert_eq!(ea, eb, "same seed and epoch on two servers");
     let all: Vec<usize> = ea.iter().flat_map(indices).collect();
-    assert_eq!(all, minibatchd::order::permutation(3000, 1234, 5).iter().map(|&i| i as usize).collect::<Vec<_>>());
+    assert_eq!(
+        all,
+        minibatchd::order::permutation(3000, 1234, 5)
+            .iter()
+            .map(|&i| i as usize)
+            .collect::<Vec<_>>()
+    );
     for batch in &ea {
-        assert_eq!(batch.x.data, rows(&a.dataset, "train", "x", &indices(batch)));
-        assert_eq!(batch.y.data, rows(&a.dataset, "train", "y", &indices(batch)));
+        assert_eq!(
+            batch.x.data,
+            rows(&a.dataset, "train", "x", &indices(batch))
+        );
+        assert_eq!(
+            batch.y.data,
+            rows(&a.dataset, "train", "y", &indices(batch))
+        );
     }
     let next = epoch(&mut ca, "train", 500, proto::Order { epoch: 6, ..order }, 0).await;
-    assert_ne!(indices(&next[0]), indices(&ea[0]), "another epoch, another order");
+    assert_ne!(
+        indices(&next[0]),
+        indices(&ea[0]),
+        "another epoch, another order"
+    );
     // GetBatch of one shuffled minibatch equals that minibatch of the stream.
     let mut r = BatchRequest::new("train", 3, 500);
     r.order = order;
@@ -181,7 +301,14 @@ async fn shards_of_all_ranks_are_disjoint_equal_and_cover() {
         let mut seen = Vec::new();
         let mut lens = Vec::new();
         for rank in 0..7 {
-            let order = proto::Order { shuffle, seed: 9, epoch: 0, rank, world_size: 7, drop_last: false };
+            let order = proto::Order {
+                shuffle,
+                seed: 9,
+                epoch: 0,
+                rank,
+                world_size: 7,
+                drop_last: false,
+            };
             let e = epoch(&mut c, "valid", 64, order, 0).await;
             let idx: Vec<usize> = e.iter().flat_map(indices).collect();
             lens.push(idx.len());
@@ -194,7 +321,12 @@ async fn shards_of_all_ranks_are_disjoint_equal_and_cover() {
         s.dedup();
         assert_eq!(s.len(), 994, "disjoint");
     }
-    let order = proto::Order { world_size: 7, rank: 1, drop_last: true, ..Default::default() };
+    let order = proto::Order {
+        world_size: 7,
+        rank: 1,
+        drop_last: true,
+        ..Default::default()
+    };
     let e = epoch(&mut c, "valid", 64, order, 0).await;
     assert_eq!(e.len(), 2, "142 examples in full minibatches of 64");
     assert_eq!(indices(&e[0])[..3], [1, 8, 15]);
@@ -204,7 +336,12 @@ async fn shards_of_all_ranks_are_disjoint_equal_and_cover() {
 async fn resume_gives_the_tail_of_the_stream() {
     let srv = TestServer::start(sample()).await;
     let mut c = srv.client().await;
-    let order = proto::Order { shuffle: true, seed: 3, epoch: 1, ..Default::default() };
+    let order = proto::Order {
+        shuffle: true,
+        seed: 3,
+        epoch: 1,
+        ..Default::default()
+    };
     let full = epoch(&mut c, "train", 256, order, 0).await;
     let tail = epoch(&mut c, "train", 256, order, 5).await;
     assert_eq!(full.len(), 12);
@@ -213,7 +350,13 @@ async fn resume_gives_the_tail_of_the_stream() {
     let mut r = BatchRequest::new("train", 2, 256);
     r.order = order;
     r.count = 3;
-    let s: Vec<_> = c.stream_batches(&r).await.unwrap().map(|b| b.unwrap().index).collect().await;
+    let s: Vec<_> = c
+        .stream_batches(&r)
+        .await
+        .unwrap()
+        .map(|b| b.unwrap().index)
+        .collect()
+        .await;
     assert_eq!(s, vec![2, 3, 4]);
 }
 
@@ -223,7 +366,12 @@ async fn wire_conversions_are_exact() {
     let mut c = srv.client().await;
     let mut r = BatchRequest::new("test", 1, 300);
     let f32s = c.get_batch(&r).await.unwrap();
-    let want: Vec<f32> = f32s.x.data.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let want: Vec<f32> = f32s
+        .x
+        .data
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     r.x_dtype = Some(DType::U8);
     r.y_dtype = Some(DType::I32);
     let u8s = c.get_batch(&r).await.unwrap();
@@ -232,20 +380,42 @@ async fn wire_conversions_are_exact() {
     assert_eq!(u8s.x.data.len(), want.len());
     let back: Vec<f32> = u8s.x.data.iter().map(|&b| b as f32 / 256.0).collect();
     assert_eq!(back, want);
-    let labels: Vec<i64> = f32s.y.data.chunks(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
-    let l32: Vec<i64> = u8s.y.data.chunks(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64).collect();
+    let labels: Vec<i64> = f32s
+        .y
+        .data
+        .chunks(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let l32: Vec<i64> = u8s
+        .y
+        .data
+        .chunks(4)
+        .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
+        .collect();
     assert_eq!(l32, labels);
     r.y_dtype = None;
     r.x_dtype = Some(DType::F16);
     let h = c.get_batch(&r).await.unwrap();
-    let back: Vec<f32> = h.x.data.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    let back: Vec<f32> =
+        h.x.data
+            .chunks(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
     assert_eq!(back, want);
     r.x_dtype = Some(DType::BF16);
     let h = c.get_batch(&r).await.unwrap();
-    let back: Vec<f32> = h.x.data.chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    let back: Vec<f32> =
+        h.x.data
+            .chunks(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
     assert_eq!(back, want);
     r.x_dtype = Some(DType::F32);
-    assert_eq!(c.get_batch(&r).await.unwrap().x, f32s.x, "asking for the stored dtype is a no-op");
+    assert_eq!(
+        c.get_batch(&r).await.unwrap().x,
+        f32s.x,
+        "asking for the stored dtype is a no-op"
+    );
 }
 
 #[tokio::test]
@@ -253,22 +423,55 @@ async fn health_reflection_and_metrics_answer() {
     let srv = TestServer::start(sample()).await;
     let mut c = srv.client().await;
     assert!(c.health().await.unwrap());
-    c.get_batch(&BatchRequest::new("train", 0, 100)).await.unwrap();
+    c.get_batch(&BatchRequest::new("train", 0, 100))
+        .await
+        .unwrap();
 
-    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", srv.addr)).unwrap().connect().await.unwrap();
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", srv.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut refl = ServerReflectionClient::new(ch);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.next().await.unwrap().unwrap().message_response else { panic!("no service list") };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        resp.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"minibatch.v1.BatchService"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
 
     let text = srv.metrics.render();
-    assert!(text.contains("minibatchd_requests_total{method=\"GetBatch\",code=\"Ok\"} 1"), "{text}");
-    assert!(text.contains("minibatchd_minibatches_total{method=\"GetBatch\"} 1"), "{text}");
-    assert!(text.contains(&format!("minibatchd_sent_bytes_total{{method=\"GetBatch\"}} {}", 100 * 784 * 4 + 100 * 8)), "{text}");
+    assert!(
+        text.contains("minibatchd_requests_total{method=\"GetBatch\",code=\"Ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("minibatchd_minibatches_total{method=\"GetBatch\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "minibatchd_sent_bytes_total{{method=\"GetBatch\"}} {}",
+            100 * 784 * 4 + 100 * 8
+        )),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -282,8 +485,16 @@ async fn shutdown_reports_not_serving_and_finishes_streams_in_flight() {
     assert_eq!(first.index, 0);
     srv.begin_shutdown();
     let rest: Vec<_> = s.map(|b| b.unwrap().index).collect().await;
-    assert_eq!(rest, (1..12).collect::<Vec<_>>(), "the stream in flight completes");
+    assert_eq!(
+        rest,
+        (1..12).collect::<Vec<_>>(),
+        "the stream in flight completes"
+    );
     let h = srv.handle.take().unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), h).await.expect("server stops").unwrap().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), h)
+        .await
+        .expect("server stops")
+        .unwrap()
+        .unwrap();
     assert!(Client::connect(&srv.addr.to_string()).await.is_err() || c.health().await.is_err());
 }

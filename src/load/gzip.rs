@@ -60,7 +60,10 @@ fn parse_header(input: &[u8], pos: usize) -> Result<usize, At> {
         need(p + 2, xlen, "FEXTRA data")?;
         p += 2 + xlen;
     }
-    for (bit, name) in [(0x08u8, "the zero-terminated FNAME"), (0x10, "the zero-terminated FCOMMENT")] {
+    for (bit, name) in [
+        (0x08u8, "the zero-terminated FNAME"),
+        (0x10, "the zero-terminated FCOMMENT"),
+    ] {
         if flg & bit != 0 {
             match input[p.min(input.len())..].iter().position(|&b| b == 0) {
                 Some(z) => p += z + 1,
@@ -118,7 +121,7 @@ fn inflate_member(
                         ),
                     ));
                 }
-                let grown = len.saturating_add(len.max(64 << 20).min(GROW_STEP)).min(max_bytes);
+                let grown = len.saturating_add(len.clamp(64 << 20, GROW_STEP)).min(max_bytes);
                 out.resize(grown)
                     .map_err(|e| At::new(start, format!("cannot grow output to {grown} bytes: {e}")))?;
             }
@@ -159,8 +162,12 @@ pub fn inflate(input: &[u8], max_bytes: usize) -> Result<HostBuffer, At> {
     } else {
         0
     };
-    let mut out = HostBuffer::zeroed(guess.clamp(1, max_bytes.max(1)))
-        .map_err(|e| At::new(0, format!("cannot allocate {guess} bytes for the output: {e}")))?;
+    let mut out = HostBuffer::zeroed(guess.clamp(1, max_bytes.max(1))).map_err(|e| {
+        At::new(
+            0,
+            format!("cannot allocate {guess} bytes for the output: {e}"),
+        )
+    })?;
     // SAFETY: plain allocation; checked for null below.
     let dec = Decompressor(unsafe { libdeflate_sys::libdeflate_alloc_decompressor() });
     if dec.0.is_null() {
@@ -240,7 +247,10 @@ mod tests {
 
     #[test]
     fn inflates_one_and_several_members() {
-        assert_eq!(inflate(&member(b"hello"), 1 << 20).unwrap().as_slice(), b"hello");
+        assert_eq!(
+            inflate(&member(b"hello"), 1 << 20).unwrap().as_slice(),
+            b"hello"
+        );
         let mut two = member(b"hello ");
         two.extend(member(b"world, a longer second member"));
         assert_eq!(
@@ -273,7 +283,11 @@ mod tests {
 
         let f = member(b"abcdef");
         let e = inflate(&f[..f.len() - 3], 1 << 20).unwrap_err();
-        assert!(e.what.contains("truncated") || e.what.contains("ends early"), "{}", e.what);
+        assert!(
+            e.what.contains("truncated") || e.what.contains("ends early"),
+            "{}",
+            e.what
+        );
         let e = inflate(&f[..5], 1 << 20).unwrap_err();
         assert!(e.what.contains("truncated gzip header"), "{}", e.what);
     }

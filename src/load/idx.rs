@@ -41,10 +41,19 @@ pub struct Header {
 /// Parses the header and checks the payload length against the shape.
 pub fn header(b: &[u8]) -> Result<Header, At> {
     if b.len() < 4 {
-        return Err(At::new(0, format!("expected a 4-byte IDX magic, the data has {} bytes", b.len())));
+        return Err(At::new(
+            0,
+            format!(
+                "expected a 4-byte IDX magic, the data has {} bytes",
+                b.len()
+            ),
+        ));
     }
     if b[0] != 0 || b[1] != 0 {
-        return Err(At::new(0, format!("expected IDX magic 00 00, found {:02x} {:02x}", b[0], b[1])));
+        return Err(At::new(
+            0,
+            format!("expected IDX magic 00 00, found {:02x} {:02x}", b[0], b[1]),
+        ));
     }
     let dtype = match b[2] {
         0x08 => DType::U8,
@@ -53,7 +62,12 @@ pub fn header(b: &[u8]) -> Result<Header, At> {
         0x0c => DType::I32,
         0x0d => DType::F32,
         0x0e => DType::F64,
-        t => return Err(At::new(2, format!("unknown IDX element type {t:#04x} (expected 08, 09, 0b, 0c, 0d or 0e)"))),
+        t => {
+            return Err(At::new(
+                2,
+                format!("unknown IDX element type {t:#04x} (expected 08, 09, 0b, 0c, 0d or 0e)"),
+            ))
+        }
     };
     let nd = b[3] as usize;
     if nd == 0 {
@@ -61,7 +75,13 @@ pub fn header(b: &[u8]) -> Result<Header, At> {
     }
     let data_start = 4 + 4 * nd;
     if b.len() < data_start {
-        return Err(At::new(4, format!("truncated IDX header: {nd} dimensions need {data_start} bytes, the data has {}", b.len())));
+        return Err(At::new(
+            4,
+            format!(
+                "truncated IDX header: {nd} dimensions need {data_start} bytes, the data has {}",
+                b.len()
+            ),
+        ));
     }
     let shape: Vec<usize> = (0..nd)
         .map(|i| u32::from_be_bytes(b[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
@@ -95,7 +115,11 @@ pub fn to_little_endian(b: &mut [u8], dtype: DType) {
 pub fn widen_labels(b: &[u8], dtype: DType) -> std::io::Result<HostBuffer> {
     let mut out = HostBuffer::zeroed(b.len() * 8)?;
     for (i, &v) in b.iter().enumerate() {
-        let x = if dtype == DType::I8 { v as i8 as i64 } else { v as i64 };
+        let x = if dtype == DType::I8 {
+            v as i8 as i64
+        } else {
+            v as i64
+        };
         out.as_mut_slice()[i * 8..i * 8 + 8].copy_from_slice(&x.to_le_bytes());
     }
     Ok(out)
@@ -116,6 +140,9 @@ mod tests {
         let e = header(&f).unwrap_err();
         assert_eq!(e.offset, 16);
         assert!(e.what.contains("needs 8 bytes"), "{}", e.what);
-        assert!(header(&[0, 0, 0x42, 1]).unwrap_err().what.contains("element type"));
+        assert!(header(&[0, 0, 0x42, 1])
+            .unwrap_err()
+            .what
+            .contains("element type"));
     }
 }

@@ -48,7 +48,11 @@ pub fn plan(p: &Parsed, buf: &mut [u8]) -> Result<Vec<PlannedSet>, At> {
         buf,
         swapped: HashSet::new(),
     };
-    let top = cx.items(p.root, 3, "the top level: expected a tuple of 3 (x, y) pairs (train, valid, test)")?;
+    let top = cx.items(
+        p.root,
+        3,
+        "the top level: expected a tuple of 3 (x, y) pairs (train, valid, test)",
+    )?;
     let mut sets = Vec::with_capacity(3);
     for (name, pair) in SET_NAMES.iter().zip(top) {
         let ctx = format!("set {name}: expected an (x, y) pair");
@@ -67,7 +71,10 @@ pub fn plan(p: &Parsed, buf: &mut [u8]) -> Result<Vec<PlannedSet>, At> {
         if y.shape.len() != 1 {
             return Err(At::new(
                 cx.offset(xy[1]),
-                format!("set {name}: y must be 1-D (one label per example), found shape {:?}", y.shape),
+                format!(
+                    "set {name}: y must be 1-D (one label per example), found shape {:?}",
+                    y.shape
+                ),
             ));
         }
         sets.push(PlannedSet { name, x, y });
@@ -106,13 +113,22 @@ impl Cx<'_> {
         ))
     }
 
-    fn tensor(&mut self, v: Value, set: &str, name: &str, labels: bool) -> Result<PlannedTensor, At> {
+    fn tensor(
+        &mut self,
+        v: Value,
+        set: &str,
+        name: &str,
+        labels: bool,
+    ) -> Result<PlannedTensor, At> {
         let at = self.offset(v);
         let what = format!("set {set}: {name}");
         let Value::Obj(id) = v else {
             return Err(At::new(
                 at,
-                format!("{what}: expected a numpy array or a list, found {}", crate::load::pickle::describe(self.p, &v)),
+                format!(
+                    "{what}: expected a numpy array or a list, found {}",
+                    crate::load::pickle::describe(self.p, &v)
+                ),
             ));
         };
         match self.p.obj(id) {
@@ -124,7 +140,13 @@ impl Cx<'_> {
                 let items = items.clone();
                 self.stack(&items, at, &what, labels)
             }
-            o => Err(At::new(at, format!("{what}: expected a numpy array or a list, found a {}", o.kind()))),
+            o => Err(At::new(
+                at,
+                format!(
+                    "{what}: expected a numpy array or a list, found a {}",
+                    o.kind()
+                ),
+            )),
         }
     }
 
@@ -132,7 +154,10 @@ impl Cx<'_> {
         DType::from_numpy_code(&d.code).ok_or_else(|| {
             At::new(
                 at,
-                format!("{what}: numpy dtype {:?} is not supported (numeric and bool types are)", d.code),
+                format!(
+                    "{what}: numpy dtype {:?} is not supported (numeric and bool types are)",
+                    d.code
+                ),
             )
         })
     }
@@ -141,7 +166,10 @@ impl Cx<'_> {
     /// place; transposes Fortran order into a buffer of its own.
     fn array(&mut self, a: &ArrayObj, at: usize, what: &str) -> Result<PlannedTensor, At> {
         let (Some(d), Some(span)) = (&a.dtype, a.data) else {
-            return Err(At::new(at, format!("{what}: numpy array was never given its state (BUILD)")));
+            return Err(At::new(
+                at,
+                format!("{what}: numpy array was never given its state (BUILD)"),
+            ));
         };
         let dtype = self.dtype(d, at, what)?;
         let need = a
@@ -160,7 +188,10 @@ impl Cx<'_> {
             ));
         }
         if a.shape.is_empty() {
-            return Err(At::new(at, format!("{what}: a 0-d array cannot hold examples")));
+            return Err(At::new(
+                at,
+                format!("{what}: a 0-d array cannot hold examples"),
+            ));
         }
         if d.byteorder == b'>' && dtype.size() > 1 && self.swapped.insert(span.start) {
             swap_in_place(&mut self.buf[span.start..span.end], dtype.size());
@@ -168,7 +199,12 @@ impl Cx<'_> {
         let bytes = if a.fortran && a.shape.len() > 1 {
             let mut out = HostBuffer::zeroed(need)
                 .map_err(|e| At::new(at, format!("{what}: cannot allocate {need} bytes: {e}")))?;
-            fortran_to_c(&self.buf[span.start..span.end], out.as_mut_slice(), &a.shape, dtype.size());
+            fortran_to_c(
+                &self.buf[span.start..span.end],
+                out.as_mut_slice(),
+                &a.shape,
+                dtype.size(),
+            );
             Bytes::Own(out)
         } else {
             Bytes::Main(span)
@@ -182,9 +218,19 @@ impl Cx<'_> {
 
     /// The tutorial's list form: a list of 1-D arrays (stacked into one
     /// tensor) or, for labels, a list of ints or numpy scalars.
-    fn stack(&mut self, items: &[Value], at: usize, what: &str, labels: bool) -> Result<PlannedTensor, At> {
+    fn stack(
+        &mut self,
+        items: &[Value],
+        at: usize,
+        what: &str,
+        labels: bool,
+    ) -> Result<PlannedTensor, At> {
         let n = items.len();
-        if items.iter().all(|v| matches!(v, Value::Int(_) | Value::Bool(_))) && labels {
+        if items
+            .iter()
+            .all(|v| matches!(v, Value::Int(_) | Value::Bool(_)))
+            && labels
+        {
             let mut out = HostBuffer::zeroed(n * 8)
                 .map_err(|e| At::new(at, format!("{what}: cannot allocate: {e}")))?;
             for (i, v) in items.iter().enumerate() {
@@ -210,10 +256,20 @@ impl Cx<'_> {
                 Value::Obj(id) => match self.p.obj(*id) {
                     Object::Array(a) => match (&a.dtype, a.data) {
                         (Some(d), Some(s)) => (d.clone(), a.shape.clone(), s, a.fortran),
-                        _ => return Err(At::new(el_at, format!("{what}[{i}]: numpy array without state"))),
+                        _ => {
+                            return Err(At::new(
+                                el_at,
+                                format!("{what}[{i}]: numpy array without state"),
+                            ))
+                        }
                     },
                     Object::Scalar(d, s) => (d.clone(), vec![], *s, false),
-                    o => return Err(At::new(el_at, format!("{what}[{i}]: expected a numpy array, found a {}", o.kind()))),
+                    o => {
+                        return Err(At::new(
+                            el_at,
+                            format!("{what}[{i}]: expected a numpy array, found a {}", o.kind()),
+                        ))
+                    }
                 },
                 other => {
                     return Err(At::new(
@@ -232,7 +288,10 @@ impl Cx<'_> {
                 return Err(At::new(span.start, format!("{what}[{i}]: shape {shape:?} of {dtype} needs {row} bytes, the payload holds {}", span.len())));
             }
             if fortran && shape.len() > 1 {
-                return Err(At::new(el_at, format!("{what}[{i}]: Fortran-order items in a list are not supported")));
+                return Err(At::new(
+                    el_at,
+                    format!("{what}[{i}]: Fortran-order items in a list are not supported"),
+                ));
             }
             match &first {
                 None => first = Some((dtype, shape, d.byteorder)),
@@ -250,7 +309,7 @@ impl Cx<'_> {
             return Err(At::new(at, format!("{what}: empty list (no examples)")));
         };
         let row_bytes: usize = row_shape.iter().product::<usize>() * dtype.size();
-        let total = row_bytes.checked_mul(n).unwrap_or(usize::MAX);
+        let total = row_bytes.saturating_mul(n);
         // Each item of a real file has its own payload in the input, so the
         // stacked result can never outgrow the input; a list of N references
         // to one array (a memo bomb) can, and is refused here.
@@ -260,7 +319,8 @@ impl Cx<'_> {
                 format!("{what}: stacking {n} items of {row_bytes} bytes would need {total} bytes, more than the whole input holds (repeated references?)"),
             ));
         }
-        let mut out = HostBuffer::zeroed(total).map_err(|e| At::new(at, format!("{what}: cannot allocate {total} bytes: {e}")))?;
+        let mut out = HostBuffer::zeroed(total)
+            .map_err(|e| At::new(at, format!("{what}: cannot allocate {total} bytes: {e}")))?;
         for (i, (span, order)) in parts.iter().enumerate() {
             let dst = &mut out.as_mut_slice()[i * row_bytes..(i + 1) * row_bytes];
             dst.copy_from_slice(&self.buf[span.start..span.end]);

@@ -59,7 +59,12 @@ impl Default for LoadOptions {
 /// from RAM anyway.
 pub fn default_max_bytes() -> usize {
     // SAFETY: sysconf has no preconditions.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     if pages > 0 && size > 0 {
         (pages as usize).saturating_mul(size as usize) / 4 * 3
     } else {
@@ -84,12 +89,20 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
 pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, LoadError> {
     let t0 = Instant::now();
     let (buf, format) = decode_container(path, raw, opts)?;
-    let stream = if format == Format::PickleGzip { Stream::Decompressed } else { Stream::File };
+    let stream = if format == Format::PickleGzip {
+        Stream::Decompressed
+    } else {
+        Stream::File
+    };
     tracing::info!(path = %path.display(), format = format.name(), bytes = buf.len(), ms = t0.elapsed().as_millis() as u64, "read");
-    if buf.as_slice().starts_with(&[0, 0]) && buf.len() >= 4 && (8..=0x0e).contains(&buf.as_slice()[2]) {
+    if buf.as_slice().starts_with(&[0, 0])
+        && buf.len() >= 4
+        && (8..=0x0e).contains(&buf.as_slice()[2])
+    {
         return Err(LoadError::Format {
             path: path.into(),
-            what: "this is a single IDX file; pass the directory holding the four MNIST IDX files".into(),
+            what: "this is a single IDX file; pass the directory holding the four MNIST IDX files"
+                .into(),
         });
     }
     let mut buf = buf;
@@ -105,7 +118,11 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
         at,
     })?;
     drop(parsed);
-    tracing::debug!(ms = t1.elapsed().as_millis() as u64, protocol = "parsed", "pickle");
+    tracing::debug!(
+        ms = t1.elapsed().as_millis() as u64,
+        protocol = "parsed",
+        "pickle"
+    );
     let mut owned = Vec::new();
     let mut specs = Vec::new();
     for s in planned {
@@ -134,7 +151,10 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
     let mut sets = Vec::new();
     for (name, (xd, xs, xp), (yd, ys, yp)) in specs {
         let mk = |d, s, p: &Piece| {
-            Tensor::new(d, s, bytes_of(p)).map_err(|what| LoadError::Dataset { path: path.into(), what })
+            Tensor::new(d, s, bytes_of(p)).map_err(|what| LoadError::Dataset {
+                path: path.into(),
+                what,
+            })
         };
         sets.push(Set {
             name,
@@ -149,7 +169,11 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
         memory_bytes,
         pin,
     };
-    tracing::info!(ms = t0.elapsed().as_millis() as u64, tensor_bytes = ds.tensor_bytes(), "loaded");
+    tracing::info!(
+        ms = t0.elapsed().as_millis() as u64,
+        tensor_bytes = ds.tensor_bytes(),
+        "loaded"
+    );
     Ok(ds)
 }
 
@@ -168,7 +192,11 @@ fn read_maybe_gzip(path: &Path, opts: &LoadOptions) -> Result<(HostBuffer, Forma
 }
 
 /// The file's bytes in a host buffer: inflated if gzip, else copied.
-fn decode_container(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<(HostBuffer, Format), LoadError> {
+fn decode_container(
+    path: &Path,
+    raw: &[u8],
+    opts: &LoadOptions,
+) -> Result<(HostBuffer, Format), LoadError> {
     if raw.starts_with(&gzip::MAGIC) {
         let buf = gzip::inflate(raw, opts.max_bytes).map_err(|at| LoadError::Gzip {
             path: path.into(),
@@ -179,7 +207,11 @@ fn decode_container(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<(Host
         if raw.len() > opts.max_bytes {
             return Err(LoadError::Dataset {
                 path: path.into(),
-                what: format!("{} bytes exceed the limit of {} (--max-dataset-bytes)", raw.len(), opts.max_bytes),
+                what: format!(
+                    "{} bytes exceed the limit of {} (--max-dataset-bytes)",
+                    raw.len(),
+                    opts.max_bytes
+                ),
             });
         }
         let buf = HostBuffer::from_slice(raw).map_err(|source| LoadError::Memory {
@@ -190,7 +222,10 @@ fn decode_container(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<(Host
     }
 }
 
-fn pin_all<'a>(bufs: impl Iterator<Item = &'a mut HostBuffer>, policy: PinPolicy) -> Result<PinState, LoadError> {
+fn pin_all<'a>(
+    bufs: impl Iterator<Item = &'a mut HostBuffer>,
+    policy: PinPolicy,
+) -> Result<PinState, LoadError> {
     if policy == PinPolicy::Off {
         return Ok(PinState::NotPinned("pinning off".into()));
     }
@@ -201,7 +236,9 @@ fn pin_all<'a>(bufs: impl Iterator<Item = &'a mut HostBuffer>, policy: PinPolicy
         }
     }
     match (&state, policy) {
-        (PinState::NotPinned(reason), PinPolicy::Require) => Err(LoadError::NotPinned { reason: reason.clone() }),
+        (PinState::NotPinned(reason), PinPolicy::Require) => Err(LoadError::NotPinned {
+            reason: reason.clone(),
+        }),
         (PinState::NotPinned(reason), _) => {
             tracing::warn!(%reason, "dataset memory is NOT pinned (mlock failed); it may be swapped out. Raise the memlock limit (ulimit -l / --ulimit memlock=-1) or grant CAP_IPC_LOCK");
             Ok(state)
@@ -219,17 +256,33 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
     let file = |names: &[&str]| {
         idx::find(dir, names).ok_or_else(|| LoadError::Format {
             path: dir.into(),
-            what: format!("directory has no {0} or {0}.gz (expected the four MNIST IDX files)", names[0]),
+            what: format!(
+                "directory has no {0} or {0}.gz (expected the four MNIST IDX files)",
+                names[0]
+            ),
         })
     };
     let read = |p: &Path| -> Result<(HostBuffer, idx::Header, Stream), LoadError> {
         let (mut buf, format) = read_maybe_gzip(p, opts)?;
-        let stream = if format == Format::PickleGzip { Stream::Decompressed } else { Stream::File };
-        let h = idx::header(buf.as_slice()).map_err(|at| LoadError::Idx { path: p.into(), stream, at })?;
+        let stream = if format == Format::PickleGzip {
+            Stream::Decompressed
+        } else {
+            Stream::File
+        };
+        let h = idx::header(buf.as_slice()).map_err(|at| LoadError::Idx {
+            path: p.into(),
+            stream,
+            at,
+        })?;
         idx::to_little_endian(&mut buf.as_mut_slice()[h.data_start..], h.dtype);
         Ok((buf, h, stream))
     };
-    let paths = [file(&idx::TRAIN_IMAGES)?, file(&idx::TRAIN_LABELS)?, file(&idx::TEST_IMAGES)?, file(&idx::TEST_LABELS)?];
+    let paths = [
+        file(&idx::TRAIN_IMAGES)?,
+        file(&idx::TRAIN_LABELS)?,
+        file(&idx::TEST_IMAGES)?,
+        file(&idx::TEST_LABELS)?,
+    ];
     let mut parts = Vec::new();
     for p in &paths {
         parts.push(read(p)?);
@@ -247,15 +300,30 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
             bufs.push(buf);
         } else {
             if h.shape.len() != 1 {
-                return Err(LoadError::Idx { path: p.into(), stream, at: At::new(3, format!("labels must be 1-D, found shape {:?}", h.shape)) });
+                return Err(LoadError::Idx {
+                    path: p.into(),
+                    stream,
+                    at: At::new(3, format!("labels must be 1-D, found shape {:?}", h.shape)),
+                });
             }
-            let (buf, dtype) = if matches!(h.dtype, crate::store::DType::U8 | crate::store::DType::I8) {
-                let w = idx::widen_labels(&buf.as_slice()[h.data_start..], h.dtype).map_err(|source| LoadError::Memory { bytes: h.shape[0] * 8, source })?;
-                (w, crate::store::DType::I64)
-            } else {
-                let b = HostBuffer::from_slice(&buf.as_slice()[h.data_start..]).map_err(|source| LoadError::Memory { bytes: buf.len(), source })?;
-                (b, h.dtype)
-            };
+            let (buf, dtype) =
+                if matches!(h.dtype, crate::store::DType::U8 | crate::store::DType::I8) {
+                    let w = idx::widen_labels(&buf.as_slice()[h.data_start..], h.dtype).map_err(
+                        |source| LoadError::Memory {
+                            bytes: h.shape[0] * 8,
+                            source,
+                        },
+                    )?;
+                    (w, crate::store::DType::I64)
+                } else {
+                    let b = HostBuffer::from_slice(&buf.as_slice()[h.data_start..]).map_err(
+                        |source| LoadError::Memory {
+                            bytes: buf.len(),
+                            source,
+                        },
+                    )?;
+                    (b, h.dtype)
+                };
             tensors.push((dtype, vec![h.shape[0]], 0, bufs.len()));
             bufs.push(buf);
         }
@@ -268,9 +336,16 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
         let row = shape[1..].iter().product::<usize>() * dtype.size();
         let mut s = shape.clone();
         s[0] = to - from;
-        let mut t = Tensor::new(*dtype, s, frozen[*b].slice(start + from * row..start + to * row))
-            .map_err(|what| LoadError::Dataset { path: paths[k].clone(), what })?;
-        if *dtype == crate::store::DType::U8 && k % 2 == 0 {
+        let mut t = Tensor::new(
+            *dtype,
+            s,
+            frozen[*b].slice(start + from * row..start + to * row),
+        )
+        .map_err(|what| LoadError::Dataset {
+            path: paths[k].clone(),
+            what,
+        })?;
+        if *dtype == crate::store::DType::U8 && k.is_multiple_of(2) {
             t.scale_divisor = Some(idx::PIXEL_DIVISOR);
         }
         Ok(t)
@@ -287,17 +362,42 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
     if opts.valid_split >= n_train {
         return Err(LoadError::Dataset {
             path: dir.into(),
-            what: format!("--valid-split {} leaves no training examples (the training files hold {n_train})", opts.valid_split),
+            what: format!(
+                "--valid-split {} leaves no training examples (the training files hold {n_train})",
+                opts.valid_split
+            ),
         });
     }
     let cut = n_train - opts.valid_split;
     let n_test = tensors[2].1[0];
-    let mut sets = vec![Set { name: "train".into(), x: mk(0, 0, cut)?, y: mk(1, 0, cut)? }];
+    let mut sets = vec![Set {
+        name: "train".into(),
+        x: mk(0, 0, cut)?,
+        y: mk(1, 0, cut)?,
+    }];
     if opts.valid_split > 0 {
-        sets.push(Set { name: "valid".into(), x: mk(0, cut, n_train)?, y: mk(1, cut, n_train)? });
+        sets.push(Set {
+            name: "valid".into(),
+            x: mk(0, cut, n_train)?,
+            y: mk(1, cut, n_train)?,
+        });
     }
-    sets.push(Set { name: "test".into(), x: mk(2, 0, n_test)?, y: mk(3, 0, n_test)? });
-    let ds = Dataset { source: dir.display().to_string(), format: Format::Idx, sets, memory_bytes, pin };
-    tracing::info!(ms = t0.elapsed().as_millis() as u64, tensor_bytes = ds.tensor_bytes(), "loaded IDX directory");
+    sets.push(Set {
+        name: "test".into(),
+        x: mk(2, 0, n_test)?,
+        y: mk(3, 0, n_test)?,
+    });
+    let ds = Dataset {
+        source: dir.display().to_string(),
+        format: Format::Idx,
+        sets,
+        memory_bytes,
+        pin,
+    };
+    tracing::info!(
+        ms = t0.elapsed().as_millis() as u64,
+        tensor_bytes = ds.tensor_bytes(),
+        "loaded IDX directory"
+    );
     Ok(ds)
 }

@@ -461,7 +461,12 @@ impl Reader<'_> {
 
     fn text(&self, v: &Value) -> Option<String> {
         match *v {
-            Value::Bytes(s) => Some(self.buf[s.start..s.end].iter().map(|&b| b as char).collect()),
+            Value::Bytes(s) => Some(
+                self.buf[s.start..s.end]
+                    .iter()
+                    .map(|&b| b as char)
+                    .collect(),
+            ),
             Value::Str(s, TextEnc::Utf8) => std::str::from_utf8(&self.buf[s.start..s.end])
                 .ok()
                 .map(str::to_owned),
@@ -519,11 +524,7 @@ impl Reader<'_> {
         let (span, enc) = match v {
             Value::Str(s, e) => (s, e),
             Value::Bytes(s) => return Ok(Value::Bytes(s)),
-            other => {
-                return Err(self.err(format!(
-                    "_codecs.encode expects a str, found {other:?}"
-                )))
-            }
+            other => return Err(self.err(format!("_codecs.encode expects a str, found {other:?}"))),
         };
         if let Some(done) = self.encoded.get(&span.start) {
             return Ok(Value::Bytes(*done));
@@ -590,7 +591,11 @@ impl Reader<'_> {
                 let fortran = match order.as_str() {
                     "C" => false,
                     "F" => true,
-                    o => return Err(self.err(format!("_frombuffer order must be 'C' or 'F', found {o:?}"))),
+                    o => {
+                        return Err(
+                            self.err(format!("_frombuffer order must be 'C' or 'F', found {o:?}"))
+                        )
+                    }
                 };
                 self.new_obj(Object::Array(ArrayObj {
                     dtype: Some(dtype),
@@ -650,14 +655,21 @@ impl Reader<'_> {
     fn build(&mut self, target: Value, state: Value) -> Result<(), At> {
         let id = match target {
             Value::Obj(id) => id as usize,
-            other => return Err(self.err(format!("BUILD on {other:?}: only numpy arrays and dtypes take state"))),
+            other => {
+                return Err(self.err(format!(
+                    "BUILD on {other:?}: only numpy arrays and dtypes take state"
+                )))
+            }
         };
         let st = self.tuple_items(state, "BUILD state")?;
         match &self.objects[id].0 {
             Object::DType(_) => {
                 // (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
                 if st.len() < 5 {
-                    return Err(self.err(format!("numpy dtype state has {} items, expected 8 or 9", st.len())));
+                    return Err(self.err(format!(
+                        "numpy dtype state has {} items, expected 8 or 9",
+                        st.len()
+                    )));
                 }
                 let order = self
                     .text(&st[1])
@@ -679,14 +691,18 @@ impl Reader<'_> {
                 let st = match st.len() {
                     5 => &st[1..],
                     4 => &st[..],
-                    n => return Err(self.err(format!("numpy array state has {n} items, expected 5"))),
+                    n => {
+                        return Err(self.err(format!("numpy array state has {n} items, expected 5")))
+                    }
                 };
                 let shape = self.shape(st[0])?;
                 let dtype = self.dtype_of(st[1])?;
                 let fortran = match st[2] {
                     Value::Bool(b) => b,
                     Value::Int(i) => i != 0,
-                    other => return Err(self.err(format!("numpy array state: is_fortran is {other:?}"))),
+                    other => {
+                        return Err(self.err(format!("numpy array state: is_fortran is {other:?}")))
+                    }
                 };
                 let data = match st[3] {
                     Value::Bytes(s) => s,
@@ -712,7 +728,10 @@ impl Reader<'_> {
                 }
                 Ok(())
             }
-            o => Err(self.err(format!("BUILD on a {}: only numpy arrays and dtypes take state", o.kind()))),
+            o => Err(self.err(format!(
+                "BUILD on a {}: only numpy arrays and dtypes take state",
+                o.kind()
+            ))),
         }
     }
 
@@ -739,7 +758,7 @@ impl Reader<'_> {
     }
 
     fn set_items(&mut self, target: Value, items: Vec<Value>) -> Result<(), At> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("SETITEMS with an odd number of values"));
         }
         self.charge(items.len())?;
@@ -831,19 +850,18 @@ impl Reader<'_> {
                     let v = match t.as_str() {
                         "01" => Value::Bool(true),
                         "00" => Value::Bool(false),
-                        _ => Value::Int(
-                            t.parse()
-                                .map_err(|_| self.err(format!("INT argument {t:?} is not a 64-bit integer")))?,
-                        ),
+                        _ => Value::Int(t.parse().map_err(|_| {
+                            self.err(format!("INT argument {t:?} is not a 64-bit integer"))
+                        })?),
                     };
                     self.push(v)?;
                 }
                 b'L' => {
                     let t = self.line_str()?;
                     let t2 = t.strip_suffix('L').unwrap_or(&t);
-                    let v = t2
-                        .parse()
-                        .map_err(|_| self.err(format!("LONG argument {t:?} is not a 64-bit integer")))?;
+                    let v = t2.parse().map_err(|_| {
+                        self.err(format!("LONG argument {t:?} is not a 64-bit integer"))
+                    })?;
                     self.push(Value::Int(v))?;
                 }
                 b'J' => {
@@ -867,10 +885,16 @@ impl Reader<'_> {
                     };
                     let s = self.len_u64(n, "integer")?;
                     if s.len() > 8 {
-                        return Err(self.err(format!("integer of {} bytes does not fit 64 bits", s.len())));
+                        return Err(
+                            self.err(format!("integer of {} bytes does not fit 64 bits", s.len()))
+                        );
                     }
                     let b = &self.buf[s.start..s.end];
-                    let mut full = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xffu8; 8] } else { [0u8; 8] };
+                    let mut full = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+                        [0xffu8; 8]
+                    } else {
+                        [0u8; 8]
+                    };
                     full[..b.len()].copy_from_slice(b);
                     self.push(Value::Int(i64::from_le_bytes(full)))?;
                 }
@@ -897,7 +921,8 @@ impl Reader<'_> {
                 }
                 b'T' => {
                     let n = i32::from_le_bytes(self.fixed::<4>("length")?);
-                    let n = u64::try_from(n).map_err(|_| self.err("BINSTRING with a negative length"))?;
+                    let n = u64::try_from(n)
+                        .map_err(|_| self.err("BINSTRING with a negative length"))?;
                     let s = self.len_u64(n, "string")?;
                     self.push(Value::Bytes(s))?;
                 }
@@ -950,7 +975,9 @@ impl Reader<'_> {
                     let n = (op - 0x84) as usize;
                     let floor = self.marks.last().copied().unwrap_or(0);
                     if self.stack.len() < floor + n {
-                        return Err(self.err(format!("{} needs {n} values on the stack", op_name(op))));
+                        return Err(
+                            self.err(format!("{} needs {n} values on the stack", op_name(op)))
+                        );
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
                     let v = self.new_obj(Object::Tuple(items))?;
@@ -1059,7 +1086,9 @@ impl Reader<'_> {
                     let args = self.pop()?;
                     let f = match self.pop()? {
                         Value::Global(g) => g,
-                        other => return Err(self.err(format!("REDUCE on {other:?}: not a callable"))),
+                        other => {
+                            return Err(self.err(format!("REDUCE on {other:?}: not a callable")))
+                        }
                     };
                     let v = self.call(f, args)?;
                     self.push(v)?;
@@ -1090,7 +1119,11 @@ impl Reader<'_> {
 /// escapes) in place; returns the decoded length.
 fn unescape_string_in_place(b: &mut [u8]) -> Result<usize, (usize, String)> {
     let b_len = b.len();
-    let b = if b_len > 0 && b[b_len - 1] == b'\r' { &mut b[..b_len - 1] } else { b };
+    let b = if b_len > 0 && b[b_len - 1] == b'\r' {
+        &mut b[..b_len - 1]
+    } else {
+        b
+    };
     let n = b.len();
     if n < 2 || !(b[0] == b'\'' || b[0] == b'"') || b[n - 1] != b[0] {
         return Err((0, "STRING argument is not quoted".into()));
@@ -1123,7 +1156,10 @@ fn unescape_string_in_place(b: &mut [u8]) -> Result<usize, (usize, String)> {
             b'v' => 11,
             b'x' => {
                 let h = |x: u8| (x as char).to_digit(16);
-                match (b.get(r).copied().and_then(h), b.get(r + 1).copied().and_then(h)) {
+                match (
+                    b.get(r).copied().and_then(h),
+                    b.get(r + 1).copied().and_then(h),
+                ) {
                     (Some(hi), Some(lo)) if r + 1 < end => {
                         r += 2;
                         (hi * 16 + lo) as u8
@@ -1163,10 +1199,18 @@ fn decode_raw_unicode_escape(b: &mut [u8], latin1: bool) -> Result<usize, (usize
     let (mut r, mut w) = (0, 0);
     let mut utf8 = Vec::new();
     // Writes one code point; returns the new write position.
-    let put = |b: &mut [u8], utf8: &mut Vec<u8>, w: usize, cp: u32, at: usize| -> Result<usize, (usize, String)> {
+    let put = |b: &mut [u8],
+               utf8: &mut Vec<u8>,
+               w: usize,
+               cp: u32,
+               at: usize|
+     -> Result<usize, (usize, String)> {
         if latin1 {
             if cp > 0xff {
-                return Err((at, format!("code point U+{cp:04X} cannot be encoded as latin1")));
+                return Err((
+                    at,
+                    format!("code point U+{cp:04X} cannot be encoded as latin1"),
+                ));
             }
             b[w] = cp as u8;
         } else {
@@ -1295,8 +1339,12 @@ mod tests {
         // ((b'xyz', b'xyz'),) where the second is BINGET of the first
         let mut p = b"\x80\x03C\x03xyzq\x00h\x00\x86q\x01.".to_vec();
         let parsed = parse(&mut p).unwrap();
-        let Value::Obj(id) = parsed.root else { panic!() };
-        let Object::Tuple(items) = parsed.obj(id) else { panic!() };
+        let Value::Obj(id) = parsed.root else {
+            panic!()
+        };
+        let Object::Tuple(items) = parsed.obj(id) else {
+            panic!()
+        };
         assert_eq!(items[0], items[1]);
     }
 
@@ -1310,7 +1358,10 @@ mod tests {
     #[test]
     fn trailing_bytes_and_missing_stop() {
         let mut p = b"N.x".to_vec();
-        assert!(parse(&mut p).unwrap_err().what.contains("after the pickle's STOP"));
+        assert!(parse(&mut p)
+            .unwrap_err()
+            .what
+            .contains("after the pickle's STOP"));
         let mut p = b"\x80\x02N".to_vec();
         let e = parse(&mut p).unwrap_err();
         assert!(e.what.contains("without a STOP"), "{}", e.what);

@@ -34,10 +34,22 @@ impl TestServer {
         let dataset = Arc::new(dataset);
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(minibatchd::server::run(listener, dataset.clone(), opts, metrics.clone(), async {
-            let _ = rx.await;
-        }));
-        Self { addr, dataset, metrics, stop: Some(tx), handle: Some(handle) }
+        let handle = tokio::spawn(minibatchd::server::run(
+            listener,
+            dataset.clone(),
+            opts,
+            metrics.clone(),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            addr,
+            dataset,
+            metrics,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     pub async fn client(&self) -> Client {
@@ -71,7 +83,15 @@ impl Drop for TestServer {
 
 /// The bundled sample of real digits, loaded the way the daemon loads it.
 pub fn sample() -> Dataset {
-    load::load_bytes(Path::new(minibatchd::BUNDLED_SAMPLE_NAME), minibatchd::BUNDLED_SAMPLE, &LoadOptions { pin: PinPolicy::Off, ..Default::default() }).expect("bundled sample loads")
+    load::load_bytes(
+        Path::new(minibatchd::BUNDLED_SAMPLE_NAME),
+        minibatchd::BUNDLED_SAMPLE,
+        &LoadOptions {
+            pin: PinPolicy::Off,
+            ..Default::default()
+        },
+    )
+    .expect("bundled sample loads")
 }
 
 /// xorshift, so fixtures need no dependency and never change.
@@ -92,7 +112,9 @@ fn f32_tensor(n: usize, d: usize, f: impl FnMut() -> f32) -> Tensor {
 }
 
 fn labels(n: usize, r: &mut impl FnMut() -> u64) -> Tensor {
-    let v: Vec<u8> = (0..n).flat_map(|_| ((r() % 10) as i64).to_le_bytes()).collect();
+    let v: Vec<u8> = (0..n)
+        .flat_map(|_| ((r() % 10) as i64).to_le_bytes())
+        .collect();
     Tensor::new(DType::I64, vec![n], Bytes::from(v)).unwrap()
 }
 
@@ -103,11 +125,29 @@ pub fn synthetic() -> Dataset {
     let mut r = rng(7);
     let mut px = rng(11);
     let mut pixel = move || (px() % 256) as f32 / 256.0;
-    let train = Set { name: "train".into(), x: f32_tensor(12_000, 784, &mut pixel), y: labels(12_000, &mut r) };
+    let train = Set {
+        name: "train".into(),
+        x: f32_tensor(12_000, 784, &mut pixel),
+        y: labels(12_000, &mut r),
+    };
     let mut fr = rng(13);
-    let valid = Set { name: "valid".into(), x: f32_tensor(1_000, 16, move || (fr() % 1_000_000) as f32 / 7.0), y: labels(1_000, &mut r) };
-    let test = Set { name: "test".into(), x: f32_tensor(1_003, 784, &mut pixel), y: labels(1_003, &mut r) };
+    let valid = Set {
+        name: "valid".into(),
+        x: f32_tensor(1_000, 16, move || (fr() % 1_000_000) as f32 / 7.0),
+        y: labels(1_000, &mut r),
+    };
+    let test = Set {
+        name: "test".into(),
+        x: f32_tensor(1_003, 784, &mut pixel),
+        y: labels(1_003, &mut r),
+    };
     let sets = vec![train, valid, test];
     let memory_bytes = sets.iter().map(|s| s.x.data.len() + s.y.data.len()).sum();
-    Dataset { source: "synthetic".into(), format: Format::Pickle, sets, memory_bytes, pin: PinState::NotPinned("test".into()) }
+    Dataset {
+        source: "synthetic".into(),
+        format: Format::Pickle,
+        sets,
+        memory_bytes,
+        pin: PinState::NotPinned("test".into()),
+    }
 }
