@@ -14,6 +14,9 @@ use crate::proto;
 use crate::service::{BatchService, Limits, Shared};
 use crate::store::Dataset;
 
+/// How often the shutdown drain looks at the number of open streams.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
 /// Server settings beyond the dataset.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -66,7 +69,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     validate(&opts).map_err(anyhow::Error::msg)?;
-    let shared = Shared::new(dataset, opts.limits, metrics);
+    let shared = Shared::new(dataset, opts.limits, metrics.clone());
     if opts.eager_stats {
         let s = shared.clone();
         tokio::spawn(async move {
@@ -118,8 +121,30 @@ pub async fn run(
     health
         .set_not_serving::<proto::batch_service_server::BatchServiceServer<BatchService>>()
         .await;
+    // Drain first, then close: hyper's HTTP/2 graceful close can cut a
+    // response body that is still streaming (seen in tests here), so the
+    // server waits for its own streams to finish before it closes
+    // connections. New requests are still answered while balancers notice
+    // NOT_SERVING.
+    let deadline = tokio::time::Instant::now() + opts.shutdown_grace;
+    while metrics
+        .active_streams
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::select! {
+            r = &mut serve => return r.map_err(Into::into),
+            _ = tokio::time::sleep(DRAIN_POLL) => {}
+        }
+    }
     let _ = stop_tx.send(());
-    match tokio::time::timeout(opts.shutdown_grace, serve).await {
+    match tokio::time::timeout_at(
+        deadline.max(tokio::time::Instant::now() + DRAIN_POLL),
+        serve,
+    )
+    .await
+    {
         Ok(r) => r?,
         Err(_) => tracing::warn!("shutdown grace period over; closing the remaining streams"),
     }

@@ -484,7 +484,17 @@ async fn shutdown_reports_not_serving_and_finishes_streams_in_flight() {
     let first = s.next().await.unwrap().unwrap();
     assert_eq!(first.index, 0);
     srv.begin_shutdown();
-    let rest: Vec<_> = s.map(|b| b.unwrap().index).collect().await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut probe = srv.client().await;
+    assert!(!probe.health().await.unwrap(), "NOT_SERVING while draining");
+    let rest: Vec<_> = s
+        .map(|b| b.map(|b| b.index).map_err(|e| e.to_string()))
+        .collect()
+        .await;
+    let rest: Vec<u64> = rest
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("stream failed during shutdown: {e}")))
+        .collect();
     assert_eq!(
         rest,
         (1..12).collect::<Vec<_>>(),
