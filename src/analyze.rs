@@ -128,7 +128,7 @@ fn scan_part(d: DType, b: &[u8]) -> Part {
                 lo = lo.min(v);
                 hi = hi.max(v);
                 // Non-short-circuit `&` keeps the loop branch-free.
-                m256 &= is_multiple(v, 256.0);
+                m256 &= is_multiple_of_256th(v.to_bits());
                 bf16 &= (v.to_bits() & 0xffff == 0) & !v.is_nan();
                 f16 &= f16_exact(v);
             }
@@ -218,6 +218,15 @@ fn finish(t: &Tensor, p: Part) -> TensorStats {
 
 fn scan(t: &Tensor) -> TensorStats {
     finish(t, scan_part(t.dtype, &t.data))
+}
+
+/// The float32 with these bits is k/256 for an integer k in 0..=255: zero,
+/// or positive with exponent -8..=-1 and no fraction bits below 2^-8. All
+/// integer operations, so the scan of a big tensor stays cheap.
+fn is_multiple_of_256th(bits: u32) -> bool {
+    let exp = (bits >> 23) as i32 - 127; // includes the sign bit: negatives fail
+    let low = 23 - (exp + 8); // fraction bits that must be zero
+    bits == 0 || ((-8..=-1).contains(&exp) && bits & ((1u32 << low.clamp(0, 31)) - 1) == 0)
 }
 
 /// v == float32(k) / d for some integer k in 0..=255.
@@ -391,6 +400,26 @@ mod tests {
         assert!(!s.bfloat16_exact);
         let t = f32_tensor(&[1.0, 2.0 / 255.0]);
         assert_eq!(tensor_stats(&t).uint8_divisor, Some(255));
+    }
+
+    #[test]
+    fn integer_256th_check_matches_the_float_one() {
+        let mut x = 0x9e37_79b9u32;
+        for k in 0..=256u32 {
+            let v = k as f32 / 256.0;
+            assert_eq!(is_multiple_of_256th(v.to_bits()), k < 256, "{k}");
+        }
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = f32::from_bits(x & 0xbfff_ff00);
+            assert_eq!(
+                is_multiple_of_256th(v.to_bits()),
+                is_multiple(v, 256.0),
+                "{v:e}"
+            );
+        }
     }
 
     #[test]

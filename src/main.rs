@@ -53,6 +53,10 @@ enum Cmd {
     Health(ClientArgs),
     /// Load generator: fetch minibatches and report throughput and latency.
     Bench(BenchArgs),
+    /// Benchmark helper: only inflate a gzip file with the loader's
+    /// decompressor (the floor a load is compared with).
+    #[command(hide = true)]
+    Inflate { path: PathBuf },
 }
 
 #[derive(Args)]
@@ -253,6 +257,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Info(a) => rt().and_then(|rt| rt.block_on(info(a))),
         Cmd::Get(a) => rt().and_then(|rt| rt.block_on(get(a))),
         Cmd::Bench(a) => rt().and_then(|rt| rt.block_on(bench(a))),
+        Cmd::Inflate { path } => inflate(&path),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -416,6 +421,19 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn inflate(path: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let out = minibatchd::load::gzip::inflate(&raw, load::default_max_bytes())
+        .map_err(|at| anyhow::anyhow!("{}: byte {}: {}", path.display(), at.offset, at.what))?;
+    println!(
+        "{} bytes in {:.1} ms",
+        out.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
 }
 

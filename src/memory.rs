@@ -1,11 +1,17 @@
 //! Page-aligned host buffers that the loader fills and the server slices.
 //!
 //! A [`HostBuffer`] is an anonymous `mmap` region: page-aligned (so `mlock`
-//! covers exactly it and a later device tier can register it for DMA), asked
-//! for transparent huge pages (a 220 MB dataset then faults in ~100 pages, not
-//! ~54,000), and growable in place with `mremap` while the decompressor does
-//! not yet know the final size. Once loaded it is frozen into [`bytes::Bytes`]
-//! so every minibatch is a reference-counted slice of the same memory.
+//! covers exactly it and a later device tier can register it for DMA), and
+//! growable in place with `mremap` while the decompressor does not yet know
+//! the final size. Once loaded it is frozen into [`bytes::Bytes`] so every
+//! minibatch is a reference-counted slice of the same memory.
+//!
+//! Page faults are a large part of a load: the kernel zeroes every new page,
+//! and on this VM fresh memory is slow to get. A [`Prefaulter`] faults the
+//! pages in on another core while the decompressor fills them. Transparent
+//! huge pages were measured and rejected: warm they halve the fault cost, but
+//! a daemon starting after a pause waited 3x longer for them (compaction and
+//! host-side backing of 2 MiB pages); see BENCHMARKS.md.
 use std::ptr::NonNull;
 
 /// Why pinning did or did not take effect, reported once per load.
@@ -65,10 +71,6 @@ impl HostBuffer {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        // Best effort: huge pages make the first touch of a large dataset
-        // several times cheaper. Failure only costs speed.
-        // SAFETY: the range is the mapping just created.
-        unsafe { libc::madvise(p, cap, libc::MADV_HUGEPAGE) };
         Ok(Self {
             ptr: NonNull::new(p as *mut u8).expect("mmap returned null"),
             len,
@@ -156,6 +158,72 @@ impl HostBuffer {
 
     pub fn is_locked(&self) -> bool {
         self.locked
+    }
+}
+
+/// Faults a buffer's pages in on a background thread, front to back, so the
+/// thread that fills the buffer finds them present.
+///
+/// It only asks the kernel to populate the pages (`MADV_POPULATE_WRITE`,
+/// Linux 5.14+; on older kernels it does nothing): it never reads or writes
+/// the memory, so it cannot race with the filler. It must be stopped (or
+/// dropped) before the buffer is resized or unmapped.
+pub struct Prefaulter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Pages populated per system call: small enough to stop promptly and to
+/// stay just ahead of the decompressor, large enough to cost few calls.
+const PREFAULT_STEP: usize = 4 << 20;
+
+/// Linux's MADV_POPULATE_WRITE (not in every libc crate version).
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+impl Prefaulter {
+    /// Starts populating `buf`'s mapping.
+    pub fn start(buf: &HostBuffer) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (addr, cap) = (buf.ptr.as_ptr() as usize, buf.cap);
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("prefault".into())
+            .spawn(move || {
+                let mut off = 0;
+                while off < cap && !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = PREFAULT_STEP.min(cap - off);
+                    // SAFETY: the range lies in a mapping that outlives this
+                    // thread (the owner stops us before unmapping or moving
+                    // it); populating does not touch its contents.
+                    let r = unsafe {
+                        libc::madvise((addr + off) as *mut libc::c_void, n, MADV_POPULATE_WRITE)
+                    };
+                    if r != 0 {
+                        break; // old kernel, or memory pressure: faults happen on demand
+                    }
+                    off += n;
+                }
+            })
+            .ok();
+        Self { stop, handle }
+    }
+
+    /// Stops and waits for the thread.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Prefaulter {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
 

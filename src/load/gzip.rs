@@ -8,7 +8,7 @@
 //! members over 4 GiB whose ISIZE wrapped) the buffer grows with `mremap` and
 //! the member is inflated again.
 use crate::load::error::At;
-use crate::memory::HostBuffer;
+use crate::memory::{HostBuffer, Prefaulter};
 
 /// gzip magic bytes.
 pub const MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -92,6 +92,7 @@ fn inflate_member(
     out: &mut HostBuffer,
     at: usize,
     max_bytes: usize,
+    prefault: &mut Option<Prefaulter>,
 ) -> Result<(usize, usize), At> {
     loop {
         let dst = &mut out.as_mut_slice()[at..];
@@ -122,6 +123,9 @@ fn inflate_member(
                     ));
                 }
                 let grown = len.saturating_add(len.clamp(64 << 20, GROW_STEP)).min(max_bytes);
+                if let Some(p) = prefault.take() {
+                    p.stop(); // before the mapping moves
+                }
                 out.resize(grown)
                     .map_err(|e| At::new(start, format!("cannot grow output to {grown} bytes: {e}")))?;
             }
@@ -174,11 +178,20 @@ pub fn inflate(input: &[u8], max_bytes: usize) -> Result<HostBuffer, At> {
         return Err(At::new(0, "cannot allocate a decompressor"));
     }
     let mut dec = dec;
+    let mut prefault = Some(Prefaulter::start(&out));
     let mut pos = 0;
     let mut filled = 0;
     loop {
         let data = parse_header(input, pos)?;
-        let (used, wrote) = inflate_member(&mut dec, input, data, &mut out, filled, max_bytes)?;
+        let (used, wrote) = inflate_member(
+            &mut dec,
+            input,
+            data,
+            &mut out,
+            filled,
+            max_bytes,
+            &mut prefault,
+        )?;
         let trailer = data + used;
         if trailer + 8 > input.len() {
             return Err(At::new(
@@ -223,6 +236,7 @@ pub fn inflate(input: &[u8], max_bytes: usize) -> Result<HostBuffer, At> {
         }
         break;
     }
+    drop(prefault);
     out.resize(filled)
         .map_err(|e| At::new(0, format!("cannot shrink output: {e}")))?;
     Ok(out)

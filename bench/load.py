@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Load-time benchmark (issue 2): whole processes, side by side, one run.
+
+Compares, on the same full-size file, alternating the commands run by run:
+  inspect   `minibatchd inspect --json FILE` (load + sha256/range/histogram of every tensor)
+  ready     `minibatchd serve --data FILE` until it logs "serving gRPC" (load, pin,
+            listen: health answers from then; hashing runs later in the background)
+  inflate   `minibatchd inflate FILE` (only the loader's decompressor: the floor)
+  python    `pickle.load(gzip.open(FILE), encoding='latin1')` in a fresh Python
+  gunzip    `gzip -dc FILE > /dev/null` (zlib, for reference)
+Reports median wall time and peak RSS (ru_maxrss of the process) and the ratios.
+
+Without --file it writes bench/out/mnist-full.pkl.gz: the bundled real digits
+repeated to 50,000 / 10,000 / 10,000 x 784 float32 in the original file's
+pickle form (Python 2 protocol 2, gzip level 9 as Python's gzip module writes).
+
+    python3 bench/load.py [--file mnist.pkl.gz] [--runs 7] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def make_full(path: Path) -> None:
+    import numpy as np
+    import py2pickle
+
+    with gzip.open(ROOT / "data" / "mnist-sample.pkl.gz", "rb") as f:
+        sets = pickle.load(f, encoding="latin1")
+    x = np.concatenate([s[0] for s in sets])
+    y = np.concatenate([s[1] for s in sets])
+
+    def rep(n, off):
+        idx = (np.arange(n) + off) % len(x)
+        return np.ascontiguousarray(x[idx]), np.ascontiguousarray(y[idx])
+
+    full = (rep(50_000, 0), rep(10_000, 1234), rep(10_000, 2345))
+    data = py2pickle.dumps(full, protocol=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as g:
+        g.write(data)
+
+
+def run(cmd: list[str], until: bytes | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one process.
+
+    Peak RSS comes from /usr/bin/time (%M), never from this process's
+    rusage: Linux carries a parent's high-water mark into its children, and
+    this script holds the dataset itself while it makes the file. With
+    `until`, the time is taken when that text appears on stderr, the peak RSS
+    read from /proc/PID/status (VmHWM) at that moment, then the process is
+    stopped (SIGTERM)."""
+    t0 = time.perf_counter()
+    if until:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        buf = b""
+        while until not in buf:
+            line = p.stderr.readline()
+            if not line:
+                raise RuntimeError(f"{cmd} exited before printing {until!r}: {buf[-2000:]!r}")
+            buf += line
+        wall = time.perf_counter() - t0
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        hwm = next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:"))
+        p.terminate()
+        p.wait()
+        return wall, hwm * 1024
+    with tempfile.NamedTemporaryFile("r") as t:
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", t.name, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"{cmd} failed with status {p.returncode}")
+        return wall, int(t.read().split()[-1]) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--file", type=Path)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "minibatchd"))
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    f = a.file or ROOT / "bench" / "out" / "mnist-full.pkl.gz"
+    if not f.exists():
+        print(f"writing {f} ...", file=sys.stderr)
+        make_full(f)
+    py = sys.executable
+    cmds = {
+        "inspect": ([a.bin, "--log", "warn", "inspect", "--json", str(f)], None),
+        "ready": ([a.bin, "--log", "info", "serve", "--data", str(f), "--addr", "127.0.0.1:0", "--metrics-addr", "off"], b"serving gRPC"),
+        "inflate": ([a.bin, "inflate", str(f)], None),
+        "python": ([py, "-c", f"import pickle,gzip; pickle.load(gzip.open({str(f)!r}), encoding='latin1')"], None),
+    }
+    if shutil.which("gzip"):
+        cmds["gunzip"] = (["sh", "-c", f"gzip -dc '{f}' > /dev/null"], None)
+    res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
+    # This VM hands freed memory back to its host after a moment, and the
+    # next process to touch that much memory pays for it again (seen here:
+    # the same load took 140 ms right after another big process and 560 ms
+    # after a pause). So every measured process starts right after a warmer
+    # that touches and frees 512 MiB, and the order rotates each run.
+    warm = [py, "-c", "b = b'\\x01' * (512 << 20)"]
+    names = list(cmds)
+    for r in range(a.runs):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            cmd, until = cmds[k]
+            subprocess.run(warm, check=True)
+            res[k].append(run(cmd, until))
+        print(f"run {r + 1}/{a.runs} done", file=sys.stderr)
+    tensor_bytes = 70_000 * (784 * 4 + 8)
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for k, v in res.items()}
+    rss_goal = 1.15 * tensor_bytes + 32 * 2**20
+    lines = [
+        f"file {f.name}: {f.stat().st_size:,} bytes, tensors {tensor_bytes:,} bytes; median of {a.runs} runs, alternated",
+        f"{'process':<10}{'wall ms':>10}{'peak RSS MiB':>14}",
+    ]
+    for k, (w, m) in med.items():
+        lines.append(f"{k:<10}{w * 1e3:>10.0f}{m / 2**20:>14.0f}")
+    ratios = {
+        "python / inspect (goal >= 5)": med["python"][0] / med["inspect"][0],
+        "python / ready (goal >= 5)": med["python"][0] / med["ready"][0],
+        "inspect / inflate (goal <= 1.25)": med["inspect"][0] / med["inflate"][0],
+        "ready / inflate (goal <= 1.25)": med["ready"][0] / med["inflate"][0],
+        "ready peak RSS / (1.15 x tensors + 32 MiB) (goal <= 1)": med["ready"][1] / rss_goal,
+        "python peak RSS / tensors": med["python"][1] / tensor_bytes,
+    }
+    lines.append("")
+    lines += [f"{k:<58}{v:>7.2f}" for k, v in ratios.items()]
+    lines.append(f"\ncommand: python3 bench/load.py --runs {a.runs}" + (f" --file {a.file}" if a.file else ""))
+    print("\n".join(lines))
+    if a.json:
+        a.json.write_text(json.dumps({"median": {k: {"wall_s": w, "peak_rss_bytes": m} for k, (w, m) in med.items()}, "ratios": ratios, "runs": {k: v for k, v in res.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
