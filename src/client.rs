@@ -105,23 +105,72 @@ fn dt(d: Option<DType>) -> i32 {
         .unwrap_or(0)
 }
 
+/// How to reach a server that asks for credentials.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Sent as `authorization: Bearer <token>` on every call.
+    pub token: Option<String>,
+    /// PEM CA certificate to verify the server (turns TLS on).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM certificate and key to present (mutual TLS).
+    pub tls_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Name to verify in the server certificate (default: the address's host).
+    pub tls_domain: Option<String>,
+}
+
 /// A connection to one minibatchd server.
 #[derive(Clone)]
 pub struct Client {
     inner: BatchServiceClient<Channel>,
     channel: Channel,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Client {
     /// Connects to `addr` (`http://host:port`, or bare `host:port`).
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Self::connect_with(addr, &ClientOptions::default()).await
+    }
+
+    /// Connects with credentials and/or TLS.
+    pub async fn connect_with(addr: &str, o: &ClientOptions) -> Result<Self, ClientError> {
+        let scheme = if o.tls_ca.is_some() { "https" } else { "http" };
         let uri = if addr.contains("://") {
             addr.to_string()
         } else {
-            format!("http://{addr}")
+            format!("{scheme}://{addr}")
         };
-        let ep = Endpoint::from_shared(uri.clone())
-            .map_err(|_| ClientError::Address(addr.into()))?
+        let mut ep =
+            Endpoint::from_shared(uri.clone()).map_err(|_| ClientError::Address(addr.into()))?;
+        if let Some(ca) = &o.tls_ca {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p)
+                    .map_err(|e| ClientError::Protocol(format!("cannot read {}: {e}", p.display())))
+            };
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+            if let Some((cert, key)) = &o.tls_identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
+            if let Some(d) = &o.tls_domain {
+                tls = tls.domain_name(d.clone());
+            }
+            ep = ep.tls_config(tls).map_err(|source| ClientError::Connect {
+                addr: uri.clone(),
+                source,
+            })?;
+        }
+        let token =
+            match &o.token {
+                Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                    ClientError::Protocol("the token is not valid header text".into())
+                })?),
+                None => None,
+            };
+        let ep = ep
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .max_frame_size(MAX_FRAME_SIZE)
@@ -134,13 +183,22 @@ impl Client {
         Ok(Self {
             inner: BatchServiceClient::new(channel.clone()).max_decoding_message_size(MAX_DECODE),
             channel,
+            token,
         })
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        r
     }
 
     pub async fn info(&mut self) -> Result<proto::DatasetInfo, ClientError> {
         Ok(self
             .inner
-            .get_info(proto::GetInfoRequest {})
+            .get_info(self.request(proto::GetInfoRequest {}))
             .await?
             .into_inner())
     }
@@ -168,7 +226,7 @@ impl Client {
             y_dtype: dt(r.y_dtype),
             with_indices: r.with_indices,
         };
-        let stream = self.inner.get_batch(req).await?.into_inner();
+        let stream = self.inner.get_batch(self.request(req)).await?.into_inner();
         let mut batches = assemble(stream);
         let b = batches
             .next()
@@ -197,7 +255,11 @@ impl Client {
             y_dtype: dt(r.y_dtype),
             with_indices: r.with_indices,
         };
-        let stream = self.inner.stream_batches(req).await?.into_inner();
+        let stream = self
+            .inner
+            .stream_batches(self.request(req))
+            .await?
+            .into_inner();
         Ok(assemble(stream))
     }
 }

@@ -16,9 +16,11 @@
 //! - [`wire`]: tensors → `TensorChunk` messages: chunking, dtype conversion, CRC-32C.
 //! - [`service`]: the tonic `BatchService`: requests in, status codes out.
 //! - [`server`]: `run(listener, shutdown)`: health, reflection, metrics, limits.
+//! - [`access`]: bearer-token auth and TLS / mTLS settings.
 //! - [`metrics`]: Prometheus counters and histograms and their HTTP endpoint.
 //! - [`client`]: the Rust client other programs (and the CLI) use.
 //! - [`proto`]: the generated wire contract (`proto/minibatch/v1/minibatch.proto`).
+pub mod access;
 pub mod analyze;
 pub mod client;
 pub mod load;

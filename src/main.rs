@@ -133,6 +133,35 @@ struct ServeArgs {
     /// Seconds in-flight streams may continue after SIGTERM/SIGINT.
     #[arg(long, env = "MINIBATCHD_SHUTDOWN_GRACE_SECS", default_value_t = 30.0)]
     shutdown_grace_secs: f64,
+    /// Connections served at once; more are closed at accept.
+    #[arg(long, env = "MINIBATCHD_MAX_CONNECTIONS", default_value_t = minibatchd::server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// RPCs one connection may have in flight (HTTP/2 max concurrent streams).
+    #[arg(long, env = "MINIBATCHD_MAX_CONCURRENT_STREAMS", default_value_t = minibatchd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    max_concurrent_streams: u32,
+    /// Seconds between HTTP/2 keepalive pings; a peer silent for 10 s more is dropped.
+    #[arg(long, env = "MINIBATCHD_KEEPALIVE_SECS", default_value_t = 30.0)]
+    keepalive_secs: f64,
+    /// Require "authorization: Bearer <token>" on BatchService calls; the token
+    /// is this file's content (health stays open for probes).
+    #[arg(
+        long,
+        env = "MINIBATCHD_AUTH_TOKEN_FILE",
+        conflicts_with = "auth_token"
+    )]
+    auth_token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer the file: environments leak into process listings less, files into none).
+    #[arg(long, env = "MINIBATCHD_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, env = "MINIBATCHD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "MINIBATCHD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "MINIBATCHD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -151,6 +180,35 @@ struct ClientArgs {
     /// Server address.
     #[arg(long, env = "MINIBATCHD_SERVER", default_value = "127.0.0.1:50051")]
     server: String,
+    /// Bearer token, if the server asks for one.
+    #[arg(long, env = "MINIBATCHD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA certificate that signed the server's (turns TLS on).
+    #[arg(long, env = "MINIBATCHD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    #[arg(long, env = "MINIBATCHD_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    #[arg(long, env = "MINIBATCHD_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
+    /// Server name to verify (default: the host in --server).
+    #[arg(long, env = "MINIBATCHD_TLS_DOMAIN")]
+    tls_domain: Option<String>,
+}
+
+impl ClientArgs {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let o = minibatchd::client::ClientOptions {
+            token: self.token.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_identity: self
+                .tls_client_cert
+                .clone()
+                .zip(self.tls_client_key.clone()),
+            tls_domain: self.tls_domain.clone(),
+        };
+        Ok(Client::connect_with(&self.server, &o).await?)
+    }
 }
 
 #[derive(Args)]
@@ -303,6 +361,23 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         },
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace_secs.max(0.0)),
         eager_stats: true,
+        max_connections: a.max_connections,
+        max_concurrent_streams: a.max_concurrent_streams,
+        keepalive_interval: Duration::from_secs_f64(a.keepalive_secs.max(1.0)),
+        keepalive_timeout: Duration::from_secs(10),
+        auth_token: match (&a.auth_token_file, &a.auth_token) {
+            (Some(f), _) => Some(minibatchd::access::read_token_file(f)?),
+            (None, t) => t.clone(),
+        },
+        tls: a
+            .tls_cert
+            .clone()
+            .zip(a.tls_key.clone())
+            .map(|(cert, key)| minibatchd::access::TlsFiles {
+                cert,
+                key,
+                client_ca: a.tls_client_ca.clone(),
+            }),
     };
     minibatchd::server::validate(&opts).map_err(anyhow::Error::msg)?;
     let ds = Arc::new(a.load.load(pin)?);
@@ -438,7 +513,7 @@ fn inflate(path: &Path) -> anyhow::Result<()> {
 }
 
 async fn health(a: ClientArgs) -> anyhow::Result<()> {
-    let mut c = tokio::time::timeout(Duration::from_secs(5), Client::connect(&a.server))
+    let mut c = tokio::time::timeout(Duration::from_secs(5), a.connect())
         .await
         .context("connect timed out")??;
     if tokio::time::timeout(Duration::from_secs(5), c.health())
@@ -453,7 +528,7 @@ async fn health(a: ClientArgs) -> anyhow::Result<()> {
 }
 
 async fn info(a: ClientArgs) -> anyhow::Result<()> {
-    let mut c = Client::connect(&a.server).await?;
+    let mut c = a.connect().await?;
     let i = c.info().await?;
     let dt = |v: i32| {
         minibatchd::proto::Dtype::try_from(v)
@@ -497,7 +572,7 @@ async fn info(a: ClientArgs) -> anyhow::Result<()> {
 }
 
 async fn get(a: GetArgs) -> anyhow::Result<()> {
-    let mut c = Client::connect(&a.client.server).await?;
+    let mut c = a.client.connect().await?;
     let mut r = BatchRequest::new(&a.set, a.index, a.size);
     r.x_dtype = a.x_dtype.map(Into::into);
     r.y_dtype = a.y_dtype.map(Into::into);
@@ -575,7 +650,7 @@ fn npy(t: &minibatchd::client::TensorData) -> Vec<u8> {
 }
 
 async fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    let mut probe = Client::connect(&a.client.server).await?;
+    let mut probe = a.client.connect().await?;
     let info = probe.info().await?;
     let n = info
         .sets
@@ -590,13 +665,12 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..a.concurrency.max(1) {
-        let (server, set, method, count) =
-            (a.client.server.clone(), a.set.clone(), a.method, a.count);
+        let (client, set, method, count) = (a.client.clone(), a.set.clone(), a.method, a.count);
         let (total, bytes) = (total.clone(), bytes.clone());
         let x_dtype = a.x_dtype.map(DType::from);
         let (size, shuffle) = (a.size, a.shuffle);
         tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(&server).await?;
+            let mut c = client.connect().await?;
             let mut lat = Vec::new();
             let mut i = w as u64 % batches;
             let more = |total: &std::sync::atomic::AtomicU64| {

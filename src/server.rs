@@ -5,14 +5,25 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic::transport::Server;
 
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::service::{BatchService, Limits, Shared};
 use crate::store::Dataset;
+
+/// Default connection cap: far above a training fleet's trainers per
+/// replica, far below what exhausts file descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default RPCs in flight per connection: a trainer with a prefetching data
+/// loader keeps a handful; each open stream can hold one minibatch.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 64;
 
 /// How often the shutdown drain looks at the number of open streams.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -21,6 +32,18 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub limits: Limits,
+    /// Connections served at once; more are closed at accept (the client
+    /// sees UNAVAILABLE and can try a replica).
+    pub max_connections: usize,
+    /// HTTP/2 streams (RPCs) one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive PING interval; a peer that does not answer within
+    /// `keepalive_timeout` is dropped, freeing its streams.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Bearer token every BatchService call must carry (health stays open).
+    pub auth_token: Option<String>,
+    pub tls: Option<crate::access::TlsFiles>,
     /// How long in-flight streams may run on after shutdown is asked for.
     pub shutdown_grace: Duration,
     /// Compute sha256s and exactness facts right after start (otherwise on
@@ -32,6 +55,12 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            auth_token: None,
+            tls: None,
             shutdown_grace: Duration::from_secs(30),
             eager_stats: true,
         }
@@ -54,6 +83,12 @@ pub fn validate(o: &ServerOptions) -> Result<(), String> {
     }
     if l.max_batch_size == 0 {
         return Err("max batch size must be at least 1".into());
+    }
+    if o.max_connections == 0 || o.max_concurrent_streams == 0 {
+        return Err("max connections and max concurrent streams must be at least 1".into());
+    }
+    if o.auth_token.as_deref() == Some("") {
+        return Err("the auth token is empty".into());
     }
     Ok(())
 }
@@ -94,21 +129,35 @@ pub async fn run(
     let svc = proto::batch_service_server::BatchServiceServer::new(BatchService::new(shared))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let auth = opts
+        .auth_token
+        .as_deref()
+        .map(crate::access::BearerAuth::new);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, move |req| match &auth {
+        Some(a) => tonic::service::Interceptor::call(&mut a.clone(), req),
+        None => crate::access::allow_all(req),
+    });
 
     let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() && opts.auth_token.is_none() && opts.tls.is_none() {
+        tracing::warn!(%addr, "listening beyond loopback with neither TLS nor a bearer token: anyone who can reach this port can read the dataset");
+    }
+    let mut builder = Server::builder();
+    if let Some(tls) = &opts.tls {
+        builder = builder.tls_config(tls.server_config()?)?;
+        tracing::info!(mtls = tls.client_ca.is_some(), "TLS on");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = Server::builder()
+    let serve = builder
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(opts.max_concurrent_streams)
+        .http2_keepalive_interval(Some(opts.keepalive_interval))
+        .http2_keepalive_timeout(Some(opts.keepalive_timeout))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(svc)
-        // Nodelay must be set on the accepted sockets themselves: the
-        // builder's setting only applies to listeners tonic binds. Without
-        // it small minibatches stall 40 ms on delayed ACKs.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
+        .serve_with_incoming_shutdown(limited_incoming(listener, opts.max_connections), async {
             let _ = stop_rx.await;
         });
     tokio::pin!(serve);
@@ -153,4 +202,83 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Accepted connections, at most `max` at once. Nodelay is set here: the
+/// builder's setting only applies to listeners tonic binds itself, and
+/// without it small minibatches stall 40 ms on delayed ACKs.
+fn limited_incoming(
+    listener: TcpListener,
+    max: usize,
+) -> impl Stream<Item = std::io::Result<LimitedConn>> {
+    let slots = Arc::new(Semaphore::new(max));
+    TcpIncoming::from(listener).with_nodelay(Some(true)).filter_map(move |conn| match conn {
+        Err(e) => {
+            // Accept errors (EMFILE, a reset before accept) must not end the server.
+            tracing::warn!(error = %e, "accept failed");
+            None
+        }
+        Ok(stream) => match slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(Ok(LimitedConn { stream, _permit: permit })),
+            Err(_) => {
+                tracing::warn!(peer = ?stream.peer_addr().ok(), max, "connection refused: --max-connections reached");
+                None
+            }
+        },
+    })
+}
+
+/// A connection that holds one of the `max_connections` slots until closed.
+pub struct LimitedConn {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedConn {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

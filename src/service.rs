@@ -50,6 +50,9 @@ impl Default for Limits {
     }
 }
 
+/// Longest part of a client-supplied name repeated in an error message.
+pub const MAX_ECHOED_NAME: usize = 64;
+
 /// Everything that can go wrong serving a request.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -152,7 +155,9 @@ impl BatchService {
             .set(name)
             .cloned()
             .ok_or_else(|| ServeError::UnknownSet {
-                name: name.to_string(),
+                // Echo at most a short prefix: error text travels in a header,
+                // and a huge hostile name must not make the status undeliverable.
+                name: name.chars().take(MAX_ECHOED_NAME).collect(),
                 available: self
                     .shared
                     .dataset
