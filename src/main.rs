@@ -84,20 +84,23 @@ impl LoadArgs {
             valid_split: self.valid_split,
             pin,
         };
-        Ok(match &self.data {
-            Some(p) => load::load(p, &opts)?,
-            None => {
-                tracing::info!(
-                    "no --data given: using the bundled sample ({})",
-                    minibatchd::BUNDLED_SAMPLE_NAME
-                );
-                load::load_bytes(
-                    Path::new(minibatchd::BUNDLED_SAMPLE_NAME),
-                    minibatchd::BUNDLED_SAMPLE,
-                    &opts,
-                )?
-            }
-        })
+        // An empty MINIBATCHD_DATA (compose files often pass one) means "unset".
+        Ok(
+            match self.data.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+                Some(p) => load::load(p, &opts)?,
+                None => {
+                    tracing::info!(
+                        "no --data given: using the bundled sample ({})",
+                        minibatchd::BUNDLED_SAMPLE_NAME
+                    );
+                    load::load_bytes(
+                        Path::new(minibatchd::BUNDLED_SAMPLE_NAME),
+                        minibatchd::BUNDLED_SAMPLE,
+                        &opts,
+                    )?
+                }
+            },
+        )
     }
 }
 
@@ -329,9 +332,12 @@ fn main() -> std::process::ExitCode {
 fn init_tracing(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => b.init(),
         LogFormat::Json => b.json().init(),

