@@ -409,6 +409,58 @@ def test_replicas_must_hold_the_same_dataset(server, sample, tmp_path):
         d.stop()
 
 
+def test_bearer_token(sample, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    d = Daemon("--auth-token-file", str(token_file), log_dir=tmp_path)
+    try:
+        with mc.Client(d.address) as c:
+            with pytest.raises(mc.Unauthenticated) as e:
+                c.get_batch("train", 0, 10)
+            assert isinstance(e.value, PermissionError) and "authorization" in e.value.details
+            assert c.health() == {d.address: True}  # health needs no token
+        with mc.Client(d.address, token="wrong") as c, pytest.raises(mc.Unauthenticated):
+            c.info()
+        with mc.Client(d.address, token="s3cret-token") as c:
+            x, y = c.get_batch("train", 1, 10)
+            assert np.array_equal(x, sample["train"][0][10:20])
+            assert len(list(c.epoch("valid", 250))) == 4
+    finally:
+        d.stop()
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def test_mutual_tls(sample, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found: cannot make test certificates")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca",
+             cwd=tmp_path)
+    for name, ext in [("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")]:
+        (tmp_path / f"{name}.ext").write_text(ext)
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=tmp_path)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=tmp_path)
+    t = tmp_path
+    d = Daemon("--tls-cert", str(t / "server.pem"), "--tls-key", str(t / "server.key"),
+               "--tls-client-ca", str(t / "ca.pem"), log_dir=tmp_path)
+    try:
+        with mc.Client(d.address, tls_ca=t / "ca.pem", tls_cert=t / "client.pem", tls_key=t / "client.key") as c:
+            x, y = c.get_batch("test", 3, 100)
+            assert np.array_equal(x, sample["test"][0][300:400]) and np.array_equal(y, sample["test"][1][300:400])
+            assert len(list(c.epoch("valid", 500))) == 2
+        # No client certificate, or no TLS at all: the handshake fails.
+        for kw in [dict(tls_ca=t / "ca.pem"), {}]:
+            with mc.Client(d.address, timeout=10, **kw) as c, pytest.raises(mc.Unavailable):
+                c.info()
+    finally:
+        d.stop()
+
+
 # --- several servers ---------------------------------------------------------------------
 
 def test_get_batch_round_robin_and_failover(trio, sample):
