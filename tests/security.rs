@@ -223,6 +223,16 @@ async fn hostile_bytes_and_absurd_requests_leave_the_server_serving() {
             set.len()
         );
     }
+    // A request over the 4 MiB message limit.
+    let huge = "x".repeat(5 << 20);
+    assert_eq!(
+        code(
+            c.get_batch(&BatchRequest::new(&huge, 0, 1))
+                .await
+                .unwrap_err()
+        ),
+        Code::OutOfRange
+    );
     let mut r = BatchRequest::new("train", 0, 10);
     r.order.world_size = u32::MAX;
     r.order.rank = u32::MAX - 1;

@@ -64,7 +64,8 @@ def free_port() -> int:
 class Daemon:
     """`minibatchd serve` on a free loopback port, healthy once constructed."""
 
-    def __init__(self, *args: str, log_dir: Path):
+    def __init__(self, *args: str, log_dir: Path, health_args: tuple[str, ...] = ()):
+        self.health_args = health_args
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINIBATCHD_")}
         env["MINIBATCHD_LOG"] = "warn"
         for attempt in range(3):  # the port may be taken between probe and bind
@@ -83,7 +84,8 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            r = subprocess.run([str(binary()), "health", "--server", self.address], capture_output=True, env=env)
+            r = subprocess.run([str(binary()), "health", "--server", self.address, *self.health_args],
+                               capture_output=True, env=env)
             if r.returncode == 0:
                 return True
             time.sleep(0.05)
@@ -447,7 +449,9 @@ def test_mutual_tls(sample, tmp_path):
                  "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=tmp_path)
     t = tmp_path
     d = Daemon("--tls-cert", str(t / "server.pem"), "--tls-key", str(t / "server.key"),
-               "--tls-client-ca", str(t / "ca.pem"), log_dir=tmp_path)
+               "--tls-client-ca", str(t / "ca.pem"), log_dir=tmp_path,
+               health_args=("--tls-ca", str(t / "ca.pem"), "--tls-client-cert", str(t / "client.pem"),
+                            "--tls-client-key", str(t / "client.key")))
     try:
         with mc.Client(d.address, tls_ca=t / "ca.pem", tls_cert=t / "client.pem", tls_key=t / "client.key") as c:
             x, y = c.get_batch("test", 3, 100)
