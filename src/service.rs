@@ -307,26 +307,20 @@ impl proto::batch_service_server::BatchService for BatchService {
         &self,
         req: Request<proto::GetBatchRequest>,
     ) -> Result<Response<BatchStream>, Status> {
-        let t0 = Instant::now();
         let r = req.into_inner();
-        let result = async {
-            let set = self.set(&r.set)?;
-            let plan = self.plan(&set, r.size, r.order)?;
+        let spec = StreamSpec {
+            set: &r.set,
+            size: r.size,
+            order: r.order,
+            x_dtype: r.x_dtype,
+            y_dtype: r.y_dtype,
+            with_indices: r.with_indices,
+        };
+        self.open("GetBatch", spec, |plan| {
             plan.batch(r.index)?;
-            let (cx, cy) = self.conversions(&set, r.x_dtype, r.y_dtype).await?;
-            Ok(BatchStream::new(
-                "GetBatch",
-                self.shared.clone(),
-                set,
-                plan,
-                (cx, cy),
-                r.with_indices,
-                r.index..r.index + 1,
-                t0,
-            ))
-        }
-        .await;
-        self.finish("GetBatch", t0, result)
+            Ok(r.index..r.index + 1)
+        })
+        .await
     }
 
     type StreamBatchesStream = BatchStream;
@@ -335,11 +329,16 @@ impl proto::batch_service_server::BatchService for BatchService {
         &self,
         req: Request<proto::StreamBatchesRequest>,
     ) -> Result<Response<BatchStream>, Status> {
-        let t0 = Instant::now();
         let r = req.into_inner();
-        let result = async {
-            let set = self.set(&r.set)?;
-            let plan = self.plan(&set, r.size, r.order)?;
+        let spec = StreamSpec {
+            set: &r.set,
+            size: r.size,
+            order: r.order,
+            x_dtype: r.x_dtype,
+            y_dtype: r.y_dtype,
+            with_indices: r.with_indices,
+        };
+        self.open("StreamBatches", spec, |plan| {
             let batches = plan.batches();
             if r.start >= batches && !(r.start == 0 && batches == 0) {
                 return Err(ServeError::StartPastEnd {
@@ -352,20 +351,50 @@ impl proto::batch_service_server::BatchService for BatchService {
             } else {
                 r.start.saturating_add(r.count).min(batches)
             };
-            let (cx, cy) = self.conversions(&set, r.x_dtype, r.y_dtype).await?;
+            Ok(r.start..end)
+        })
+        .await
+    }
+}
+
+/// What GetBatch and StreamBatches share in their requests.
+struct StreamSpec<'a> {
+    set: &'a str,
+    size: u32,
+    order: Option<proto::Order>,
+    x_dtype: i32,
+    y_dtype: i32,
+    with_indices: bool,
+}
+
+impl BatchService {
+    /// Validates a streaming request and opens its response stream over the
+    /// minibatches `range` picks from the resolved order.
+    async fn open(
+        &self,
+        method: &'static str,
+        spec: StreamSpec<'_>,
+        range: impl FnOnce(&Plan) -> Result<std::ops::Range<u64>, ServeError>,
+    ) -> Result<Response<BatchStream>, Status> {
+        let t0 = Instant::now();
+        let result = async {
+            let set = self.set(spec.set)?;
+            let plan = self.plan(&set, spec.size, spec.order)?;
+            let range = range(&plan)?;
+            let conv = self.conversions(&set, spec.x_dtype, spec.y_dtype).await?;
             Ok(BatchStream::new(
-                "StreamBatches",
+                method,
                 self.shared.clone(),
                 set,
                 plan,
-                (cx, cy),
-                r.with_indices,
-                r.start..end,
+                conv,
+                spec.with_indices,
+                range,
                 t0,
             ))
         }
         .await;
-        self.finish("StreamBatches", t0, result)
+        self.finish(method, t0, result)
     }
 }
 

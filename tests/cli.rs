@@ -1,4 +1,7 @@
 //! The real binary: inspect, serve, and the client subcommands.
+mod common;
+
+use common::vm_rss;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -304,20 +307,6 @@ fn bad_configuration_is_refused() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("exceeds the max message size"));
-}
-
-fn vm_rss(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb * 1024
 }
 
 /// Slow readers (one 30-minibatch epoch at 10 minibatches/s) and readers that vanish

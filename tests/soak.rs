@@ -15,17 +15,7 @@ use minibatchd::store::Dataset;
 use tokio_stream::StreamExt;
 
 fn rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb * 1024
+    common::vm_rss(std::process::id())
 }
 
 fn check(ds: &Dataset, set: &str, b: &minibatchd::client::Batch) {

@@ -151,3 +151,18 @@ pub fn synthetic() -> Dataset {
         pin: PinState::NotPinned("test".into()),
     }
 }
+
+/// Resident set size of a process (`/proc/PID/status` VmRSS), in bytes.
+pub fn vm_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
