@@ -378,23 +378,27 @@ def test_permutation_matches_server(client):
     assert np.array_equal(got, mc.permutation(1000, 9, 4))
 
 
+def _prefetch_threads() -> int:
+    return sum(t.name == "minibatch-prefetch" for t in threading.enumerate())
+
+
 def test_epoch_close_stops_the_prefetch_thread(client):
-    before = threading.active_count()
+    assert _prefetch_threads() == 0
     with client.epoch("train", 10, prefetch=2) as it:
         x, y = next(it)
         assert x.shape == (10, 784)
-        assert threading.active_count() == before + 1
-    assert threading.active_count() == before
+        assert _prefetch_threads() == 1
+    assert _prefetch_threads() == 0
     it2 = client.epoch("train", 10, prefetch=2)
     next(it2)
     it2.close()
-    assert threading.active_count() == before
+    assert _prefetch_threads() == 0
     with pytest.raises(StopIteration):
         next(it2)
     for _ in client.epoch("train", 10, prefetch=2):
         break  # an abandoned iterator is collected, and stops its thread
     gc.collect()
-    assert threading.active_count() == before
+    assert _prefetch_threads() == 0
 
 
 def test_replicas_must_hold_the_same_dataset(server, sample, tmp_path):

@@ -1,0 +1,99 @@
+"""Exceptions: one class per gRPC status code the server documents.
+
+Each also derives from the closest built-in exception, so generic code can
+catch it too (``except IndexError`` for a minibatch index past the end).
+
+    MinibatchError                        any failure talking to minibatchd
+    ├── NotFound(LookupError)             unknown set
+    ├── OutOfRange(IndexError)            minibatch index / stream start past the end
+    ├── InvalidArgument(ValueError)       size 0, size over the limit, rank >= world_size, ...
+    ├── FailedPrecondition                wire dtype that would not be exact (e.g. labels as uint8)
+    ├── Unavailable(ConnectionError)      server down or unreachable (after trying every address)
+    ├── DeadlineExceeded(TimeoutError)    the call's timeout passed
+    ├── Unauthenticated(PermissionError)  missing or wrong bearer token (server run with --auth-token*)
+    ├── PermissionDenied(PermissionError)
+    ├── ChecksumError                     a chunk failed its CRC-32C check
+    └── ProtocolError                     the server's stream broke the chunk protocol
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+
+
+class MinibatchError(Exception):
+    """A failed call. `code` is the gRPC status code (None for errors found by
+    the client itself), `details` the server's message, `address` the server."""
+
+    code: Optional[grpc.StatusCode] = None
+
+    def __init__(self, details: str, *, code: Optional[grpc.StatusCode] = None, address: Optional[str] = None):
+        self.details = details
+        if code is not None:
+            self.code = code
+        self.address = address
+        super().__init__(details)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.code is not None:
+            parts.append(self.code.name)
+        if self.address:
+            parts.append(f"from {self.address}")
+        return f"{self.details} ({', '.join(parts)})" if parts else self.details
+
+
+class NotFound(MinibatchError, LookupError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class OutOfRange(MinibatchError, IndexError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class InvalidArgument(MinibatchError, ValueError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FailedPrecondition(MinibatchError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(MinibatchError, ConnectionError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(MinibatchError, TimeoutError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(MinibatchError, PermissionError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MinibatchError, PermissionError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ChecksumError(MinibatchError):
+    """A chunk's data does not match its CRC-32C: corrupted in transit."""
+
+
+class ProtocolError(MinibatchError):
+    """The stream broke the chunk protocol (order, offsets, lengths, fields)."""
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (NotFound, OutOfRange, InvalidArgument, FailedPrecondition, Unavailable, DeadlineExceeded,
+                Unauthenticated, PermissionDenied)
+}
+
+
+def from_rpc_error(e: grpc.RpcError, address: Optional[str] = None) -> MinibatchError:
+    """The MinibatchError for a grpc.RpcError (which is also a grpc.Call)."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or str(e)
+    cls = _BY_CODE.get(code, MinibatchError)
+    return cls(details, code=code, address=address)

@@ -1,0 +1,108 @@
+"""The documented order of minibatches (src/order.rs), reproduced exactly.
+
+1. Permutation. Unshuffled: 0, 1, ..., n-1. Shuffled: start from that list;
+   SplitMix64 with initial state ``seed XOR (epoch * 0x9E3779B97F4A7C15 mod
+   2**64)``; for i = n-1 down to 1: ``j = (next() * (i+1)) >> 64`` (a 128-bit
+   product), swap positions i and j.
+2. Shards. With world_size w > 1 the permutation is cut to floor(n/w)*w
+   entries and rank r takes positions r, r+w, r+2w, ...
+3. Minibatches. Minibatch i of size s is shard positions [i*s, min((i+1)*s,
+   len)); the last, partial one is dropped when drop_last is set.
+
+So a trainer can know which examples each minibatch holds without asking,
+and every replica serves the same minibatch for the same request.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MASK64 = (1 << 64) - 1
+GAMMA = 0x9E3779B97F4A7C15
+
+
+class SplitMix64:
+    """SplitMix64 (Steele, Lea, Flood 2014), one value at a time."""
+
+    def __init__(self, state: int):
+        self.state = state & MASK64
+
+    def next_u64(self) -> int:
+        self.state = (self.state + GAMMA) & MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        return z ^ (z >> 31)
+
+
+def _splitmix_stream(state: int, count: int) -> np.ndarray:
+    """The first `count` outputs of SplitMix64(state), vectorized (uint64)."""
+    k = np.arange(1, count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(state & MASK64) + k * np.uint64(GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def permutation(n: int, seed: int = 0, epoch: int = 0) -> np.ndarray:
+    """The shuffled order of 0..n for (seed, epoch), as int64: equal to the
+    server's `permutation(n, seed, epoch)` in src/order.rs."""
+    if n < 0 or n > 0xFFFFFFFF:
+        raise ValueError("n must be in 0..2**32-1")
+    p = list(range(n))
+    if n > 1:
+        state = (seed ^ ((epoch * GAMMA) & MASK64)) & MASK64
+        z = _splitmix_stream(state, n - 1)
+        # j = (z * (i+1)) >> 64 with i = n-1, n-2, ..., 1: a 64x32-bit product,
+        # computed in 32-bit halves so nothing overflows uint64.
+        m = np.arange(n, 1, -1, dtype=np.uint64)  # i + 1
+        lo = z & np.uint64(0xFFFFFFFF)
+        hi = z >> np.uint64(32)
+        j = (hi * m + ((lo * m) >> np.uint64(32))) >> np.uint64(32)
+        for i, jj in zip(range(n - 1, 0, -1), j.tolist()):
+            p[i], p[jj] = p[jj], p[i]
+    return np.array(p, dtype=np.int64)
+
+
+def _check(n: int, size: int, rank: int, world_size: int) -> int:
+    if size < 1:
+        raise ValueError("size must be at least 1")
+    w = max(world_size, 1)
+    if rank >= w or rank < 0:
+        raise ValueError(f"rank {rank} is not below world_size {w}")
+    if w > max(n, 1):
+        raise ValueError(f"world_size {w} exceeds the {n} examples of the set")
+    return w
+
+
+def shard_len(n: int, *, world_size: int = 0) -> int:
+    """Examples in each rank's shard."""
+    w = max(world_size, 1)
+    return n // w if w > 1 else n
+
+
+def num_batches(n: int, size: int, *, world_size: int = 0, drop_last: bool = False) -> int:
+    """Minibatches of `size` in one rank's shard of a set of n examples."""
+    _check(n, size, 0, world_size)
+    s = shard_len(n, world_size=world_size)
+    return s // size if drop_last else -(-s // size)
+
+
+def epoch_order(n: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
+                world_size: int = 0) -> np.ndarray:
+    """All example indices of rank's shard, in order (int64)."""
+    w = _check(n, 1, rank, world_size)
+    base = permutation(n, seed, epoch) if shuffle else np.arange(n, dtype=np.int64)
+    if w == 1:
+        return base
+    return base[: (n // w) * w][rank::w]
+
+
+def batch_indices(n: int, size: int, index: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                  rank: int = 0, world_size: int = 0, drop_last: bool = False) -> np.ndarray:
+    """Example indices of minibatch `index` (what the server sends as `indices`)."""
+    nb = num_batches(n, size, world_size=world_size, drop_last=drop_last)
+    if not 0 <= index < nb:
+        raise IndexError(f"minibatch {index} is past the end: this order has {nb} minibatches of size {size}")
+    order = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    return order[index * size: (index + 1) * size]
