@@ -302,6 +302,12 @@ struct BenchArgs {
     json: bool,
 }
 
+/// mimalloc instead of glibc malloc: minibatch-sized buffers (MBs, freed at
+/// once) sent glibc to mmap and back per minibatch, and page faults were a
+/// third of a client's time (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Serve(_)) {

@@ -108,41 +108,40 @@ pub fn tensor_bytes(t: &Tensor, sel: &Selection, conv: &Conversion) -> Bytes {
 
 /// Converts little-endian elements `src` of `conv.from` into `conv.to`.
 /// Exactness was checked beforehand (analyze); this only does arithmetic.
+/// The output is sized once and filled by plain loops the compiler can
+/// vectorize (a per-value `put_*` re-checks capacity every time).
 fn convert(src: &[u8], conv: &Conversion, out: &mut BytesMut) {
+    fn fill<const I: usize, const O: usize>(
+        src: &[u8],
+        out: &mut BytesMut,
+        f: impl Fn([u8; I]) -> [u8; O],
+    ) {
+        let start = out.len();
+        out.resize(start + src.len() / I * O, 0);
+        for (o, c) in out[start..].chunks_exact_mut(O).zip(src.chunks_exact(I)) {
+            o.copy_from_slice(&f(c.try_into().unwrap()));
+        }
+    }
     let d = conv.divisor as f32;
     match (conv.from, conv.to) {
-        (DType::F32, DType::U8) => {
-            for c in src.chunks_exact(4) {
-                out.put_u8((f32::from_le_bytes(c.try_into().unwrap()) * d).round() as u8);
-            }
-        }
-        (DType::F32, DType::F16) => {
-            for c in src.chunks_exact(4) {
-                out.put_u16_le(
-                    half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_bits(),
-                );
-            }
-        }
-        (DType::F32, DType::BF16) => {
-            for c in src.chunks_exact(4) {
-                out.put_slice(&c[2..4]);
-            }
-        }
-        (DType::F64, DType::F32) => {
-            for c in src.chunks_exact(8) {
-                out.put_f32_le(f64::from_le_bytes(c.try_into().unwrap()) as f32);
-            }
-        }
-        (DType::U8, DType::F32) => {
-            for &b in src {
-                out.put_f32_le(b as f32 / d);
-            }
-        }
-        (DType::I64, DType::I32) => {
-            for c in src.chunks_exact(8) {
-                out.put_i32_le(i64::from_le_bytes(c.try_into().unwrap()) as i32);
-            }
-        }
+        // Values are k/d (checked), so v*d is within rounding of k in
+        // 0..=255. Adding 2^23 rounds it to the nearest integer and leaves
+        // that integer in the low mantissa bits: float adds and bit reads
+        // only, which vectorize (a float-to-int cast per value does not).
+        (DType::F32, DType::U8) => fill(src, out, |c: [u8; 4]| {
+            [(f32::from_le_bytes(c) * d + 8_388_608.0).to_bits() as u8]
+        }),
+        (DType::F32, DType::F16) => fill(src, out, |c: [u8; 4]| {
+            half::f16::from_f32(f32::from_le_bytes(c)).to_le_bytes()
+        }),
+        (DType::F32, DType::BF16) => fill(src, out, |c: [u8; 4]| [c[2], c[3]]),
+        (DType::F64, DType::F32) => fill(src, out, |c: [u8; 8]| {
+            (f64::from_le_bytes(c) as f32).to_le_bytes()
+        }),
+        (DType::U8, DType::F32) => fill(src, out, |c: [u8; 1]| (c[0] as f32 / d).to_le_bytes()),
+        (DType::I64, DType::I32) => fill(src, out, |c: [u8; 8]| {
+            (i64::from_le_bytes(c) as i32).to_le_bytes()
+        }),
         (from, to) => unreachable!("conversion {from} -> {to} was not validated"),
     }
 }
@@ -292,6 +291,23 @@ mod tests {
         };
         let b = tensor_bytes(&t, &Selection::Range(0, 1), &c);
         assert_eq!(&b[..], &[0, 0, 0, 0x3f]);
+    }
+
+    #[test]
+    fn uint8_conversion_is_exact_for_every_byte_and_both_divisors() {
+        for d in [256u32, 255] {
+            let v: Vec<u8> = (0..=255u32)
+                .flat_map(|k| (k as f32 / d as f32).to_le_bytes())
+                .collect();
+            let t = Tensor::new(DType::F32, vec![256, 1], Bytes::from(v)).unwrap();
+            let c = Conversion {
+                from: DType::F32,
+                to: DType::U8,
+                divisor: d,
+            };
+            let b = tensor_bytes(&t, &Selection::Range(0, 256), &c);
+            assert_eq!(&b[..], &(0..=255u8).collect::<Vec<_>>()[..], "divisor {d}");
+        }
     }
 
     #[test]
