@@ -14,6 +14,7 @@
 //! - [`order`]: which examples a minibatch holds: index math, seeded shuffle,
 //!   shards, resume.
 //! - [`wire`]: tensors → `TensorChunk` messages: chunking, dtype conversion, CRC-32C.
+//! - [`crc`]: per-example CRC-32Cs folded into chunk CRCs without rereading data.
 //! - [`service`]: the tonic `BatchService`: requests in, status codes out.
 //! - [`server`]: `run(listener, shutdown)`: health, reflection, metrics, limits.
 //! - [`access`]: bearer-token auth and TLS / mTLS settings.
@@ -23,6 +24,7 @@
 pub mod access;
 pub mod analyze;
 pub mod client;
+pub mod crc;
 pub mod load;
 pub mod memory;
 pub mod metrics;

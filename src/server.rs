@@ -105,6 +105,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     validate(&opts).map_err(anyhow::Error::msg)?;
     let shared = Shared::new(dataset, opts.limits, metrics.clone());
+    {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("row-crcs".into())
+            .spawn(move || s.compute_row_crcs())?;
+    }
     if opts.eager_stats {
         let s = shared.clone();
         tokio::spawn(async move {

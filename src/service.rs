@@ -96,6 +96,9 @@ pub struct Shared {
     /// Computed once, in the background from start-up (see `analyze`).
     pub stats: OnceCell<Arc<DatasetStats>>,
     pub perms: PermCache,
+    /// Per-row CRC-32Cs of every x tensor (set name → table), filled in the
+    /// background after start-up; until then chunk CRCs are computed.
+    pub row_crcs: std::sync::OnceLock<Vec<(String, Arc<crate::crc::RowCrcs>)>>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
 }
@@ -115,9 +118,37 @@ impl Shared {
             dataset,
             stats: OnceCell::new(),
             perms: PermCache::default(),
+            row_crcs: std::sync::OnceLock::new(),
             limits,
             metrics,
         })
+    }
+
+    /// Computes the per-row CRC tables (blocking; run it off the async threads).
+    pub fn compute_row_crcs(&self) {
+        let t0 = Instant::now();
+        let v = self
+            .dataset
+            .sets
+            .iter()
+            .map(|s| (s.name.clone(), Arc::new(crate::crc::RowCrcs::new(&s.x))))
+            .collect();
+        if self.row_crcs.set(v).is_ok() {
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "row CRCs ready");
+        }
+    }
+
+    /// The per-row CRCs of `set`'s tensor `name`, once computed (x only:
+    /// labels are a few bytes per row, cheaper to checksum directly).
+    pub fn row_crcs(&self, set: &str, name: &str) -> Option<Arc<crate::crc::RowCrcs>> {
+        if name != "x" {
+            return None;
+        }
+        self.row_crcs
+            .get()?
+            .iter()
+            .find(|(s, _)| s == set)
+            .map(|(_, r)| r.clone())
     }
 
     /// The dataset's statistics, computing them (off the async threads) if
@@ -482,7 +513,16 @@ impl BatchStream {
                 divisor,
                 data,
             };
-            wire::chunk(m, chunk, last, &mut out);
+            let rows = (conv.to == conv.from)
+                .then(|| self.shared.row_crcs(&self.set.name, name))
+                .flatten();
+            wire::chunk_with(
+                m,
+                chunk,
+                last,
+                &mut out,
+                rows.as_deref().map(|rc| (rc, &sel)),
+            );
         }
         if self.with_indices {
             let idx: Vec<u8> = sel

@@ -163,19 +163,46 @@ pub fn chunk(
     last: bool,
     out: &mut Vec<proto::TensorChunk>,
 ) {
+    chunk_with(m, chunk_bytes, last, out, None);
+}
+
+/// As [`chunk`]; with `rows` (the tensor's per-row CRCs and the minibatch's
+/// selection, data unconverted) chunks are cut at row boundaries and their
+/// CRCs folded from the rows' instead of computed from the bytes.
+pub fn chunk_with(
+    m: TensorMessage<'_>,
+    chunk_bytes: usize,
+    last: bool,
+    out: &mut Vec<proto::TensorChunk>,
+    rows: Option<(&crate::crc::RowCrcs, &Selection)>,
+) {
     let total = m.data.len();
-    let chunk_bytes = chunk_bytes.max(1);
+    let rows = rows.filter(|(rc, _)| rc.row_bytes() > 0 && rc.row_bytes() <= chunk_bytes);
+    let chunk_bytes = match rows {
+        Some((rc, _)) => chunk_bytes / rc.row_bytes() * rc.row_bytes(),
+        None => chunk_bytes.max(1),
+    };
     let mut off = 0;
     loop {
         let end = (off + chunk_bytes).min(total);
         let data = m.data.slice(off..end);
+        let crc = match rows {
+            Some((rc, sel)) => {
+                let (a, b) = (off / rc.row_bytes(), end / rc.row_bytes());
+                match sel {
+                    Selection::Range(start, _) => rc.of_rows(start + a..start + b),
+                    Selection::Indices(idx) => rc.of_rows(idx[a..b].iter().copied()),
+                }
+            }
+            None => crc32c::crc32c(&data),
+        };
         out.push(proto::TensorChunk {
             index: m.index,
             name: m.name.to_string(),
             dtype: dtype_to_proto(m.dtype) as i32,
             shape: m.shape.clone(),
             offset: off as u64,
-            crc32c: crc32c::crc32c(&data),
+            crc32c: crc,
             data,
             total_bytes: total as u64,
             scale_divisor: m.divisor,
@@ -307,6 +334,33 @@ mod tests {
             };
             let b = tensor_bytes(&t, &Selection::Range(0, 256), &c);
             assert_eq!(&b[..], &(0..=255u8).collect::<Vec<_>>()[..], "divisor {d}");
+        }
+    }
+
+    #[test]
+    fn folded_chunk_crcs_match_the_bytes() {
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let t = Tensor::new(DType::U8, vec![300, 10], Bytes::from(data)).unwrap();
+        let rc = crate::crc::RowCrcs::new(&t);
+        for sel in [
+            Selection::Range(17, 250),
+            Selection::Indices(vec![299, 3, 150, 3, 0, 42, 7]),
+        ] {
+            let bytes = tensor_bytes(&t, &sel, &Conversion::identity(&t));
+            let mut out = Vec::new();
+            let m = TensorMessage {
+                index: 0,
+                name: "x",
+                dtype: DType::U8,
+                shape: vec![],
+                divisor: 0,
+                data: bytes.clone(),
+            };
+            chunk_with(m, 64, true, &mut out, Some((&rc, &sel)));
+            assert!(out
+                .iter()
+                .all(|c| c.data.len() % 10 == 0 && c.crc32c == crc32c::crc32c(&c.data)));
+            assert_eq!(out.iter().map(|c| c.data.len()).sum::<usize>(), bytes.len());
         }
     }
 
