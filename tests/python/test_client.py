@@ -572,3 +572,29 @@ def test_trainer_from_daemon_equals_local(server, tmp_path):
                             "--seed", "3")
     assert np.array_equal(shuf_remote["W"], shuf_local["W"]) and np.array_equal(shuf_remote["b"], shuf_local["b"])
     assert not np.array_equal(shuf_local["W"], local["W"])
+
+
+# --- hostile requests on the wire -----------------------------------------------
+
+def test_malformed_protobuf_and_deadlines_leave_the_server_serving(server, client):
+    """Bytes that are not a GetBatchRequest get an error status (tonic answers
+    INTERNAL for undecodable requests), a request past its deadline gets
+    DEADLINE_EXCEEDED, and the server keeps serving."""
+    import grpc
+
+    with grpc.insecure_channel(server) as ch:
+        raw = ch.unary_stream("/minibatch.v1.BatchService/GetBatch",
+                              request_serializer=None, response_deserializer=None)
+        for junk in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x12" * 1000):
+            with pytest.raises(grpc.RpcError) as e:
+                list(raw(junk, timeout=10))
+            assert e.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT), e.value
+        typed = ch.unary_stream("/minibatch.v1.BatchService/StreamBatches",
+                                request_serializer=pb.StreamBatchesRequest.SerializeToString,
+                                response_deserializer=pb.TensorChunk.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            # A whole epoch of 1-example minibatches cannot finish in 1 ms.
+            list(typed(pb.StreamBatchesRequest(set="train", size=1), timeout=0.001))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    x, y = client.get_batch("train", 0, 10)
+    assert x.shape == (10, 784)
