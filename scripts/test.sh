@@ -30,6 +30,9 @@ cargo build --locked
 step "cargo test"
 cargo test --locked
 
+step "Benchmark harness, --quick (proves it runs; asserts no speed)"
+MINIBATCHD="$PWD/target/debug/minibatchd" bash bench/run.sh --quick
+
 step "Python tests against the daemon"
 export MINIBATCHD="$PWD/target/debug/minibatchd"
 python -m pytest -q tests/python ${PYTEST_ARGS:-}
