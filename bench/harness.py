@@ -44,10 +44,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
-import gzip
 import json
 import os
-import pickle
 import platform
 import shutil
 import signal
@@ -165,28 +163,6 @@ class RssSampler:
             self._stop.set()
             self._t.join()
             self.max = max(self.max, proc_status(self.pid).get("VmRSS", 0))
-
-
-# --- the dataset ----------------------------------------------------------------
-
-def make_file(path: Path, counts: tuple[int, int, int]) -> None:
-    """The bundled real digits repeated to `counts` examples, in mnist.pkl.gz's
-    pickle form (as bench/load.py's make_full, which makes the full size)."""
-    import py2pickle
-
-    with gzip.open(ROOT / "data" / "mnist-sample.pkl.gz", "rb") as f:
-        sets = pickle.load(f, encoding="latin1")
-    x = np.concatenate([s[0] for s in sets])
-    y = np.concatenate([s[1] for s in sets])
-
-    def rep(n, off):
-        idx = (np.arange(n) + off) % len(x)
-        return np.ascontiguousarray(x[idx]), np.ascontiguousarray(y[idx])
-
-    data = py2pickle.dumps((rep(counts[0], 0), rep(counts[1], 1234), rep(counts[2], 2345)), protocol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as g:
-        g.write(data)
 
 
 # --- minibatchd -----------------------------------------------------------------
@@ -595,7 +571,7 @@ def main() -> None:
         data = OUT / "mnist-quick.pkl.gz"
         if not data.exists():
             say(f"writing {data} (10,000/1,000/1,000 from the bundled digits)")
-            make_file(data, (10_000, 1_000, 1_000))
+            load.make_full(data, (10_000, 1_000, 1_000), compresslevel=1)
     else:
         data = OUT / "mnist-full.pkl.gz"
         if not data.exists():

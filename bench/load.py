@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def make_full(path: Path) -> None:
+def make_full(path: Path, counts: tuple[int, int, int] = (50_000, 10_000, 10_000), compresslevel: int = 9) -> None:
+    """The bundled real digits repeated to `counts` (train, valid, test)
+    examples, in mnist.pkl.gz's pickle form (Python 2 protocol 2)."""
     import numpy as np
     import py2pickle
 
@@ -48,10 +50,9 @@ def make_full(path: Path) -> None:
         idx = (np.arange(n) + off) % len(x)
         return np.ascontiguousarray(x[idx]), np.ascontiguousarray(y[idx])
 
-    full = (rep(50_000, 0), rep(10_000, 1234), rep(10_000, 2345))
-    data = py2pickle.dumps(full, protocol=2)
+    data = py2pickle.dumps((rep(counts[0], 0), rep(counts[1], 1234), rep(counts[2], 2345)), protocol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as g:
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) as g:
         g.write(data)
 
 
