@@ -31,6 +31,12 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// Largest message accepted from the server (the server's own default).
 pub const MAX_DECODE: usize = 4 << 20;
 
+/// Chunk size this client asks for: as large as its message limit allows,
+/// so a minibatch under ~4 MB arrives as one message that becomes the
+/// tensor without a copy (the server's 1 MiB default suits Python clients,
+/// for which bigger messages measured slower).
+pub const WHOLE_MESSAGES: u32 = (MAX_DECODE - 4096) as u32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {addr}: {source}")]
@@ -59,8 +65,9 @@ pub struct TensorData {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    /// Little-endian, C-order bytes.
-    pub data: Vec<u8>,
+    /// Little-endian, C-order bytes. A tensor that came in one message is
+    /// that message's buffer, not a copy.
+    pub data: bytes::Bytes,
     /// For uint8 standing for floats: value = float32(byte) / divisor.
     pub scale_divisor: u32,
 }
@@ -87,6 +94,8 @@ pub struct BatchRequest {
     pub with_indices: bool,
     /// StreamBatches only: minibatches to send (0 = to the end).
     pub count: u64,
+    /// Largest data per message to ask for; None = [`WHOLE_MESSAGES`].
+    pub max_chunk_bytes: Option<u32>,
 }
 
 impl BatchRequest {
@@ -225,6 +234,7 @@ impl Client {
             x_dtype: dt(r.x_dtype),
             y_dtype: dt(r.y_dtype),
             with_indices: r.with_indices,
+            max_chunk_bytes: r.max_chunk_bytes.unwrap_or(WHOLE_MESSAGES),
         };
         let stream = self.inner.get_batch(self.request(req)).await?.into_inner();
         let mut batches = assemble(stream);
@@ -254,6 +264,7 @@ impl Client {
             x_dtype: dt(r.x_dtype),
             y_dtype: dt(r.y_dtype),
             with_indices: r.with_indices,
+            max_chunk_bytes: r.max_chunk_bytes.unwrap_or(WHOLE_MESSAGES),
         };
         let stream = self
             .inner
@@ -280,9 +291,33 @@ where
 /// Reassembles chunks into minibatches, checking CRC-32C, offsets and order.
 pub struct Assembler<S> {
     inner: S,
-    tensors: Vec<TensorData>,
+    tensors: Vec<Building>,
     index: Option<u64>,
     done: bool,
+}
+
+/// A tensor whose chunks are still arriving.
+struct Building {
+    meta: TensorData,
+    total: u64,
+    len: u64,
+    parts: Vec<bytes::Bytes>,
+}
+
+impl Building {
+    fn finish(self) -> TensorData {
+        let data = match self.parts.len() {
+            1 => self.parts.into_iter().next().expect("one part"),
+            _ => {
+                let mut b = bytes::BytesMut::with_capacity(self.len as usize);
+                for p in &self.parts {
+                    b.extend_from_slice(p);
+                }
+                b.freeze()
+            }
+        };
+        TensorData { data, ..self.meta }
+    }
 }
 
 impl<S> Assembler<S> {
@@ -300,7 +335,7 @@ impl<S> Assembler<S> {
             return proto_err(format!("minibatch {} began before {i} ended", c.index));
         }
         self.index = Some(c.index);
-        if self.tensors.last().is_none_or(|t| t.name != c.name) {
+        if self.tensors.last().is_none_or(|t| t.meta.name != c.name) {
             if c.offset != 0 {
                 return proto_err(format!("tensor {} starts at offset {}", c.name, c.offset));
             }
@@ -310,37 +345,39 @@ impl<S> Assembler<S> {
             else {
                 return proto_err(format!("unknown dtype {}", c.dtype));
             };
-            self.tensors.push(TensorData {
-                name: c.name.clone(),
-                dtype,
-                shape: c.shape.clone(),
-                data: Vec::with_capacity(c.total_bytes.min(1 << 30) as usize),
-                scale_divisor: c.scale_divisor,
+            self.tensors.push(Building {
+                meta: TensorData {
+                    name: c.name.clone(),
+                    dtype,
+                    shape: c.shape.clone(),
+                    data: bytes::Bytes::new(),
+                    scale_divisor: c.scale_divisor,
+                },
+                total: c.total_bytes,
+                len: 0,
+                parts: Vec::new(),
             });
         }
         let t = self.tensors.last_mut().expect("pushed above");
-        if c.offset != t.data.len() as u64
-            || t.data.len() as u64 + c.data.len() as u64 > c.total_bytes
-        {
+        if c.offset != t.len || c.total_bytes != t.total || t.len + c.data.len() as u64 > t.total {
             return proto_err(format!(
                 "tensor {} chunk at offset {} out of order",
                 c.name, c.offset
             ));
         }
-        t.data.extend_from_slice(&c.data);
+        t.len += c.data.len() as u64;
+        t.parts.push(c.data);
         if !c.last {
             return Ok(None);
         }
-        if t.data.len() as u64 != c.total_bytes {
+        if t.len != t.total {
             return proto_err(format!(
                 "tensor {} ended at {} of {} bytes",
-                c.name,
-                t.data.len(),
-                c.total_bytes
+                c.name, t.len, t.total
             ));
         }
         let (mut x, mut y, mut indices) = (None, None, None);
-        for t in self.tensors.drain(..) {
+        for t in self.tensors.drain(..).map(Building::finish) {
             match t.name.as_str() {
                 "x" => x = Some(t),
                 "y" => y = Some(t),

@@ -346,6 +346,7 @@ impl proto::batch_service_server::BatchService for BatchService {
             x_dtype: r.x_dtype,
             y_dtype: r.y_dtype,
             with_indices: r.with_indices,
+            max_chunk_bytes: r.max_chunk_bytes,
         };
         self.open("GetBatch", spec, |plan| {
             plan.batch(r.index)?;
@@ -368,6 +369,7 @@ impl proto::batch_service_server::BatchService for BatchService {
             x_dtype: r.x_dtype,
             y_dtype: r.y_dtype,
             with_indices: r.with_indices,
+            max_chunk_bytes: r.max_chunk_bytes,
         };
         self.open("StreamBatches", spec, |plan| {
             let batches = plan.batches();
@@ -396,6 +398,7 @@ struct StreamSpec<'a> {
     x_dtype: i32,
     y_dtype: i32,
     with_indices: bool,
+    max_chunk_bytes: u32,
 }
 
 impl BatchService {
@@ -413,13 +416,22 @@ impl BatchService {
             let plan = self.plan(&set, spec.size, spec.order)?;
             let range = range(&plan)?;
             let conv = self.conversions(&set, spec.x_dtype, spec.y_dtype).await?;
+            let l = self.shared.limits;
+            let chunk_bytes = match spec.max_chunk_bytes as usize {
+                0 => l.chunk_bytes,
+                asked => asked.min(l.max_message_bytes - wire::MESSAGE_OVERHEAD),
+            };
+            let enc = Encoding {
+                conv,
+                with_indices: spec.with_indices,
+                chunk_bytes,
+            };
             Ok(BatchStream::new(
                 method,
                 self.shared.clone(),
                 set,
                 plan,
-                conv,
-                spec.with_indices,
+                enc,
                 range,
                 t0,
             ))
@@ -427,6 +439,14 @@ impl BatchService {
         .await;
         self.finish(method, t0, result)
     }
+}
+
+/// How a stream's tensors go on the wire.
+struct Encoding {
+    conv: (Conversion, Conversion),
+    with_indices: bool,
+    /// Largest `data` per message for this stream.
+    chunk_bytes: usize,
 }
 
 /// The response stream of GetBatch and StreamBatches. It builds one
@@ -438,8 +458,7 @@ pub struct BatchStream {
     shared: Arc<Shared>,
     set: Set,
     plan: Plan,
-    conv: (Conversion, Conversion),
-    with_indices: bool,
+    enc: Encoding,
     next: u64,
     end: u64,
     pending: VecDeque<proto::TensorChunk>,
@@ -448,14 +467,12 @@ pub struct BatchStream {
 }
 
 impl BatchStream {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         method: &'static str,
         shared: Arc<Shared>,
         set: Set,
         plan: Plan,
-        conv: (Conversion, Conversion),
-        with_indices: bool,
+        enc: Encoding,
         range: std::ops::Range<u64>,
         started: Instant,
     ) -> Self {
@@ -468,8 +485,7 @@ impl BatchStream {
             shared,
             set,
             plan,
-            conv,
-            with_indices,
+            enc,
             next: range.start,
             end: range.end,
             pending: VecDeque::new(),
@@ -485,7 +501,7 @@ impl BatchStream {
             .batch(index)
             .expect("index validated against the plan");
         let n = sel.len() as u64;
-        let chunk = self.shared.limits.chunk_bytes;
+        let chunk = self.enc.chunk_bytes;
         let mut out = Vec::new();
         let mut bytes = 0u64;
         let shape = |t: &crate::store::Tensor| {
@@ -494,12 +510,12 @@ impl BatchStream {
             s
         };
         for (name, t, conv) in [
-            ("x", &self.set.x, self.conv.0),
-            ("y", &self.set.y, self.conv.1),
+            ("x", &self.set.x, self.enc.conv.0),
+            ("y", &self.set.y, self.enc.conv.1),
         ] {
             let data = wire::tensor_bytes(t, &sel, &conv);
             bytes += data.len() as u64;
-            let last = name == "y" && !self.with_indices;
+            let last = name == "y" && !self.enc.with_indices;
             let divisor = if conv.to == DType::U8 {
                 conv.divisor
             } else {
@@ -524,7 +540,7 @@ impl BatchStream {
                 rows.as_deref().map(|rc| (rc, &sel)),
             );
         }
-        if self.with_indices {
+        if self.enc.with_indices {
             let idx: Vec<u8> = sel
                 .indices()
                 .iter()

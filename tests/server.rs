@@ -508,3 +508,54 @@ async fn shutdown_reports_not_serving_and_finishes_streams_in_flight() {
         .unwrap();
     assert!(Client::connect(&srv.addr.to_string()).await.is_err() || c.health().await.is_err());
 }
+
+#[tokio::test]
+async fn clients_choose_their_chunk_size_within_the_message_limit() {
+    let srv = TestServer::start(synthetic()).await;
+    let mut raw =
+        proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr))
+            .await
+            .unwrap();
+    for (asked, most) in [
+        (64 << 10, 64 << 10),
+        (u32::MAX, (4 << 20) - minibatchd::wire::MESSAGE_OVERHEAD),
+    ] {
+        let req = proto::GetBatchRequest {
+            set: "train".into(),
+            index: 0,
+            size: 3000,
+            max_chunk_bytes: asked,
+            ..Default::default()
+        };
+        let mut s = raw.get_batch(req).await.unwrap().into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = s.next().await {
+            let m = m.unwrap();
+            assert!(m.data.len() <= most, "{} > {most}", m.data.len());
+            assert_eq!(crc32c::crc32c(&m.data), m.crc32c);
+            if m.name == "x" {
+                got.extend_from_slice(&m.data);
+            }
+        }
+        assert_eq!(
+            got,
+            rows(&srv.dataset, "train", "x", &(0..3000).collect::<Vec<_>>())
+        );
+    }
+    // The Rust client asks for whole messages: a 500-image minibatch is one
+    // message, and its tensor is that message's buffer.
+    let mut c = srv.client().await;
+    let b = c
+        .get_batch(&BatchRequest::new("train", 3, 500))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.x.data,
+        rows(
+            &srv.dataset,
+            "train",
+            "x",
+            &(1500..2000).collect::<Vec<_>>()
+        )
+    );
+}

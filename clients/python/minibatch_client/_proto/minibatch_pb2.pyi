@@ -117,7 +117,7 @@ class Order(_message.Message):
     def __init__(self, shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
-    __slots__ = ("set", "index", "size", "order", "x_dtype", "y_dtype", "with_indices")
+    __slots__ = ("set", "index", "size", "order", "x_dtype", "y_dtype", "with_indices", "max_chunk_bytes")
     SET_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class GetBatchRequest(_message.Message):
     X_DTYPE_FIELD_NUMBER: _ClassVar[int]
     Y_DTYPE_FIELD_NUMBER: _ClassVar[int]
     WITH_INDICES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     set: str
     index: int
     size: int
@@ -132,10 +133,11 @@ class GetBatchRequest(_message.Message):
     x_dtype: Dtype
     y_dtype: Dtype
     with_indices: bool
-    def __init__(self, set: _Optional[str] = ..., index: _Optional[int] = ..., size: _Optional[int] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., x_dtype: _Optional[_Union[Dtype, str]] = ..., y_dtype: _Optional[_Union[Dtype, str]] = ..., with_indices: _Optional[bool] = ...) -> None: ...
+    max_chunk_bytes: int
+    def __init__(self, set: _Optional[str] = ..., index: _Optional[int] = ..., size: _Optional[int] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., x_dtype: _Optional[_Union[Dtype, str]] = ..., y_dtype: _Optional[_Union[Dtype, str]] = ..., with_indices: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("set", "size", "order", "start", "count", "x_dtype", "y_dtype", "with_indices")
+    __slots__ = ("set", "size", "order", "start", "count", "x_dtype", "y_dtype", "with_indices", "max_chunk_bytes")
     SET_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,7 @@ class StreamBatchesRequest(_message.Message):
     X_DTYPE_FIELD_NUMBER: _ClassVar[int]
     Y_DTYPE_FIELD_NUMBER: _ClassVar[int]
     WITH_INDICES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     set: str
     size: int
     order: Order
@@ -152,7 +155,8 @@ class StreamBatchesRequest(_message.Message):
     x_dtype: Dtype
     y_dtype: Dtype
     with_indices: bool
-    def __init__(self, set: _Optional[str] = ..., size: _Optional[int] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., x_dtype: _Optional[_Union[Dtype, str]] = ..., y_dtype: _Optional[_Union[Dtype, str]] = ..., with_indices: _Optional[bool] = ...) -> None: ...
+    max_chunk_bytes: int
+    def __init__(self, set: _Optional[str] = ..., size: _Optional[int] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., x_dtype: _Optional[_Union[Dtype, str]] = ..., y_dtype: _Optional[_Union[Dtype, str]] = ..., with_indices: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("index", "name", "dtype", "shape", "offset", "data", "crc32c", "total_bytes", "scale_divisor", "last")
