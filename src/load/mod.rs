@@ -117,12 +117,12 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
         stream,
         at,
     })?;
-    drop(parsed);
     tracing::debug!(
         ms = t1.elapsed().as_millis() as u64,
-        protocol = "parsed",
-        "pickle"
+        protocol = parsed.protocol,
+        "pickle read and laid out"
     );
+    drop(parsed);
     let mut owned = Vec::new();
     let mut specs = Vec::new();
     for s in planned {
