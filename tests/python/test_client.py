@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from paths import ROOT, SAMPLE, binary  # noqa: E402  (tests/python/paths.py)
 CLIENT_SRC = ROOT / "clients" / "python"
 sys.path.insert(0, str(CLIENT_SRC))
 
@@ -41,18 +41,8 @@ from minibatch_client import wire  # noqa: E402
 from minibatch_client._crc32c import crc32c, crc32c_numpy  # noqa: E402
 from minibatch_client._proto import minibatch_pb2 as pb  # noqa: E402
 
-SAMPLE = ROOT / "data" / "mnist-sample.pkl.gz"
 EXAMPLES = {"train": 3000, "valid": 1000, "test": 1000}
 START_TIMEOUT_S = 30
-
-
-def binary() -> Path:
-    p = Path(os.environ.get("MINIBATCHD", "target/debug/minibatchd"))
-    if not p.is_absolute():
-        p = ROOT / p
-    if not p.is_file():
-        pytest.fail(f"minibatchd binary not found at {p}: run `cargo build` first or set MINIBATCHD", pytrace=False)
-    return p
 
 
 def free_port() -> int:

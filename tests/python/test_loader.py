@@ -31,19 +31,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = ROOT / "data" / "mnist-sample.pkl.gz"
+from paths import ROOT, SAMPLE, binary  # noqa: E402  (tests/python/paths.py)
 SET_NAMES = ["train", "valid", "test"]
 TIMEOUT_S = 120
-
-
-def binary() -> Path:
-    p = Path(os.environ.get("MINIBATCHD", "target/debug/minibatchd"))
-    if not p.is_absolute():
-        p = ROOT / p
-    if not p.is_file():
-        pytest.fail(f"minibatchd binary not found at {p}: run `cargo build` first or set MINIBATCHD", pytrace=False)
-    return p
 
 
 def run_inspect(*args: str) -> subprocess.CompletedProcess:
