@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use tonic::{Request, Status};
+use tonic::Status;
 
 /// TLS material, read from PEM files at start-up.
 #[derive(Debug, Clone)]
@@ -65,9 +65,11 @@ impl BearerAuth {
     }
 }
 
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(v) = req.metadata().get("authorization") else {
+impl BearerAuth {
+    /// The check itself, on raw HTTP/2 headers: the hand-framed streaming
+    /// routes ([`crate::routes`]) and the tonic interceptor share it.
+    pub fn authorize(&self, headers: &http::HeaderMap) -> Result<(), Status> {
+        let Some(v) = headers.get("authorization") else {
             return Err(Status::unauthenticated(
                 "missing authorization metadata: send \"authorization: Bearer <token>\"",
             ));
@@ -76,37 +78,31 @@ impl tonic::service::Interceptor for BearerAuth {
         if token.is_empty() || !self.check(token) {
             return Err(Status::unauthenticated("invalid bearer token"));
         }
-        Ok(req)
+        Ok(())
     }
-}
-
-/// An interceptor that lets everything through (no token configured).
-pub fn allow_all(req: Request<()>) -> Result<Request<()>, Status> {
-    Ok(req)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::service::Interceptor;
 
     #[test]
     fn bearer_checks() {
-        let mut a = BearerAuth::new("s3cret");
-        let mut req = Request::new(());
+        let a = BearerAuth::new("s3cret");
+        let with = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("authorization", v.parse().unwrap());
+            a.authorize(&h).map_err(|e| e.code())
+        };
+        let unauth = Err(tonic::Code::Unauthenticated);
         assert_eq!(
-            a.call(Request::new(())).unwrap_err().code(),
-            tonic::Code::Unauthenticated
+            a.authorize(&http::HeaderMap::new()).map_err(|e| e.code()),
+            unauth
         );
-        req.metadata_mut()
-            .insert("authorization", "Bearer s3cret".parse().unwrap());
-        assert!(a.call(req).is_ok());
-        let mut req = Request::new(());
-        req.metadata_mut()
-            .insert("authorization", "Bearer s3cre".parse().unwrap());
-        assert_eq!(
-            a.call(req).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        assert_eq!(with("Bearer s3cret"), Ok(()));
+        assert_eq!(with("Bearer s3cre"), unauth);
+        assert_eq!(with("Bearer s3cret2"), unauth);
+        assert_eq!(with("s3cret"), unauth);
+        assert_eq!(with("Bearer "), unauth);
     }
 }

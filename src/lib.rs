@@ -16,6 +16,8 @@
 //! - [`wire`]: tensors → `TensorChunk` messages: chunking, dtype conversion, CRC-32C.
 //! - [`crc`]: per-example CRC-32Cs folded into chunk CRCs without rereading data.
 //! - [`service`]: the tonic `BatchService`: requests in, status codes out.
+//! - [`routes`]: GetBatch and StreamBatches framed by hand, so tensor bytes
+//!   reach the socket without a copy; GetInfo through tonic.
 //! - [`server`]: `run(listener, shutdown)`: health, reflection, metrics, limits.
 //! - [`access`]: bearer-token auth and TLS / mTLS settings.
 //! - [`metrics`]: Prometheus counters and histograms and their HTTP endpoint.
@@ -29,6 +31,7 @@ pub mod load;
 pub mod memory;
 pub mod metrics;
 pub mod order;
+pub mod routes;
 pub mod server;
 pub mod service;
 pub mod store;

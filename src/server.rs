@@ -131,18 +131,15 @@ pub async fn run(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let max = opts.limits.max_message_bytes;
-    let svc = proto::batch_service_server::BatchServiceServer::new(BatchService::new(shared))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
     let auth = opts
         .auth_token
         .as_deref()
         .map(crate::access::BearerAuth::new);
-    let svc = tonic::service::interceptor::InterceptedService::new(svc, move |req| match &auth {
-        Some(a) => tonic::service::Interceptor::call(&mut a.clone(), req),
-        None => crate::access::allow_all(req),
-    });
+    let svc = crate::routes::BatchRoutes::new(
+        BatchService::new(shared),
+        auth,
+        opts.limits.max_message_bytes,
+    );
 
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() && opts.auth_token.is_none() && opts.tls.is_none() {
