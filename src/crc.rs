@@ -77,12 +77,32 @@ fn zeros_operator(n: usize) -> Matrix {
     })
 }
 
+/// A matrix applied a byte at a time: `tables[k][b]` is the image of byte
+/// `b` in position `k`, so a product is 4 lookups instead of up to 32
+/// conditional XORs (folding was 6 % of the server's time at batch 500).
+type ByteTables = [[u32; 256]; 4];
+
+fn byte_tables(m: &Matrix) -> Box<ByteTables> {
+    let mut t = Box::new([[0u32; 256]; 4]);
+    for (k, table) in t.iter_mut().enumerate() {
+        for (b, v) in table.iter_mut().enumerate() {
+            *v = times(m, (b as u32) << (8 * k));
+        }
+    }
+    t
+}
+
+fn times_bytes(t: &ByteTables, v: u32) -> u32 {
+    let [a, b, c, d] = v.to_le_bytes();
+    t[0][a as usize] ^ t[1][b as usize] ^ t[2][c as usize] ^ t[3][d as usize]
+}
+
 /// Per-row CRC-32Cs of one tensor and the operator to chain them.
 #[derive(Debug, Clone)]
 pub struct RowCrcs {
     row_bytes: usize,
     crcs: Vec<u32>,
-    shift: Matrix,
+    shift: Box<ByteTables>,
 }
 
 impl RowCrcs {
@@ -95,7 +115,7 @@ impl RowCrcs {
         Self {
             row_bytes,
             crcs,
-            shift: zeros_operator(row_bytes),
+            shift: byte_tables(&zeros_operator(row_bytes)),
         }
     }
 
@@ -108,7 +128,7 @@ impl RowCrcs {
         let mut it = rows.into_iter();
         let Some(first) = it.next() else { return 0 };
         it.fold(self.crcs[first], |acc, r| {
-            times(&self.shift, acc) ^ self.crcs[r]
+            times_bytes(&self.shift, acc) ^ self.crcs[r]
         })
     }
 }
@@ -144,5 +164,12 @@ mod tests {
             times(&zeros_operator(1000), 0xdead_beef) ^ 7,
             crc32c::crc32c_combine(0xdead_beef, 7, 1000)
         );
+        let (m, t) = (
+            zeros_operator(784 * 4),
+            byte_tables(&zeros_operator(784 * 4)),
+        );
+        for v in [0, 1, 0x8000_0000, 0xdead_beef, u32::MAX] {
+            assert_eq!(times_bytes(&t, v), times(&m, v));
+        }
     }
 }
