@@ -33,9 +33,18 @@ cargo test --locked
 step "Benchmark harness, --quick (proves it runs; asserts no speed)"
 MINIBATCHD="$PWD/target/debug/minibatchd" bash bench/run.sh --quick
 
-step "Python tests against the daemon"
+step "Native transport of the Python client (clients/python/native: fmt, clippy, pip install via maturin)"
+native=clients/python/native/Cargo.toml
+cargo fmt --manifest-path "$native" -- --check
+PYO3_PYTHON="$PWD/.venv/bin/python" cargo clippy --locked --manifest-path "$native" -- -D warnings
+.venv/bin/python -m pip install -q --disable-pip-version-check ./clients/python/native
+
+step "Python tests against the daemon (GetBatch/StreamBatches on the native transport)"
 export MINIBATCHD="$PWD/target/debug/minibatchd"
-python -m pytest -q tests/python ${PYTEST_ARGS:-}
+MINIBATCH_REQUIRE_NATIVE=1 python -m pytest -q tests/python ${PYTEST_ARGS:-}
+
+step "Python client tests again on the grpcio transport"
+MINIBATCH_CLIENT_TRANSPORT=grpcio python -m pytest -q tests/python/test_client.py ${PYTEST_ARGS:-}
 
 step "Deployment: images without a registry, compose stack, failover (deploy/test.sh)"
 bash deploy/test.sh

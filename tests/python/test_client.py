@@ -132,7 +132,7 @@ def test_stubs_match_proto():
 
 def test_package_installs_with_pip(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(CLIENT_SRC, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(CLIENT_SRC, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "native"))
     site = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                         "--no-build-isolation", "--target", str(site), str(src)],
@@ -146,6 +146,73 @@ def test_package_installs_with_pip(tmp_path):
     assert r.stdout.splitlines()[0].startswith(str(site)), r.stdout
     assert (site / "minibatch_client" / "py.typed").is_file()
     assert (site / "minibatch_client" / "_proto" / "minibatch_pb2.pyi").is_file()
+
+
+# --- transports ----------------------------------------------------------------------
+
+def test_transport_choice(server, monkeypatch):
+    """The native transport is used when installed (scripts/test.sh installs it
+    and sets MINIBATCH_REQUIRE_NATIVE=1, so a build that lost it fails here);
+    MINIBATCH_CLIENT_TRANSPORT and native= pick one; impossible picks say why."""
+    from minibatch_client import transport
+
+    if os.environ.get("MINIBATCH_REQUIRE_NATIVE") == "1":
+        assert transport.native is not None, "minibatch-client-native is not installed"
+    monkeypatch.delenv("MINIBATCH_CLIENT_TRANSPORT", raising=False)
+    with mc.Client(server, native=False) as c:
+        assert c.transport == "grpcio"
+    with pytest.raises(ValueError, match="TLS"):
+        mc.Client(server, native=True, tls_ca=b"not used")
+    monkeypatch.setenv("MINIBATCH_CLIENT_TRANSPORT", "carrier-pigeon")
+    with pytest.raises(ValueError, match="grpcio or native"):
+        mc.Client(server)
+    if transport.native is None:
+        with pytest.raises(ValueError, match="not installed"):
+            mc.Client(server, native=True)
+        return
+    monkeypatch.setenv("MINIBATCH_CLIENT_TRANSPORT", "grpcio")
+    with mc.Client(server) as c:
+        assert c.transport == "grpcio"
+    monkeypatch.delenv("MINIBATCH_CLIENT_TRANSPORT")
+    with mc.Client(server) as c, mc.Client(server, native=False) as g:
+        assert c.transport == "native"
+        for kw in ({}, {"shuffle": True, "seed": 3, "epoch": 1, "x_dtype": "uint8"}, {"with_indices": True}):
+            a, b = c.get_batch("train", 1, 500, **kw), g.get_batch("train", 1, 500, **kw)
+            for u, v in zip(a, b):
+                assert u.dtype == v.dtype and u.flags.writeable and np.array_equal(u, v), kw
+        assert [y.tolist() for _, y in c.epoch("valid", 300)] == [y.tolist() for _, y in g.epoch("valid", 300)]
+        with pytest.raises(mc.OutOfRange):
+            c.get_batch("test", 99, 500)
+
+
+def test_native_call_cancel_and_deadline(server):
+    """The native transport's own surface: a call cancelled from another
+    thread while its iterator waits ends with CANCELLED; a deadline gives
+    DEADLINE_EXCEEDED; a refused connection UNAVAILABLE."""
+    from minibatch_client import transport
+
+    if transport.native is None:
+        pytest.skip("minibatch-client-native is not installed (scripts/test.sh installs it and requires it)")
+    native = transport.native
+    ch = native.Channel(server)
+    req = pb.StreamBatchesRequest(set="train", size=1).SerializeToString()
+    call = ch.unary_stream("/minibatch.v1.BatchService/StreamBatches", req, None, None)
+    first = next(iter(call))
+    assert len(memoryview(first)) > 0
+    t = threading.Timer(0.2, call.cancel)
+    t.start()
+    with pytest.raises(native.RpcError) as e:
+        for _ in call:  # 3000 minibatches: still streaming when cancelled
+            time.sleep(0.001)
+    t.join()
+    assert e.value.args[0] == 1, e.value.args  # CANCELLED
+    with pytest.raises(native.RpcError) as e:
+        list(ch.unary_stream("/minibatch.v1.BatchService/StreamBatches", req, None, 0.001))
+    assert e.value.args[0] == 4, e.value.args  # DEADLINE_EXCEEDED
+    dead = native.Channel(f"127.0.0.1:{free_port()}")
+    with pytest.raises(native.RpcError) as e:
+        list(dead.unary_stream("/minibatch.v1.BatchService/GetBatch", b"", None, 10))
+    assert e.value.args[0] == 14, e.value.args  # UNAVAILABLE
 
 
 # --- wire format, checksums, order (no daemon) ---------------------------------------

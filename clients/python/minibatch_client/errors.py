@@ -21,6 +21,8 @@ from typing import Optional
 
 import grpc
 
+from .transport import status_of
+
 
 class MinibatchError(Exception):
     """A failed call. `code` is the gRPC status code (None for errors found by
@@ -91,9 +93,9 @@ _BY_CODE = {
 }
 
 
-def from_rpc_error(e: grpc.RpcError, address: Optional[str] = None) -> MinibatchError:
-    """The MinibatchError for a grpc.RpcError (which is also a grpc.Call)."""
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-    details = (e.details() if hasattr(e, "details") else None) or str(e)
+def from_rpc_error(e: BaseException, address: Optional[str] = None) -> MinibatchError:
+    """The MinibatchError for a failed call of either transport (a
+    grpc.RpcError, or the native transport's RpcError)."""
+    code, details = status_of(e)
     cls = _BY_CODE.get(code, MinibatchError)
     return cls(details, code=code, address=address)

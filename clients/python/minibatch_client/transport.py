@@ -1,0 +1,89 @@
+"""The transports under Client: grpcio (always installed) and the native one
+(the optional `minibatch-client-native` package: tonic in Rust, see
+clients/python/native), which Client picks by default when it is installed.
+
+Both present the same calls: `unary_stream(request, timeout=, metadata=)`
+returns an iterator of raw TensorChunk messages with `cancel()`, and a failed
+call raises an error that `status_of` turns into (grpc.StatusCode, details).
+Everything above (parsing, CRC checks, reassembly, failover) is shared.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional, Sequence
+
+import grpc
+
+try:  # the optional native transport
+    import minibatch_client_native as native
+except ImportError:  # pragma: no cover - depends on what is installed
+    native = None
+
+#: every exception type a call can raise for a gRPC status
+RPC_ERRORS: tuple[type[BaseException], ...] = (grpc.RpcError,) if native is None else (grpc.RpcError, native.RpcError)
+
+_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+# host:port, [v6]:port or a bare host: what the native transport dials.
+_PLAIN_TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d+)?$")
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message of a failed call of either transport."""
+    if native is not None and isinstance(e, native.RpcError):
+        code, details = e.args
+        return _BY_VALUE.get(code, grpc.StatusCode.UNKNOWN), details
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or str(e)
+    return code, details
+
+
+def native_usable(target: str, tls: bool) -> Optional[str]:
+    """None when the native transport can serve `target`; else why not."""
+    if native is None:
+        return "minibatch-client-native is not installed (pip install ./clients/python/native)"
+    if tls:
+        return "the native transport does not do TLS yet"
+    if not _PLAIN_TARGET.match(target):
+        return f"the native transport dials host:port only, not {target!r}"
+    return None
+
+
+class _NativeCall:
+    """A native call as the client iterates it: memoryviews of the messages.
+    Like a grpcio call, it starts when iterated, so every failure (including
+    the server refusing the request) surfaces from the iteration."""
+
+    __slots__ = ("_start", "_call", "_cancelled")
+
+    def __init__(self, start):
+        self._start = start
+        self._call = None
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[memoryview]:
+        if self._cancelled:
+            return
+        self._call = self._start()
+        for m in self._call:
+            yield memoryview(m)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+
+class NativeUnaryStream:
+    """A server-streaming method on a native channel, called like grpcio's
+    multicallable with a protobuf request."""
+
+    def __init__(self, channel, path: str):
+        self._channel = channel
+        self._path = path
+
+    def __call__(self, request, timeout: Optional[float] = None,
+                 metadata: Optional[Sequence[tuple[str, str]]] = None) -> _NativeCall:
+        raw = request.SerializeToString()
+        md = list(metadata) if metadata else None
+        return _NativeCall(lambda: self._channel.unary_stream(self._path, raw, md, timeout))
