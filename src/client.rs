@@ -236,12 +236,6 @@ impl Client {
             with_indices: r.with_indices,
             max_chunk_bytes: r.max_chunk_bytes.unwrap_or(WHOLE_MESSAGES),
         };
-        self.get_batch_msg(req).await
-    }
-
-    /// [`Client::get_batch`] for a request already in wire form (the native
-    /// Python client passes the message its callers built).
-    pub async fn get_batch_msg(&mut self, req: proto::GetBatchRequest) -> Result<Batch, ClientError> {
         let stream = self.inner.get_batch(self.request(req)).await?.into_inner();
         let mut batches = assemble(stream);
         let b = batches
@@ -272,14 +266,6 @@ impl Client {
             with_indices: r.with_indices,
             max_chunk_bytes: r.max_chunk_bytes.unwrap_or(WHOLE_MESSAGES),
         };
-        self.stream_batches_msg(req).await
-    }
-
-    /// [`Client::stream_batches`] for a request already in wire form.
-    pub async fn stream_batches_msg(
-        &mut self,
-        req: proto::StreamBatchesRequest,
-    ) -> Result<Assembler<tonic::Streaming<proto::TensorChunk>>, ClientError> {
         let stream = self
             .inner
             .stream_batches(self.request(req))
