@@ -14,6 +14,8 @@
 //! - [`order`]: which examples a minibatch holds: index math, seeded shuffle,
 //!   shards, resume.
 //! - [`wire`]: tensors → `TensorChunk` messages: chunking, dtype conversion, CRC-32C.
+//! - [`mirror`]: x tensors pre-converted to uint8 on first demand, so narrow
+//!   minibatches are slices too.
 //! - [`crc`]: per-example CRC-32Cs folded into chunk CRCs without rereading data.
 //! - [`service`]: the tonic `BatchService`: requests in, status codes out.
 //! - [`routes`]: GetBatch and StreamBatches framed by hand, so tensor bytes
@@ -30,6 +32,7 @@ pub mod crc;
 pub mod load;
 pub mod memory;
 pub mod metrics;
+pub mod mirror;
 pub mod order;
 pub mod routes;
 pub mod server;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub active_streams: AtomicU64,
     pub dataset_bytes: AtomicU64,
     pub pinned_bytes: AtomicU64,
+    /// Host bytes of x mirrors in narrower wire dtypes (see `mirror`).
+    pub mirror_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -140,6 +142,12 @@ impl Metrics {
             "minibatchd_dataset_pinned_bytes",
             "Host bytes of the dataset locked in RAM (mlock).",
             self.pinned_bytes.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "minibatchd_mirror_bytes",
+            "Host bytes of x mirrors in a narrower wire dtype (uint8), built on first demand.",
+            self.mirror_bytes.load(Ordering::Relaxed),
         );
         o
     }

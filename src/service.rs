@@ -99,6 +99,8 @@ pub struct Shared {
     /// Per-row CRC-32Cs of every x tensor (set name → table), filled in the
     /// background after start-up; until then chunk CRCs are computed.
     pub row_crcs: std::sync::OnceLock<Vec<(String, Arc<crate::crc::RowCrcs>)>>,
+    /// x tensors in narrower wire dtypes, built on first demand.
+    pub mirrors: crate::mirror::Mirrors,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
 }
@@ -119,6 +121,7 @@ impl Shared {
             stats: OnceCell::new(),
             perms: PermCache::default(),
             row_crcs: std::sync::OnceLock::new(),
+            mirrors: Default::default(),
             limits,
             metrics,
         })
@@ -513,7 +516,21 @@ impl BatchStream {
             ("x", &self.set.x, self.enc.conv.0),
             ("y", &self.set.y, self.enc.conv.1),
         ] {
-            let data = wire::tensor_bytes(t, &sel, &conv);
+            let mirror = (name == "x" && crate::mirror::Mirrors::wanted(&conv))
+                .then(|| {
+                    self.shared.mirrors.get_or_start(
+                        &self.set.name,
+                        t,
+                        conv,
+                        self.shared.dataset.pin == PinState::Pinned,
+                        &self.shared.metrics,
+                    )
+                })
+                .flatten();
+            let data = match &mirror {
+                Some(m) => wire::tensor_bytes(&m.tensor, &sel, &Conversion::identity(&m.tensor)),
+                None => wire::tensor_bytes(t, &sel, &conv),
+            };
             bytes += data.len() as u64;
             let last = name == "y" && !self.enc.with_indices;
             let divisor = if conv.to == DType::U8 {
@@ -529,16 +546,14 @@ impl BatchStream {
                 divisor,
                 data,
             };
-            let rows = (conv.to == conv.from)
-                .then(|| self.shared.row_crcs(&self.set.name, name))
-                .flatten();
-            wire::chunk_with(
-                m,
-                chunk,
-                last,
-                &mut out,
-                rows.as_deref().map(|rc| (rc, &sel)),
-            );
+            let row_crcs = match &mirror {
+                Some(_) => None,
+                None => (conv.to == conv.from)
+                    .then(|| self.shared.row_crcs(&self.set.name, name))
+                    .flatten(),
+            };
+            let rows = mirror.as_ref().map(|m| &m.crcs).or(row_crcs.as_deref());
+            wire::chunk_with(m, chunk, last, &mut out, rows.map(|rc| (rc, &sel)));
         }
         if self.enc.with_indices {
             let idx: Vec<u8> = sel

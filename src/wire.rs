@@ -106,22 +106,32 @@ pub fn tensor_bytes(t: &Tensor, sel: &Selection, conv: &Conversion) -> Bytes {
     out.freeze()
 }
 
-/// Converts little-endian elements `src` of `conv.from` into `conv.to`.
-/// Exactness was checked beforehand (analyze); this only does arithmetic.
-/// The output is sized once and filled by plain loops the compiler can
-/// vectorize (a per-value `put_*` re-checks capacity every time).
+/// Converts little-endian elements `src` of `conv.from` into `conv.to`,
+/// appended to `out`.
 fn convert(src: &[u8], conv: &Conversion, out: &mut BytesMut) {
+    let start = out.len();
+    out.resize(start + src.len() / conv.from.size() * conv.to.size(), 0);
+    convert_into(src, conv, &mut out[start..]);
+}
+
+/// Converts little-endian elements `src` of `conv.from` into `dst`, which
+/// holds exactly their `conv.to` bytes. Exactness was checked beforehand
+/// (analyze); this only does arithmetic, in plain loops the compiler can
+/// vectorize (a per-value `put_*` re-checks capacity every time). Both the
+/// per-request path and the mirrors ([`crate::mirror`]) use it, so they
+/// send the same bytes.
+pub fn convert_into(src: &[u8], conv: &Conversion, dst: &mut [u8]) {
     fn fill<const I: usize, const O: usize>(
         src: &[u8],
-        out: &mut BytesMut,
+        out: &mut [u8],
         f: impl Fn([u8; I]) -> [u8; O],
     ) {
-        let start = out.len();
-        out.resize(start + src.len() / I * O, 0);
-        for (o, c) in out[start..].chunks_exact_mut(O).zip(src.chunks_exact(I)) {
+        assert_eq!(src.len() / I * O, out.len(), "output sized for the input");
+        for (o, c) in out.chunks_exact_mut(O).zip(src.chunks_exact(I)) {
             o.copy_from_slice(&f(c.try_into().unwrap()));
         }
     }
+    let out = dst;
     let d = conv.divisor as f32;
     match (conv.from, conv.to) {
         // Values are k/d (checked), so v*d is within rounding of k in

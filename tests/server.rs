@@ -568,3 +568,71 @@ async fn clients_choose_their_chunk_size_within_the_message_limit() {
         )
     );
 }
+
+/// The first uint8 request of a set starts its uint8 mirror; minibatches
+/// served while it builds (converted per request) and after (sliced or
+/// gathered from the mirror) are the same bytes, shuffled or not, and match
+/// float32 / 256 exactly.
+#[tokio::test]
+async fn uint8_mirror_serves_the_same_bytes_as_conversion() {
+    use std::sync::atomic::Ordering;
+    let srv = TestServer::start(sample()).await;
+    let mut c = srv.client().await;
+    let requests: Vec<BatchRequest> = [false, true]
+        .into_iter()
+        .map(|shuffle| {
+            let mut r = BatchRequest::new("train", 3, 500);
+            r.order.shuffle = shuffle;
+            r.order.seed = 11;
+            r.x_dtype = Some(DType::U8);
+            r
+        })
+        .collect();
+    let mut before = Vec::new();
+    for r in &requests {
+        before.push(c.get_batch(r).await.unwrap());
+    }
+    let mut ready = false;
+    for _ in 0..500 {
+        if srv.metrics.mirror_bytes.load(Ordering::Relaxed) > 0 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ready, "the train set's uint8 mirror was built");
+    assert_eq!(srv.metrics.mirror_bytes.load(Ordering::Relaxed), 3000 * 784);
+    for (r, b) in requests.iter().zip(&before) {
+        let after = c.get_batch(r).await.unwrap();
+        assert_eq!(&after, b, "shuffle {}", r.order.shuffle);
+        let mut f = r.clone();
+        f.x_dtype = None;
+        let floats = c.get_batch(&f).await.unwrap();
+        let want: Vec<f32> = floats
+            .x
+            .data
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let back: Vec<f32> = after.x.data.iter().map(|&v| v as f32 / 256.0).collect();
+        assert_eq!(back, want);
+    }
+    // A whole epoch from the mirror, chunked small so chunk CRCs are folded
+    // from row CRCs (the client checks every one).
+    let mut r = requests[1].clone();
+    r.max_chunk_bytes = Some(784 * 7);
+    let n = c
+        .stream_batches(&r)
+        .await
+        .unwrap()
+        .fold(0, |n, b| {
+            b.unwrap();
+            n + 1
+        })
+        .await;
+    assert_eq!(n, 3);
+    assert!(srv
+        .metrics
+        .render()
+        .contains(&format!("minibatchd_mirror_bytes {}", 3000 * 784)));
+}
