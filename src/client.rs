@@ -20,9 +20,12 @@ use crate::store::DType;
 use crate::wire::dtype_from_proto;
 
 /// HTTP/2 max frame size the client advertises. The server's DATA frames are
-/// bounded by it; 16 KiB (the default) halves throughput here, 256 KiB–1 MiB
-/// measured best, 4 MiB and above got slower (../shared/notes).
-pub const MAX_FRAME_SIZE: u32 = 512 * 1024;
+/// bounded by it; 16 KiB (the default) halves throughput here. With the
+/// server's zero-copy framing, 2 MiB (a 500-image float32 minibatch in one
+/// frame) measured best for GetBatch(500): 1.43–1.48 GB/s against 1.10 at
+/// 512 KiB and 1.29–1.37 at 4 MiB, StreamBatches the same within noise
+/// (BENCHMARKS.md, "What profiling changed").
+pub const MAX_FRAME_SIZE: u32 = 2 << 20;
 
 /// Flow-control windows: a few minibatches in flight per stream.
 pub const STREAM_WINDOW: u32 = 8 << 20;

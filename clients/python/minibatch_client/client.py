@@ -46,6 +46,10 @@ DEFAULT_OPTIONS: tuple[tuple[str, object], ...] = (
 # options are identical, so they share one connection.
 SINGLE_THREADED = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
 
+# Chunk size the native transport asks for: whole tensors up to the 4 MiB
+# default message limit (src/client.rs WHOLE_MESSAGES).
+NATIVE_CHUNK_BYTES = (4 << 20) - 4096
+
 
 # --- dataset description ------------------------------------------------------
 
@@ -281,6 +285,11 @@ class Client:
         use_native = why_not is None if native is None else bool(native)
         #: "native" or "grpcio": what carries GetBatch and StreamBatches
         self.transport = "native" if use_native else "grpcio"
+        # Message size to ask for: grpcio measured fastest near 1 MiB (the
+        # server's default, 0 here); the native transport, like the Rust
+        # client, takes a minibatch's tensor best as one message (the server
+        # caps this at its own limit).
+        self._chunk_bytes = NATIVE_CHUNK_BYTES if use_native else 0
         self._replicas = [_Replica(a, self.options, credentials, single, use_native) for a in self.addresses]
         self._lock = threading.Lock()
         self._next = 0
@@ -424,7 +433,7 @@ class Client:
         req = pb.GetBatchRequest(set=set, index=int(index), size=int(size),
                                  order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last),
                                  x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
-                                 with_indices=bool(with_indices))
+                                 with_indices=bool(with_indices), max_chunk_bytes=self._chunk_bytes)
         b = self._failover(lambda r: self._one_batch(r, req))
         return _outputs(b, decode, with_indices)
 
@@ -443,7 +452,7 @@ class Client:
         req = pb.StreamBatchesRequest(set=set, size=int(size),
                                       order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last),
                                       x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
-                                      with_indices=bool(with_indices))
+                                      with_indices=bool(with_indices), max_chunk_bytes=self._chunk_bytes)
         return EpochIterator(self, req, int(start), int(count), int(prefetch), bool(decode), bool(with_indices))
 
 
