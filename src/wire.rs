@@ -114,13 +114,13 @@ fn convert(src: &[u8], conv: &Conversion, out: &mut BytesMut) {
     convert_into(src, conv, &mut out[start..]);
 }
 
-/// Converts little-endian elements `src` of `conv.from` into `dst`, which
+/// Converts little-endian elements `src` of `conv.from` into `out`, which
 /// holds exactly their `conv.to` bytes. Exactness was checked beforehand
 /// (analyze); this only does arithmetic, in plain loops the compiler can
 /// vectorize (a per-value `put_*` re-checks capacity every time). Both the
 /// per-request path and the mirrors ([`crate::mirror`]) use it, so they
 /// send the same bytes.
-pub fn convert_into(src: &[u8], conv: &Conversion, dst: &mut [u8]) {
+pub fn convert_into(src: &[u8], conv: &Conversion, out: &mut [u8]) {
     fn fill<const I: usize, const O: usize>(
         src: &[u8],
         out: &mut [u8],
@@ -131,7 +131,6 @@ pub fn convert_into(src: &[u8], conv: &Conversion, dst: &mut [u8]) {
             o.copy_from_slice(&f(c.try_into().unwrap()));
         }
     }
-    let out = dst;
     let d = conv.divisor as f32;
     match (conv.from, conv.to) {
         // Values are k/d (checked), so v*d is within rounding of k in
