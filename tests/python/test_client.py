@@ -209,10 +209,39 @@ def test_native_call_cancel_and_deadline(server):
     with pytest.raises(native.RpcError) as e:
         list(ch.unary_stream("/minibatch.v1.BatchService/StreamBatches", req, None, 0.001))
     assert e.value.args[0] == 4, e.value.args  # DEADLINE_EXCEEDED
+    # An unbounded timeout is no limit (not a crash in Duration arithmetic).
+    assert len(list(ch.unary_stream("/minibatch.v1.BatchService/GetBatch",
+                                    pb.GetBatchRequest(set="test", index=0, size=10).SerializeToString(),
+                                    None, float("inf")))) == 2
     dead = native.Channel(f"127.0.0.1:{free_port()}")
     with pytest.raises(native.RpcError) as e:
         list(dead.unary_stream("/minibatch.v1.BatchService/GetBatch", b"", None, 10))
     assert e.value.args[0] == 14, e.value.args  # UNAVAILABLE
+
+
+def test_one_client_shared_by_threads(server, sample):
+    """Several threads share one Client (documented as safe): on the native
+    transport their calls share one connection and its runtime; every thread
+    gets its own, correct minibatches."""
+    sx, sy = sample["train"]
+    errors: list[BaseException] = []
+    with mc.Client(server, timeout=30) as c:
+        def work(w: int) -> None:
+            try:
+                for i in range(w, 24, 4):
+                    x, y = c.get_batch("train", i % 6, 500)
+                    k = i % 6
+                    assert np.array_equal(x, sx[k * 500:(k + 1) * 500]) and np.array_equal(y, sy[k * 500:(k + 1) * 500])
+            except BaseException as e:  # handed to the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
 
 
 # --- wire format, checksums, order (no daemon) ---------------------------------------
@@ -550,12 +579,15 @@ def test_get_batch_round_robin_and_failover(trio, sample):
 
 
 def test_epoch_failover_sees_every_minibatch_once(trio, sample):
-    """Kill the streaming server mid-epoch, twice: the epoch goes on on the
-    next server from the next minibatch, and the trainer sees every minibatch
-    of the documented order once, in order. The first is a SIGKILL (the
-    connection dies); the second a SIGTERM with no grace period, where the
+    """Kill the streaming server mid-epoch: the epoch goes on on the next
+    server from the next minibatch, and the trainer sees every minibatch of
+    the documented order once, in order. The first kill is a SIGKILL (the
+    connection dies); the second, once the stream has moved to another server
+    and if minibatches are left, a SIGTERM with no grace period, where the
     server either finishes the stream in its last 20 ms or cuts it (RST_STREAM
-    or GOAWAY), so that failover may or may not happen."""
+    or GOAWAY), so that failover may or may not happen. How far the dead
+    server's stream still runs depends on what the transport had buffered
+    (the native one's 8 MiB window can hold most of this small epoch)."""
     sx, sy = sample["train"]
     size, kw = 20, dict(shuffle=True, seed=5, epoch=1)
     by_address = {d.address: d for d in trio}
@@ -567,7 +599,7 @@ def test_epoch_failover_sees_every_minibatch_once(trio, sample):
                 got_x.append(x)
                 got_y.append(y)
                 got_idx.append(idx)
-                if k in (10, 60):
+                if k == 10 or (len(killed) == 1 and it.address != killed[0] and k < 140):
                     victim = by_address[it.address]
                     victim.kill(signal.SIGKILL if k == 10 else signal.SIGTERM)
                     killed.append(victim.address)
@@ -578,9 +610,9 @@ def test_epoch_failover_sees_every_minibatch_once(trio, sample):
         want = order[i * size:(i + 1) * size]
         assert np.array_equal(got_idx[i], want), f"minibatch {i}"
         assert np.array_equal(got_x[i], sx[want]) and np.array_equal(got_y[i], sy[want]), f"minibatch {i}"
-    assert len(set(killed)) == 2
-    assert 1 <= len(failovers) <= 2 and [f.address for f in failovers] == killed[:len(failovers)], failovers
-    assert all(f.next_index > k for f, k in zip(failovers, (10, 60)))
+    assert len(set(killed)) == len(killed) >= 1
+    assert 1 <= len(failovers) <= len(killed) and [f.address for f in failovers] == killed[:len(failovers)], failovers
+    assert failovers[0].next_index > 10
     print("\n" + "\n".join(f"failover from {f.address} at minibatch {f.next_index}: {f.error}" for f in failovers))
 
 

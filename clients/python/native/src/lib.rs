@@ -137,7 +137,7 @@ impl Channel {
                 pyo3::exceptions::PyValueError::new_err(format!("invalid address {address:?}: {e}"))
             })?
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs_f64(connect_timeout.max(0.001)))
+            .connect_timeout(seconds(connect_timeout).unwrap_or(Duration::from_secs(5)))
             .max_frame_size(max_frame_size.clamp(16 << 10, (16 << 20) - 1))
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW);
@@ -181,8 +181,9 @@ impl Channel {
         }
         // Enforced here, on every wait (tonic's own grpc-timeout handling
         // would end the call as CANCELLED, not DEADLINE_EXCEEDED).
-        let deadline =
-            timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = timeout
+            .and_then(seconds)
+            .and_then(|d| tokio::time::Instant::now().checked_add(d));
         let mut grpc =
             tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_DECODE);
         let rt = self.rt.clone();
@@ -211,6 +212,12 @@ impl Channel {
     fn __repr__(&self) -> String {
         format!("minibatch_client_native.Channel({:?})", self.address)
     }
+}
+
+/// Seconds from Python as a Duration: None (no limit) for infinity or
+/// anything too large to represent; negative or NaN counts as zero.
+fn seconds(t: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64(t.max(0.0)).ok()
 }
 
 /// Runs `f` until `deadline`, then gives up with DEADLINE_EXCEEDED (what a
