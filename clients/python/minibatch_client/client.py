@@ -138,7 +138,7 @@ def _read(v: Union[None, str, bytes, os.PathLike]) -> Optional[bytes]:
 class _Replica:
     def __init__(self, address: str, options: Sequence[tuple[str, object]],
                  credentials: Optional[grpc.ChannelCredentials], single_threaded: tuple[bool, bool],
-                 use_native: bool = False):
+                 use_native: bool = False, native_tls: Optional[dict] = None):
         self.address = address
 
         def channel(single: bool) -> grpc.Channel:
@@ -163,8 +163,10 @@ class _Replica:
             # its own connection (an epoch's prefetch thread and GetBatch
             # calls do not queue behind each other); GetInfo and health stay
             # on grpcio.
-            self.get_batch = NativeUnaryStream(_transport.native.Channel(address), base + "GetBatch")
-            self.stream_batches = NativeUnaryStream(_transport.native.Channel(address), base + "StreamBatches")
+            tls_kw = native_tls or {}
+            self.get_batch = NativeUnaryStream(_transport.native.Channel(address, **tls_kw), base + "GetBatch")
+            self.stream_batches = NativeUnaryStream(_transport.native.Channel(address, **tls_kw),
+                                                    base + "StreamBatches")
         self.health = self.channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
                                                response_deserializer=None)
         self.fingerprint: Optional[str] = None
@@ -220,7 +222,8 @@ class Client:
                     (package minibatch-client-native, built from
                     clients/python/native: tonic in Rust, about twice grpcio's
                     throughput here). None (default): when it is installed
-                    and the connection is plaintext to host:port; True: insist
+                    and the target is host:port (plaintext, or TLS with tls_ca
+                    given); True: insist
                     (ValueError if it cannot); False: grpcio only. With None,
                     the environment variable MINIBATCH_CLIENT_TRANSPORT=grpcio
                     or =native decides instead. `Client.transport` says which
@@ -257,10 +260,11 @@ class Client:
         tls = any(t for _, t in targets) or any(v is not None for v in (tls_ca, tls_cert, tls_domain))
         credentials = None
         extra: list[tuple[str, object]] = []
+        pems = {"tls_ca": _read(tls_ca), "tls_cert": _read(tls_cert), "tls_key": _read(tls_key)}
         if tls:
-            credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca),
-                                                       private_key=_read(tls_key),
-                                                       certificate_chain=_read(tls_cert))
+            credentials = grpc.ssl_channel_credentials(root_certificates=pems["tls_ca"],
+                                                       private_key=pems["tls_key"],
+                                                       certificate_chain=pems["tls_cert"])
             if tls_domain:
                 extra.append(("grpc.ssl_target_name_override", tls_domain))
         self.tls = tls
@@ -271,7 +275,8 @@ class Client:
         self.check_replicas = check_replicas and len(self.addresses) > 1
         self.options = tuple(DEFAULT_OPTIONS) + tuple(extra) + tuple(options)
         single = (single_threaded_get_batch, single_threaded_stream)
-        why_not = next((w for w in (native_usable(a, tls) for a in self.addresses) if w), None)
+        why_not = next((w for w in (native_usable(a, tls, pems["tls_ca"] is not None) for a in self.addresses) if w),
+                       None)
         if native and why_not:
             raise ValueError(f"native=True, but {why_not}")
         if native is None:
@@ -290,7 +295,9 @@ class Client:
         # client, takes a minibatch's tensor best as one message (the server
         # caps this at its own limit).
         self._chunk_bytes = NATIVE_CHUNK_BYTES if use_native else 0
-        self._replicas = [_Replica(a, self.options, credentials, single, use_native) for a in self.addresses]
+        native_tls = dict(pems, tls_domain=tls_domain) if tls and use_native else None
+        self._replicas = [_Replica(a, self.options, credentials, single, use_native, native_tls)
+                          for a in self.addresses]
         self._lock = threading.Lock()
         self._next = 0
         self._fingerprint: Optional[tuple[str, str]] = None  # (fingerprint, address)

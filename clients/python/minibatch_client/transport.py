@@ -38,12 +38,12 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return code, details
 
 
-def native_usable(target: str, tls: bool) -> Optional[str]:
+def native_usable(target: str, tls: bool, has_ca: bool) -> Optional[str]:
     """None when the native transport can serve `target`; else why not."""
     if native is None:
         return "minibatch-client-native is not installed (pip install ./clients/python/native)"
-    if tls:
-        return "the native transport does not do TLS yet"
+    if tls and not has_ca:
+        return "the native transport needs tls_ca for TLS (the system's roots: grpcio only)"
     if not _PLAIN_TARGET.match(target):
         return f"the native transport dials host:port only, not {target!r}"
     return None

@@ -28,7 +28,7 @@ use pyo3::prelude::*;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::{Channel as TonicChannel, Endpoint};
+use tonic::transport::{Certificate, Channel as TonicChannel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
 
 /// HTTP/2 settings of the Rust client (src/client.rs, where the measurements
@@ -120,22 +120,54 @@ struct Channel {
 
 #[pymethods]
 impl Channel {
+    /// `tls_ca` (PEM bytes) turns TLS on; `tls_cert` and `tls_key` (PEM)
+    /// add a client identity (mutual TLS); `tls_domain` is the name to
+    /// verify (default: the address's host).
     #[new]
-    #[pyo3(signature = (address, connect_timeout = 5.0, max_frame_size = MAX_FRAME_SIZE))]
-    fn new(address: &str, connect_timeout: f64, max_frame_size: u32) -> PyResult<Self> {
+    #[pyo3(signature = (address, connect_timeout = 5.0, max_frame_size = MAX_FRAME_SIZE,
+                        tls_ca = None, tls_cert = None, tls_key = None, tls_domain = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        address: &str,
+        connect_timeout: f64,
+        max_frame_size: u32,
+        tls_ca: Option<Vec<u8>>,
+        tls_cert: Option<Vec<u8>>,
+        tls_key: Option<Vec<u8>>,
+        tls_domain: Option<String>,
+    ) -> PyResult<Self> {
+        let scheme = if tls_ca.is_some() { "https" } else { "http" };
         let uri = if address.contains("://") {
             address.to_string()
         } else {
-            format!("http://{address}")
+            format!("{scheme}://{address}")
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| PyException::new_err(format!("cannot start the I/O runtime: {e}")))?;
-        let ep = Endpoint::from_shared(uri)
-            .map_err(|e| {
-                pyo3::exceptions::PyValueError::new_err(format!("invalid address {address:?}: {e}"))
-            })?
+        let mut ep = Endpoint::from_shared(uri).map_err(|e| {
+            pyo3::exceptions::PyValueError::new_err(format!("invalid address {address:?}: {e}"))
+        })?;
+        if let Some(ca) = tls_ca {
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(cert, key)),
+                (None, None) => {}
+                _ => {
+                    return Err(pyo3::exceptions::PyValueError::new_err(
+                        "tls_cert and tls_key go together (mutual TLS)",
+                    ))
+                }
+            }
+            if let Some(d) = tls_domain {
+                tls = tls.domain_name(d);
+            }
+            ep = ep.tls_config(tls).map_err(|e| {
+                pyo3::exceptions::PyValueError::new_err(format!("TLS settings refused: {e}"))
+            })?;
+        }
+        let ep = ep
             .tcp_nodelay(true)
             .connect_timeout(seconds(connect_timeout).unwrap_or(Duration::from_secs(5)))
             .max_frame_size(max_frame_size.clamp(16 << 10, (16 << 20) - 1))
