@@ -11,6 +11,8 @@
 //! ```
 use std::time::Duration;
 
+use grpc_frames::MessageReader;
+use prost::Message as _;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 
@@ -136,7 +138,12 @@ pub struct Client {
     inner: BatchServiceClient<Channel>,
     channel: Channel,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// The same token as a header, for the calls made with `grpc_frames`.
+    auth: Option<http::HeaderValue>,
 }
+
+const GET_BATCH: &str = "/minibatch.v1.BatchService/GetBatch";
+const STREAM_BATCHES: &str = "/minibatch.v1.BatchService/StreamBatches";
 
 impl Client {
     /// Connects to `addr` (`http://host:port`, or bare `host:port`).
@@ -175,13 +182,17 @@ impl Client {
                 source,
             })?;
         }
-        let token =
-            match &o.token {
-                Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                    ClientError::Protocol("the token is not valid header text".into())
-                })?),
-                None => None,
-            };
+        let bad_token = || ClientError::Protocol("the token is not valid header text".into());
+        let (token, auth) = match &o.token {
+            Some(t) => {
+                let v = format!("Bearer {t}");
+                (
+                    Some(v.parse().map_err(|_| bad_token())?),
+                    Some(http::HeaderValue::from_str(&v).map_err(|_| bad_token())?),
+                )
+            }
+            None => (None, None),
+        };
         let ep = ep
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
@@ -196,7 +207,24 @@ impl Client {
             inner: BatchServiceClient::new(channel.clone()).max_decoding_message_size(MAX_DECODE),
             channel,
             token,
+            auth,
         })
+    }
+
+    /// Starts a server-streaming call whose responses are `TensorChunk`s,
+    /// read from the HTTP/2 frames without tonic's copy (see `grpc_frames`).
+    async fn chunks(
+        &mut self,
+        path: &str,
+        msg: &impl prost::Message,
+    ) -> Result<Chunks, ClientError> {
+        let mut headers = http::HeaderMap::new();
+        if let Some(a) = &self.auth {
+            headers.insert(http::header::AUTHORIZATION, a.clone());
+        }
+        let req = grpc_frames::request(path, &msg.encode_to_vec(), headers)?;
+        let reader = grpc_frames::call(&mut self.channel, req, MAX_DECODE).await?;
+        Ok(Chunks(reader))
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -239,8 +267,7 @@ impl Client {
             with_indices: r.with_indices,
             max_chunk_bytes: r.max_chunk_bytes.unwrap_or(WHOLE_MESSAGES),
         };
-        let stream = self.inner.get_batch(self.request(req)).await?.into_inner();
-        let mut batches = assemble(stream);
+        let mut batches = assemble(self.chunks(GET_BATCH, &req).await?);
         let b = batches
             .next()
             .await
@@ -269,12 +296,33 @@ impl Client {
             with_indices: r.with_indices,
             max_chunk_bytes: r.max_chunk_bytes.unwrap_or(WHOLE_MESSAGES),
         };
-        let stream = self
-            .inner
-            .stream_batches(self.request(req))
-            .await?
-            .into_inner();
-        Ok(assemble(stream))
+        Ok(assemble(self.chunks(STREAM_BATCHES, &req).await?))
+    }
+}
+
+/// The `TensorChunk`s of one call, decoded from the received frames: a
+/// chunk's `data` that arrived in its own DATA frame (as minibatchd sends
+/// it) is that frame's bytes, not a copy.
+pub struct Chunks(MessageReader<tonic::body::Body>);
+
+impl Stream for Chunks {
+    type Item = Result<proto::TensorChunk, tonic::Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_message(cx).map(|m| {
+            m.map(|m| {
+                m.and_then(|m| {
+                    proto::TensorChunk::decode(m).map_err(|e| {
+                        tonic::Status::internal(format!(
+                            "response message is not a valid TensorChunk: {e}"
+                        ))
+                    })
+                })
+            })
+        })
     }
 }
 
@@ -327,7 +375,7 @@ impl<S> Assembler<S> {
     /// Adds one chunk; returns a minibatch when its last chunk arrives.
     fn push(&mut self, c: proto::TensorChunk) -> Result<Option<Batch>, ClientError> {
         let proto_err = |m: String| Err(ClientError::Protocol(m));
-        if crc32c::crc32c(&c.data) != c.crc32c {
+        if crate::crc::checksum(&c.data) != c.crc32c {
             return Err(ClientError::Checksum {
                 index: c.index,
                 name: c.name,

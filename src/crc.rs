@@ -9,6 +9,18 @@
 //! has the same length. Folding 334 rows (1 MiB of MNIST) costs microseconds.
 use crate::store::Tensor;
 
+/// CRC-32C of `data`.
+///
+/// Why crc-fast and not the crc32c crate: checking a received minibatch was
+/// 15 % of the Rust client's CPU for GetBatch(500). crc32c folds with the
+/// SSE4.2 `crc32` instruction (30 GB/s here, warm); crc-fast folds with
+/// carry-less multiplication over AVX-512 registers where the CPU has them
+/// (92 GB/s on this machine's Xeon), and falls back to SSE4.2 or portable
+/// code elsewhere.
+pub fn checksum(data: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
+}
+
 /// CRC-32C (Castagnoli) polynomial, bit-reflected.
 const POLY: u32 = 0x82F6_3B78;
 
@@ -109,9 +121,7 @@ impl RowCrcs {
     /// Reads the tensor once.
     pub fn new(t: &Tensor) -> Self {
         let row_bytes = t.row_bytes();
-        let crcs = (0..t.examples())
-            .map(|i| crc32c::crc32c(t.row(i)))
-            .collect();
+        let crcs = (0..t.examples()).map(|i| checksum(t.row(i))).collect();
         Self {
             row_bytes,
             crcs,
@@ -153,6 +163,16 @@ mod tests {
         let t = Tensor::new(DType::U8, vec![100, 37], Bytes::from(data.clone())).unwrap();
         let rc = RowCrcs::new(&t);
         assert_eq!(rc.of_rows(0..100), crc32c::crc32c(&data));
+        assert_eq!(
+            checksum(&data),
+            crc32c::crc32c(&data),
+            "crc-fast agrees with crc32c"
+        );
+        assert_eq!(
+            checksum(b"123456789"),
+            0xE306_9283,
+            "the CRC-32C check value"
+        );
         assert_eq!(rc.of_rows(10..11), crc32c::crc32c(&data[370..407]));
         let pick = [5usize, 99, 0, 42];
         let gathered: Vec<u8> = pick

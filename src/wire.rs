@@ -203,7 +203,7 @@ pub fn chunk_with(
                     Selection::Indices(idx) => rc.of_rows(idx[a..b].iter().copied()),
                 }
             }
-            None => crc32c::crc32c(&data),
+            None => crate::crc::checksum(&data),
         };
         out.push(proto::TensorChunk {
             index: m.index,

@@ -272,6 +272,34 @@ def test_chunk_reader_matches_protobuf():
         wire.parse_chunk(msg[:-3])
 
 
+def test_chunk_in_parts_reads_like_the_whole_message():
+    """The native transport hands over a message as its HTTP/2 frames. Every
+    split must read as the joined message; the split minibatchd makes (the
+    other fields, then `data` alone) must not copy `data`."""
+    data = bytes(range(256)) * 40
+    fields = dict(index=7, name="x", dtype=pb.DTYPE_UINT8, shape=[40, 256], offset=0, total_bytes=len(data),
+                  scale_divisor=256, last=True)
+    msg = _chunk(**fields, data=data)
+    whole = wire.parse_chunk(msg)
+    key = lambda c: (c.index, c.name, c.dtype, c.shape, c.offset, bytes(c.data), c.crc32c, c.total_bytes,  # noqa: E731
+                     c.scale_divisor, c.last)
+    for cut in range(1, len(msg)):
+        for parts in [(msg[:cut], msg[cut:]), (msg[:cut // 2], msg[cut // 2:cut], msg[cut:])]:
+            assert key(wire.parse_parts(tuple(memoryview(p) for p in parts))) == key(whole), cut
+    # minibatchd's split (src/routes.rs): every field but `data`, then `data`'s key and
+    # length, then `data` alone in a frame of its own
+    n = len(data)
+    head = _chunk(**fields, crc32c=crc32c(data)) + bytes([0x32, 0x80 | (n & 0x7F), n >> 7])
+    assert n >> 7 < 0x80
+    frame = memoryview(bytearray(data))
+    c = wire.parse_parts((memoryview(head), frame))
+    assert key(c) == key(whole)
+    assert c.data.obj is frame.obj, "data is the frame itself, not a copy"
+    # a truncated message in parts is still an error, not a short tensor
+    with pytest.raises(mc.ProtocolError):
+        wire.parse_parts((msg[:10], msg[10:-3]))
+
+
 def test_assembler_checks_crc_and_order():
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     y = np.array([1, 2, 3], dtype=np.int64)

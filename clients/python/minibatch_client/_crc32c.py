@@ -1,7 +1,9 @@
 """CRC-32C (Castagnoli), the checksum of every TensorChunk.
 
-Uses the `crc32c` package (hardware CRC32 instructions, ~20 GB/s) when it is
-installed, as `pip install ./clients/python` does. Otherwise a pure numpy
+Uses the native transport's `crc32c` when minibatch-client-native is
+installed (crc-fast: AVX-512 carry-less multiplication where the CPU has it,
+about 3x the next), else the `crc32c` package (hardware CRC32 instructions,
+~20-30 GB/s), as `pip install ./clients/python` installs. Otherwise a pure numpy
 fallback computes the same value: the data is cut into up to 4,096 lanes that
 advance one byte per step together (table-driven), and the lane CRCs are then
 combined pairwise with precomputed "append n zero bytes" operators (the trick
@@ -21,6 +23,13 @@ try:  # pragma: no cover - depends on the environment
 except ImportError:  # pragma: no cover
     _native = None
     BACKEND = "numpy"
+
+try:  # pragma: no cover - the optional native transport's CRC (AVX-512 where present: ~3x the crc32c package)
+    from minibatch_client_native import crc32c as _fast
+
+    BACKEND = "minibatch-client-native"
+except ImportError:  # pragma: no cover
+    _fast = None
 
 POLY = 0x82F63B78  # reflected Castagnoli polynomial
 _LANES = 4096
@@ -127,6 +136,11 @@ def crc32c_numpy(data) -> int:
 
 def crc32c(data) -> int:
     """CRC-32C of a bytes-like object (bytes, bytearray, memoryview)."""
+    if _fast is not None:
+        try:
+            return _fast(data)
+        except (TypeError, ValueError, BufferError):  # not a C-contiguous byte buffer
+            pass
     if _native is not None:
         return _native(data)
     return _crc32c_numpy(data)

@@ -50,7 +50,9 @@ def native_usable(target: str, tls: bool, has_ca: bool) -> Optional[str]:
 
 
 class _NativeCall:
-    """A native call as the client iterates it: memoryviews of the messages.
+    """A native call as the client iterates it: each message as a memoryview,
+    or, when it came in several HTTP/2 frames, as the tuple of their
+    memoryviews (wire.parse_parts reads those without joining them).
     Like a grpcio call, it starts when iterated, so every failure (including
     the server refusing the request) surfaces from the iteration."""
 
@@ -66,7 +68,8 @@ class _NativeCall:
             return
         self._call = self._start()
         for m in self._call:
-            yield memoryview(m)
+            parts = m.parts()
+            yield memoryview(parts[0]) if len(parts) == 1 else (tuple(map(memoryview, parts)) if parts else memoryview(m))
 
     def cancel(self) -> None:
         self._cancelled = True

@@ -10,6 +10,7 @@ tensor's buffer, allocated whole when its first chunk arrives.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -105,18 +106,45 @@ class Chunk:
         self.last = False
 
 
-def parse_chunk(msg: bytes) -> Chunk:
-    """Reads a serialized TensorChunk (proto3 wire format; unknown fields skipped)."""
+class _Unaligned(Exception):
+    """The message's parts do not split where parse_chunk's fast path needs."""
+
+
+def parse_parts(parts: tuple) -> Chunk:
+    """Reads a TensorChunk that arrived as several buffers (the native
+    transport's HTTP/2 frames, `Message.parts()`). minibatchd sends a chunk
+    as its other fields, then `data` in a frame of its own: `data` is then
+    that frame, not a copy. Any other split is joined first (one copy)."""
+    try:
+        return parse_chunk(parts[0], parts[1:])
+    except (_Unaligned, ProtocolError):  # the joined message decides (and names any real error)
+        return parse_chunk(b"".join(parts))
+
+
+def parse_chunk(msg: bytes, tail: tuple = ()) -> Chunk:
+    """Reads a serialized TensorChunk (proto3 wire format; unknown fields skipped).
+
+    With `tail` (the buffers that follow `msg` in the message), the message
+    must end with `data` whose bytes are exactly the tail (else _Unaligned)."""
     c = Chunk()
+    took_tail = False
     mv = memoryview(msg)
     n = len(msg)
     p = 0
     try:
         while p < n:
-            key, p = _varint(msg, p)
+            key = msg[p]  # every TensorChunk key is one byte; _varint reads longer ones
+            if key < 0x80:
+                p += 1
+            else:
+                key, p = _varint(msg, p)
             field, wt = key >> 3, key & 7
             if wt == 0:
-                v, p = _varint(msg, p)
+                v = msg[p]
+                if v < 0x80:
+                    p += 1
+                else:
+                    v, p = _varint(msg, p)
                 if field == 1:
                     c.index = v
                 elif field == 3:
@@ -135,7 +163,14 @@ def parse_chunk(msg: bytes) -> Chunk:
                 ln, p = _varint(msg, p)
                 end = p + ln
                 if end > n:
-                    raise ProtocolError("truncated TensorChunk")
+                    if not tail:
+                        raise ProtocolError("truncated TensorChunk")
+                    if field != 6 or p != n or ln != sum(len(t) for t in tail):
+                        raise _Unaligned
+                    c.data = memoryview(tail[0]) if len(tail) == 1 else memoryview(b"".join(tail))
+                    took_tail = True
+                    p = n
+                    break
                 if field == 6:
                     c.data = mv[p:end]
                 elif field == 2:
@@ -157,9 +192,15 @@ def parse_chunk(msg: bytes) -> Chunk:
             else:
                 raise ProtocolError(f"unsupported wire type {wt} in TensorChunk")
     except IndexError:
+        if tail:
+            raise _Unaligned from None
         raise ProtocolError("truncated TensorChunk") from None
     if p != n:
+        if tail:
+            raise _Unaligned
         raise ProtocolError("truncated TensorChunk")
+    if tail and not took_tail:
+        raise _Unaligned
     return c
 
 
@@ -203,7 +244,7 @@ class _Partial:
         if self.dtype not in DTYPES:
             raise ProtocolError(f"tensor {name}: unknown dtype value {self.dtype}")
         dname, npd = DTYPES[self.dtype]
-        want = int(np.prod(self.shape, dtype=np.int64)) * npd.itemsize
+        want = math.prod(self.shape) * npd.itemsize
         if want != self.total:
             raise ProtocolError(f"tensor {name}: shape {list(self.shape)} of {dname} needs {want} bytes, total_bytes is {self.total}")
         return Tensor(name, dname, self.buf.view(npd).reshape(self.shape), self.scale)
@@ -222,8 +263,9 @@ class Assembler:
         self.tensors: list[_Partial] = []
         self.cur: Optional[_Partial] = None
 
-    def push(self, msg: bytes) -> Optional[Batch]:
-        c = parse_chunk(msg)
+    def push(self, msg) -> Optional[Batch]:
+        """`msg`: the message as one buffer, or a tuple of its parts."""
+        c = parse_parts(msg) if isinstance(msg, tuple) else parse_chunk(msg)
         data = c.data
         if self.verify_crc and crc32c(data) != c.crc32c:
             raise ChecksumError(

@@ -4,32 +4,38 @@
 //! machines (thread hand-offs and copies inside grpc core; see
 //! shared/notes). This module moves only the transport into Rust: tonic over
 //! one HTTP/2 connection, driven on the calling thread by a current-thread
-//! tokio runtime with the GIL released. Each response message is handed to
-//! Python as a buffer over tonic's own receive buffer, without a copy; the
-//! Python client parses, checks CRCs, assembles and fails over exactly as it
-//! does with grpcio, so both transports share one code path above this one.
+//! tokio runtime with the GIL released. Responses are read with
+//! `grpc_frames` (crates/grpc-frames): each message is handed to Python as
+//! the HTTP/2 DATA frames that carried it, without a copy (tonic's own
+//! decoder copies every frame into one buffer first). The Python client
+//! parses, checks CRCs, assembles and fails over exactly as it does with
+//! grpcio, so both transports share one code path above this one.
 //!
 //! Surface (mirrors the grpcio calls the client makes):
 //! `Channel(address, max_frame_size=..)` and
 //! `Channel.unary_stream(path, request: bytes, metadata, timeout) -> Call`,
-//! an iterator of `Message` buffers with `cancel()`. Failures raise
+//! an iterator of `Message`s with `cancel()`. A `Message` is a read-only
+//! buffer (contiguous: a copy only when the message spans frames) and
+//! `Message.parts()` its frames as buffers (never a copy). Failures raise
 //! `RpcError` whose `code()` is the gRPC status code as an int and
-//! `details()` the server's message.
+//! `details()` the server's message. `crc32c(buffer)` is the CRC-32C the
+//! client checks chunks with (crc-fast: AVX-512 carry-less multiplication
+//! where the CPU has it).
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
+use grpc_frames::{MessageReader, Segments};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Certificate, Channel as TonicChannel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 
 /// HTTP/2 settings of the Rust client (src/client.rs, where the measurements
 /// are): the server's DATA frames are bounded by the max frame size the
@@ -65,49 +71,6 @@ fn rpc_error(st: &Status) -> PyErr {
         c => c,
     };
     RpcError::new_err((code as i32, st.message().to_string()))
-}
-
-/// Request and response messages as raw bytes: the Python client builds
-/// requests with protobuf and parses responses itself.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-struct RawEncoder;
-struct RawDecoder;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        // A split of tonic's receive buffer: no copy.
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
 }
 
 /// One HTTP/2 connection (opened on first use) and the runtime that drives it.
@@ -197,36 +160,28 @@ impl Channel {
         metadata: Option<Vec<(String, String)>>,
         timeout: Option<f64>,
     ) -> PyResult<Call> {
-        let path: http::uri::PathAndQuery = path
-            .parse()
-            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("bad path: {e}")))?;
-        let mut req = tonic::Request::new(Bytes::copy_from_slice(request));
+        let mut headers = http::HeaderMap::new();
         for (k, v) in metadata.unwrap_or_default() {
-            let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
-                k.parse().map_err(|_| {
-                    pyo3::exceptions::PyValueError::new_err(format!("bad metadata key {k:?}"))
-                })?;
-            let val = v.parse().map_err(|_| {
+            let key: http::HeaderName = k.parse().map_err(|_| {
+                pyo3::exceptions::PyValueError::new_err(format!("bad metadata key {k:?}"))
+            })?;
+            let val = http::HeaderValue::from_str(&v).map_err(|_| {
                 pyo3::exceptions::PyValueError::new_err(format!("bad metadata value for {k:?}"))
             })?;
-            req.metadata_mut().insert(key, val);
+            headers.insert(key, val);
         }
+        let req = grpc_frames::request(path, request, headers)
+            .map_err(|st| pyo3::exceptions::PyValueError::new_err(st.message().to_string()))?;
         // Enforced here, on every wait (tonic's own grpc-timeout handling
         // would end the call as CANCELLED, not DEADLINE_EXCEEDED).
         let deadline = timeout
             .and_then(seconds)
             .and_then(|d| tokio::time::Instant::now().checked_add(d));
-        let mut grpc =
-            tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_DECODE);
+        let mut channel = self.channel.clone();
         let rt = self.rt.clone();
         let stream = py.detach(|| {
             rt.block_on(within(deadline, async {
-                grpc.ready()
-                    .await
-                    .map_err(|e| Status::unavailable(format!("{e}")))?;
-                grpc.server_streaming(req, path, RawCodec)
-                    .await
-                    .map(|r| r.into_inner())
+                grpc_frames::call(&mut channel, req, MAX_DECODE).await
             }))
         });
         match stream {
@@ -272,7 +227,7 @@ async fn within<T>(
 #[pyclass(module = "minibatch_client_native")]
 struct Call {
     rt: Arc<Runtime>,
-    stream: Mutex<Option<Streaming<Bytes>>>,
+    stream: Mutex<Option<MessageReader<tonic::body::Body>>>,
     cancel: Arc<Notify>,
     cancelled: AtomicBool,
     deadline: Option<tokio::time::Instant>,
@@ -298,7 +253,7 @@ impl Call {
             };
             let r = self.rt.block_on(async {
                 tokio::select! {
-                    r = within(self.deadline, stream.message()) => r,
+                    r = within(self.deadline, async { stream.message().await.transpose() }) => r,
                     _ = self.cancel.notified() => Err(Status::cancelled("call cancelled by the client")),
                 }
             });
@@ -308,7 +263,10 @@ impl Call {
             r
         });
         match next {
-            Ok(m) => Ok(m.map(|data| Message { data })),
+            Ok(m) => Ok(m.map(|parts| Message {
+                parts,
+                joined: OnceLock::new(),
+            })),
             Err(st) => Err(rpc_error(&st)),
         }
     }
@@ -327,14 +285,57 @@ impl Call {
 }
 
 /// One response message: a read-only buffer (memoryview, numpy) over the
-/// received bytes.
+/// received bytes, and `parts()`, the frames that carried it.
 #[pyclass(module = "minibatch_client_native", frozen)]
 struct Message {
-    data: Bytes,
+    parts: Segments,
+    /// The message as one buffer: its frame when it came in one, else a
+    /// copy made on the first buffer request.
+    joined: OnceLock<Bytes>,
+}
+
+impl Message {
+    fn contiguous(&self) -> &Bytes {
+        self.joined
+            .get_or_init(|| self.parts.clone().into_contiguous())
+    }
 }
 
 #[pymethods]
 impl Message {
+    fn __len__(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The message's bytes as the frames (or parts of frames) that carried
+    /// them, in order: read-only buffers, none of them a copy.
+    fn parts(&self, py: Python<'_>) -> PyResult<Vec<Py<Frame>>> {
+        self.parts
+            .parts()
+            .map(|b| Py::new(py, Frame { data: b.clone() }))
+            .collect()
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        // SAFETY: as for Frame: the bytes live as long as this object.
+        unsafe { fill_buffer(slf.as_any(), slf.get().contiguous(), view, flags) }
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// One received frame's bytes as a read-only buffer.
+#[pyclass(module = "minibatch_client_native", frozen)]
+struct Frame {
+    data: Bytes,
+}
+
+#[pymethods]
+impl Frame {
     fn __len__(&self) -> usize {
         self.data.len()
     }
@@ -344,26 +345,63 @@ impl Message {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        let data = &slf.get().data;
-        // SAFETY: `view` comes from the interpreter; the bytes live as long
-        // as this object, which the view holds a reference to; read-only.
-        let rc = unsafe {
-            ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                data.as_ptr() as *mut c_void,
-                data.len() as ffi::Py_ssize_t,
-                1,
-                flags,
-            )
-        };
-        if rc == -1 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
+        // SAFETY: the bytes live as long as this object.
+        unsafe { fill_buffer(slf.as_any(), &slf.get().data, view, flags) }
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// Fills a read-only buffer view of `data`, owned by `owner`.
+///
+/// # Safety
+/// `view` must come from the interpreter's buffer request on `owner`, and
+/// `data` must live as long as `owner` (the view holds a reference to it).
+unsafe fn fill_buffer(
+    owner: &Bound<'_, PyAny>,
+    data: &Bytes,
+    view: *mut ffi::Py_buffer,
+    flags: c_int,
+) -> PyResult<()> {
+    // SAFETY: see the function's contract; readonly = 1.
+    let rc = unsafe {
+        ffi::PyBuffer_FillInfo(
+            view,
+            owner.as_ptr(),
+            data.as_ptr() as *mut c_void,
+            data.len() as ffi::Py_ssize_t,
+            1,
+            flags,
+        )
+    };
+    if rc == -1 {
+        return Err(PyErr::fetch(owner.py()));
+    }
+    Ok(())
+}
+
+/// CRC-32C of a buffer (what every TensorChunk carries), computed without
+/// the GIL.
+#[pyfunction]
+fn crc32c(py: Python<'_>, data: pyo3::buffer::PyBuffer<u8>) -> PyResult<u32> {
+    if !data.is_c_contiguous() {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "crc32c needs a C-contiguous buffer",
+        ));
+    }
+    // SAFETY: a C-contiguous buffer of len_bytes() bytes at buf_ptr(), held
+    // (and so valid) until `data` drops at the end of this call; read only.
+    let bytes: &[u8] =
+        unsafe { std::slice::from_raw_parts(data.buf_ptr() as *const u8, data.len_bytes()) };
+    Ok(if bytes.len() < (256 << 10) {
+        checksum(bytes)
+    } else {
+        py.detach(|| checksum(bytes))
+    })
+}
+
+fn checksum(b: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, b) as u32
 }
 
 #[pymodule]
@@ -371,6 +409,8 @@ fn minibatch_client_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Channel>()?;
     m.add_class::<Call>()?;
     m.add_class::<Message>()?;
+    m.add_class::<Frame>()?;
+    m.add_function(wrap_pyfunction!(crc32c, m)?)?;
     m.add("RpcError", m.py().get_type::<RpcError>())?;
     m.add("MAX_FRAME_SIZE", MAX_FRAME_SIZE)?;
     Ok(())
