@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use grpc_frames::MessageReader;
 use prost::Message as _;
+use tensor_chunks::TensorChunk;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 
@@ -306,7 +307,7 @@ impl Client {
 pub struct Chunks(MessageReader<tonic::body::Body>);
 
 impl Stream for Chunks {
-    type Item = Result<proto::TensorChunk, tonic::Status>;
+    type Item = Result<TensorChunk, tonic::Status>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -315,7 +316,7 @@ impl Stream for Chunks {
         self.0.poll_message(cx).map(|m| {
             m.map(|m| {
                 m.and_then(|m| {
-                    proto::TensorChunk::decode(m).map_err(|e| {
+                    TensorChunk::decode(m).map_err(|e| {
                         tonic::Status::internal(format!(
                             "response message is not a valid TensorChunk: {e}"
                         ))
@@ -329,129 +330,91 @@ impl Stream for Chunks {
 /// Turns a stream of chunks into a stream of verified minibatches.
 pub fn assemble<S>(chunks: S) -> Assembler<S>
 where
-    S: Stream<Item = Result<proto::TensorChunk, tonic::Status>> + Unpin,
+    S: Stream<Item = Result<TensorChunk, tonic::Status>> + Unpin,
 {
     Assembler {
         inner: chunks,
-        tensors: Vec::new(),
-        index: None,
+        chunks: tensor_chunks::Assembler::new(true),
         done: false,
     }
 }
 
-/// Reassembles chunks into minibatches, checking CRC-32C, offsets and order.
+/// Reassembles chunks into minibatches with `tensor_chunks` (CRC-32C,
+/// offsets and order checked there), and types their tensors.
 pub struct Assembler<S> {
     inner: S,
-    tensors: Vec<Building>,
-    index: Option<u64>,
+    chunks: tensor_chunks::Assembler,
     done: bool,
 }
 
-/// A tensor whose chunks are still arriving.
-struct Building {
-    meta: TensorData,
-    total: u64,
-    len: u64,
-    parts: Vec<bytes::Bytes>,
-}
-
-impl Building {
-    fn finish(self) -> TensorData {
-        let data = match self.parts.len() {
-            1 => self.parts.into_iter().next().expect("one part"),
-            _ => {
-                let mut b = bytes::BytesMut::with_capacity(self.len as usize);
-                for p in &self.parts {
-                    b.extend_from_slice(p);
-                }
-                b.freeze()
-            }
-        };
-        TensorData { data, ..self.meta }
+impl From<tensor_chunks::ChunkError> for ClientError {
+    fn from(e: tensor_chunks::ChunkError) -> Self {
+        match e {
+            tensor_chunks::ChunkError::Checksum {
+                index,
+                name,
+                offset,
+            } => ClientError::Checksum {
+                index,
+                name,
+                offset,
+            },
+            tensor_chunks::ChunkError::Protocol(m) => ClientError::Protocol(m),
+        }
     }
 }
 
-impl<S> Assembler<S> {
-    /// Adds one chunk; returns a minibatch when its last chunk arrives.
-    fn push(&mut self, c: proto::TensorChunk) -> Result<Option<Batch>, ClientError> {
-        let proto_err = |m: String| Err(ClientError::Protocol(m));
-        if crate::crc::checksum(&c.data) != c.crc32c {
-            return Err(ClientError::Checksum {
-                index: c.index,
-                name: c.name,
-                offset: c.offset,
-            });
-        }
-        if let Some(i) = self.index.filter(|&i| i != c.index) {
-            return proto_err(format!("minibatch {} began before {i} ended", c.index));
-        }
-        self.index = Some(c.index);
-        if self.tensors.last().is_none_or(|t| t.meta.name != c.name) {
-            if c.offset != 0 {
-                return proto_err(format!("tensor {} starts at offset {}", c.name, c.offset));
-            }
-            let Some(dtype) = proto::Dtype::try_from(c.dtype)
-                .ok()
-                .and_then(dtype_from_proto)
-            else {
-                return proto_err(format!("unknown dtype {}", c.dtype));
-            };
-            self.tensors.push(Building {
-                meta: TensorData {
-                    name: c.name.clone(),
-                    dtype,
-                    shape: c.shape.clone(),
-                    data: bytes::Bytes::new(),
-                    scale_divisor: c.scale_divisor,
-                },
-                total: c.total_bytes,
-                len: 0,
-                parts: Vec::new(),
-            });
-        }
-        let t = self.tensors.last_mut().expect("pushed above");
-        if c.offset != t.len || c.total_bytes != t.total || t.len + c.data.len() as u64 > t.total {
-            return proto_err(format!(
-                "tensor {} chunk at offset {} out of order",
-                c.name, c.offset
-            ));
-        }
-        t.len += c.data.len() as u64;
-        t.parts.push(c.data);
-        if !c.last {
-            return Ok(None);
-        }
-        if t.len != t.total {
-            return proto_err(format!(
-                "tensor {} ended at {} of {} bytes",
-                c.name, t.len, t.total
-            ));
-        }
-        let (mut x, mut y, mut indices) = (None, None, None);
-        for t in self.tensors.drain(..).map(Building::finish) {
-            match t.name.as_str() {
-                "x" => x = Some(t),
-                "y" => y = Some(t),
-                "indices" => indices = Some(t),
-                _ => {}
-            }
-        }
-        self.index = None;
-        match (x, y) {
-            (Some(x), Some(y)) => Ok(Some(Batch {
-                index: c.index,
-                x,
-                y,
-                indices,
-            })),
-            _ => proto_err("minibatch without x or y".into()),
-        }
+/// A reassembled tensor with its dtype and shape checked against its bytes.
+fn typed(t: tensor_chunks::Tensor) -> Result<TensorData, ClientError> {
+    let Some(dtype) = proto::Dtype::try_from(t.dtype)
+        .ok()
+        .and_then(dtype_from_proto)
+    else {
+        return Err(ClientError::Protocol(format!(
+            "tensor {}: unknown dtype {}",
+            t.name, t.dtype
+        )));
+    };
+    let want = t
+        .shape
+        .iter()
+        .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d));
+    if want != Some(t.total_bytes) {
+        return Err(ClientError::Protocol(format!(
+            "tensor {}: shape {:?} of {dtype:?} does not make {} bytes",
+            t.name, t.shape, t.total_bytes
+        )));
+    }
+    Ok(TensorData {
+        data: t.contiguous(),
+        name: t.name,
+        dtype,
+        shape: t.shape,
+        scale_divisor: t.scale_divisor,
+    })
+}
+
+fn typed_batch(mut b: tensor_chunks::Batch) -> Result<Batch, ClientError> {
+    let x = b.take("x").map(typed).transpose()?;
+    let y = b.take("y").map(typed).transpose()?;
+    let indices = b.take("indices").map(typed).transpose()?;
+    match (x, y) {
+        (Some(x), Some(y)) => Ok(Batch {
+            index: b.index,
+            x,
+            y,
+            indices,
+        }),
+        _ => Err(ClientError::Protocol(format!(
+            "minibatch {} without x or y",
+            b.index
+        ))),
     }
 }
 
 impl<S> Stream for Assembler<S>
 where
-    S: Stream<Item = Result<proto::TensorChunk, tonic::Status>> + Unpin,
+    S: Stream<Item = Result<TensorChunk, tonic::Status>> + Unpin,
 {
     type Item = Result<Batch, ClientError>;
 
@@ -469,17 +432,12 @@ where
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.done = true;
-                    if self.tensors.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Err(ClientError::Protocol(
-                        "stream ended inside a minibatch".into(),
-                    ))));
+                    return Poll::Ready(self.chunks.finish().err().map(|e| Err(e.into())));
                 }
                 Poll::Ready(Some(Err(s))) => Err(ClientError::from(s)),
-                Poll::Ready(Some(Ok(c))) => self.push(c),
+                Poll::Ready(Some(Ok(c))) => self.chunks.push(c).map_err(ClientError::from),
             };
-            match item {
+            match item.and_then(|b| b.map(typed_batch).transpose()) {
                 Ok(None) => continue,
                 Ok(Some(b)) => return Poll::Ready(Some(Ok(b))),
                 Err(e) => {

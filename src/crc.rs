@@ -9,17 +9,8 @@
 //! has the same length. Folding 334 rows (1 MiB of MNIST) costs microseconds.
 use crate::store::Tensor;
 
-/// CRC-32C of `data`.
-///
-/// Why crc-fast and not the crc32c crate: checking a received minibatch was
-/// 15 % of the Rust client's CPU for GetBatch(500). crc32c folds with the
-/// SSE4.2 `crc32` instruction (30 GB/s here, warm); crc-fast folds with
-/// carry-less multiplication over AVX-512 registers where the CPU has them
-/// (92 GB/s on this machine's Xeon), and falls back to SSE4.2 or portable
-/// code elsewhere.
-pub fn checksum(data: &[u8]) -> u32 {
-    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
-}
+/// CRC-32C of a buffer (crc-fast; see `tensor_chunks::checksum` for why).
+pub use tensor_chunks::checksum;
 
 /// CRC-32C (Castagnoli) polynomial, bit-reflected.
 const POLY: u32 = 0x82F6_3B78;

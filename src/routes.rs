@@ -269,6 +269,35 @@ mod tests {
             msg.extend_from_slice(&d);
             assert_eq!(msg.len(), len, "prefix length covers header and data");
             assert_eq!(proto::TensorChunk::decode(&msg[..]).unwrap(), chunk);
+            // ... and so does the clients' hand-written mirror of the message.
+            let mirror = tensor_chunks::TensorChunk::decode(&msg[..]).unwrap();
+            assert_eq!(
+                (
+                    mirror.index,
+                    mirror.name.as_str(),
+                    mirror.dtype,
+                    &mirror.shape[..]
+                ),
+                (
+                    chunk.index,
+                    chunk.name.as_str(),
+                    chunk.dtype,
+                    &chunk.shape[..]
+                )
+            );
+            assert_eq!(
+                (
+                    mirror.offset,
+                    &mirror.data,
+                    mirror.crc32c,
+                    mirror.total_bytes
+                ),
+                (chunk.offset, &chunk.data, chunk.crc32c, chunk.total_bytes)
+            );
+            assert_eq!(
+                (mirror.scale_divisor, mirror.last),
+                (chunk.scale_divisor, chunk.last)
+            );
         }
     }
 }

@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -272,32 +273,57 @@ def test_chunk_reader_matches_protobuf():
         wire.parse_chunk(msg[:-3])
 
 
-def test_chunk_in_parts_reads_like_the_whole_message():
-    """The native transport hands over a message as its HTTP/2 frames. Every
-    split must read as the joined message; the split minibatchd makes (the
-    other fields, then `data` alone) must not copy `data`."""
-    data = bytes(range(256)) * 40
-    fields = dict(index=7, name="x", dtype=pb.DTYPE_UINT8, shape=[40, 256], offset=0, total_bytes=len(data),
-                  scale_divisor=256, last=True)
-    msg = _chunk(**fields, data=data)
-    whole = wire.parse_chunk(msg)
-    key = lambda c: (c.index, c.name, c.dtype, c.shape, c.offset, bytes(c.data), c.crc32c, c.total_bytes,  # noqa: E731
-                     c.scale_divisor, c.last)
-    for cut in range(1, len(msg)):
-        for parts in [(msg[:cut], msg[cut:]), (msg[:cut // 2], msg[cut // 2:cut], msg[cut:])]:
-            assert key(wire.parse_parts(tuple(memoryview(p) for p in parts))) == key(whole), cut
-    # minibatchd's split (src/routes.rs): every field but `data`, then `data`'s key and
-    # length, then `data` alone in a frame of its own
-    n = len(data)
-    head = _chunk(**fields, crc32c=crc32c(data)) + bytes([0x32, 0x80 | (n & 0x7F), n >> 7])
-    assert n >> 7 < 0x80
-    frame = memoryview(bytearray(data))
-    c = wire.parse_parts((memoryview(head), frame))
-    assert key(c) == key(whole)
-    assert c.data.obj is frame.obj, "data is the frame itself, not a copy"
-    # a truncated message in parts is still an error, not a short tensor
-    with pytest.raises(mc.ProtocolError):
-        wire.parse_parts((msg[:10], msg[10:-3]))
+def _bad_server(messages: list[bytes]):
+    """A real gRPC server (grpcio) whose GetBatch answers with `messages`, raw."""
+    from concurrent import futures
+
+    def get_batch(request, context):
+        yield from messages
+
+    handler = grpc.method_handlers_generic_handler("minibatch.v1.BatchService", {
+        "GetBatch": grpc.unary_stream_rpc_method_handler(get_batch, request_deserializer=None,
+                                                         response_serializer=None)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "grpcio"])
+def test_bad_streams_raise_checksum_and_protocol_errors(native):
+    """Corrupt or malformed chunks from a server fail the call with the
+    client's own errors, on both transports (the native one reassembles with
+    the Rust rules, grpcio's messages go through wire.Assembler)."""
+    from minibatch_client import transport
+    if native and transport.native is None:
+        pytest.skip("minibatch-client-native is not installed")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    y = np.array([1, 2], dtype=np.int64)
+    xc = dict(index=0, name="x", dtype=pb.DTYPE_FLOAT32, shape=[2, 4], total_bytes=32, data=x.tobytes())
+    yc = dict(index=0, name="y", dtype=pb.DTYPE_INT64, shape=[2], total_bytes=16, data=y.tobytes(), last=True)
+    cases = [
+        ([_chunk(**xc), _chunk(**yc)], None, None),
+        ([_chunk(**xc, crc32c=1), _chunk(**yc)], mc.ChecksumError, "CRC-32C"),
+        ([_chunk(**yc)], mc.ProtocolError, "lacks x or y"),
+        ([_chunk(**xc)], mc.ProtocolError, "in the middle of minibatch 0"),
+        ([_chunk(**{**xc, "offset": 4})], mc.ProtocolError, "starts at offset"),
+        ([b"\xff\xff"], mc.ProtocolError, "TensorChunk"),
+    ]
+    for messages, err, match in cases:
+        server, addr = _bad_server(messages)
+        try:
+            with mc.Client(addr, native=native, timeout=10) as c:
+                assert c.transport == ("native" if native else "grpcio")
+                if err is None:
+                    bx, by = c.get_batch("train", 0, 2)
+                    assert np.array_equal(bx, x) and np.array_equal(by, y)
+                    bx += 1  # writable, as documented
+                else:
+                    with pytest.raises(err, match=match):
+                        c.get_batch("train", 0, 2)
+        finally:
+            server.stop(None)
 
 
 def test_assembler_checks_crc_and_order():

@@ -23,7 +23,7 @@ from .errors import (
 )
 from . import transport as _transport
 from .transport import RPC_ERRORS, NativeUnaryStream, native_usable
-from .wire import Assembler, Batch, decode_x, dtype_code, dtype_name
+from .wire import Batch, batches, decode_x, dtype_code, dtype_name
 
 T = TypeVar("T")
 
@@ -404,17 +404,13 @@ class Client:
         return out
 
     def _one_batch(self, r: _Replica, req: pb.GetBatchRequest) -> Batch:
-        asm = Assembler(self.verify_crc)
         batch = None
         call = r.get_batch(req, timeout=self.timeout, metadata=self._metadata)
         try:
-            for msg in call:
-                b = asm.push(msg)
-                if b is not None:
-                    if batch is not None:
-                        raise ProtocolError("GetBatch sent more than one minibatch", address=r.address)
-                    batch = b
-            asm.finish()
+            for b in batches(call, self.verify_crc):
+                if batch is not None:
+                    raise ProtocolError("GetBatch sent more than one minibatch", address=r.address)
+                batch = b
         except RPC_ERRORS as e:
             raise from_rpc_error(e, r.address) from None
         finally:
@@ -517,11 +513,7 @@ class _Stream:
                 client._check_replica(r)
                 call = r.stream_batches(req, timeout=client.stream_timeout, metadata=client._metadata)
                 self.call = call
-                asm = Assembler(client.verify_crc)
-                for msg in call:
-                    b = asm.push(msg)
-                    if b is None:
-                        continue
+                for b in batches(call, client.verify_crc):
                     if b.index != self.position:
                         raise ProtocolError(f"expected minibatch {self.position}, got {b.index}", address=r.address)
                     self.position += 1
@@ -530,7 +522,6 @@ class _Stream:
                     yield b
                     if self.stop.is_set():
                         return
-                asm.finish()
                 return
             except RPC_ERRORS as e:
                 if self.stop.is_set():

@@ -50,9 +50,8 @@ def native_usable(target: str, tls: bool, has_ca: bool) -> Optional[str]:
 
 
 class _NativeCall:
-    """A native call as the client iterates it: each message as a memoryview,
-    or, when it came in several HTTP/2 frames, as the tuple of their
-    memoryviews (wire.parse_parts reads those without joining them).
+    """A native call as the client uses it: `batches()` (whole minibatches,
+    reassembled natively), or iterated, the raw messages as memoryviews.
     Like a grpcio call, it starts when iterated, so every failure (including
     the server refusing the request) surfaces from the iteration."""
 
@@ -68,8 +67,26 @@ class _NativeCall:
             return
         self._call = self._start()
         for m in self._call:
-            parts = m.parts()
-            yield memoryview(parts[0]) if len(parts) == 1 else (tuple(map(memoryview, parts)) if parts else memoryview(m))
+            yield memoryview(m)
+
+    def batches(self, verify_crc: bool = True) -> Iterator:
+        """Whole minibatches (wire.Batch), reassembled and checked natively
+        (tensor_chunks, the Rust client's rules) into writable buffers."""
+        from . import wire  # errors (which wire imports) imports this module: import late
+        from .errors import ChecksumError, ProtocolError
+
+        if self._cancelled:
+            return
+        self._call = call = self._start()
+        while True:
+            try:
+                t = call.next_batch(verify_crc)
+            except native.ChunkError as e:
+                kind, message = e.args
+                raise (ChecksumError if kind == "checksum" else ProtocolError)(message) from None
+            if t is None:
+                return
+            yield wire.batch_from_native(t)
 
     def cancel(self) -> None:
         self._cancelled = True

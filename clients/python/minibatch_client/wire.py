@@ -7,12 +7,17 @@ A minibatch arrives as chunks of `x`, then of `y`, then (when asked) of
 decoding) and reads the fields with the small reader below over a memoryview,
 so a chunk's payload is copied exactly once: from the message into the
 tensor's buffer, allocated whole when its first chunk arrives.
+
+That is the grpcio transport's path. The native transport reassembles whole
+minibatches itself, with the same checks (crates/tensor-chunks), and hands
+over writable buffers: batch_from_native() wraps them; batches() picks the
+path for a call.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -106,28 +111,9 @@ class Chunk:
         self.last = False
 
 
-class _Unaligned(Exception):
-    """The message's parts do not split where parse_chunk's fast path needs."""
-
-
-def parse_parts(parts: tuple) -> Chunk:
-    """Reads a TensorChunk that arrived as several buffers (the native
-    transport's HTTP/2 frames, `Message.parts()`). minibatchd sends a chunk
-    as its other fields, then `data` in a frame of its own: `data` is then
-    that frame, not a copy. Any other split is joined first (one copy)."""
-    try:
-        return parse_chunk(parts[0], parts[1:])
-    except (_Unaligned, ProtocolError):  # the joined message decides (and names any real error)
-        return parse_chunk(b"".join(parts))
-
-
-def parse_chunk(msg: bytes, tail: tuple = ()) -> Chunk:
-    """Reads a serialized TensorChunk (proto3 wire format; unknown fields skipped).
-
-    With `tail` (the buffers that follow `msg` in the message), the message
-    must end with `data` whose bytes are exactly the tail (else _Unaligned)."""
+def parse_chunk(msg: bytes) -> Chunk:
+    """Reads a serialized TensorChunk (proto3 wire format; unknown fields skipped)."""
     c = Chunk()
-    took_tail = False
     mv = memoryview(msg)
     n = len(msg)
     p = 0
@@ -163,14 +149,7 @@ def parse_chunk(msg: bytes, tail: tuple = ()) -> Chunk:
                 ln, p = _varint(msg, p)
                 end = p + ln
                 if end > n:
-                    if not tail:
-                        raise ProtocolError("truncated TensorChunk")
-                    if field != 6 or p != n or ln != sum(len(t) for t in tail):
-                        raise _Unaligned
-                    c.data = memoryview(tail[0]) if len(tail) == 1 else memoryview(b"".join(tail))
-                    took_tail = True
-                    p = n
-                    break
+                    raise ProtocolError("truncated TensorChunk")
                 if field == 6:
                     c.data = mv[p:end]
                 elif field == 2:
@@ -192,15 +171,9 @@ def parse_chunk(msg: bytes, tail: tuple = ()) -> Chunk:
             else:
                 raise ProtocolError(f"unsupported wire type {wt} in TensorChunk")
     except IndexError:
-        if tail:
-            raise _Unaligned from None
         raise ProtocolError("truncated TensorChunk") from None
     if p != n:
-        if tail:
-            raise _Unaligned
         raise ProtocolError("truncated TensorChunk")
-    if tail and not took_tail:
-        raise _Unaligned
     return c
 
 
@@ -263,9 +236,8 @@ class Assembler:
         self.tensors: list[_Partial] = []
         self.cur: Optional[_Partial] = None
 
-    def push(self, msg) -> Optional[Batch]:
-        """`msg`: the message as one buffer, or a tuple of its parts."""
-        c = parse_parts(msg) if isinstance(msg, tuple) else parse_chunk(msg)
+    def push(self, msg: bytes) -> Optional[Batch]:
+        c = parse_chunk(msg)
         data = c.data
         if self.verify_crc and crc32c(data) != c.crc32c:
             raise ChecksumError(
@@ -307,6 +279,39 @@ class Assembler:
         """Call when the stream ends: a half-received minibatch is an error."""
         if self.tensors:
             raise ProtocolError(f"stream ended in the middle of minibatch {self.index}")
+
+
+def batch_from_native(t) -> Batch:
+    """A minibatch the native transport reassembled (Call.next_batch):
+    (index, [(name, dtype, shape, scale_divisor, writable buffer), ...])."""
+    index, tensors = t
+    found = {}
+    for name, code, shape, scale, buf in tensors:
+        if code not in DTYPES:
+            raise ProtocolError(f"tensor {name}: unknown dtype value {code}")
+        dname, npd = DTYPES[code]
+        if math.prod(shape) * npd.itemsize != len(buf):
+            raise ProtocolError(f"tensor {name}: shape {list(shape)} of {dname} needs "
+                                f"{math.prod(shape) * npd.itemsize} bytes, total_bytes is {len(buf)}")
+        found[name] = Tensor(name, dname, np.frombuffer(buf, npd).reshape(shape), scale)
+    return Batch(index, found["x"], found["y"], found.get("indices"))  # x and y: checked natively
+
+
+def batches(call, verify_crc: bool = True) -> Iterator[Batch]:
+    """The minibatches of a GetBatch/StreamBatches call of either transport:
+    the native one reassembles them itself (`batches`), grpcio's messages go
+    through the Assembler here. Raises ProtocolError/ChecksumError for a bad
+    stream; the transport's own errors for the call's status."""
+    native = getattr(call, "batches", None)
+    if native is not None:
+        yield from native(verify_crc)
+        return
+    asm = Assembler(verify_crc)
+    for msg in call:
+        b = asm.push(msg)
+        if b is not None:
+            yield b
+    asm.finish()
 
 
 def decode_x(t: Tensor) -> np.ndarray:
