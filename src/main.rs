@@ -142,6 +142,10 @@ struct ServeArgs {
     /// RPCs one connection may have in flight (HTTP/2 max concurrent streams).
     #[arg(long, env = "MINIBATCHD_MAX_CONCURRENT_STREAMS", default_value_t = minibatchd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
+    /// Serving threads (each serves whole connections on its own
+    /// single-threaded runtime); 0 = one per CPU.
+    #[arg(long, env = "MINIBATCHD_IO_THREADS", default_value_t = 0)]
+    io_threads: usize,
     /// Seconds between HTTP/2 keepalive pings; a peer silent for 10 s more is dropped.
     #[arg(long, env = "MINIBATCHD_KEEPALIVE_SECS", default_value_t = 30.0)]
     keepalive_secs: f64,
@@ -375,6 +379,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         eager_stats: true,
         max_connections: a.max_connections,
         max_concurrent_streams: a.max_concurrent_streams,
+        io_threads: a.io_threads,
         keepalive_interval: Duration::from_secs_f64(a.keepalive_secs.max(1.0)),
         keepalive_timeout: Duration::from_secs(10),
         auth_token: match (&a.auth_token_file, &a.auth_token) {

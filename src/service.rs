@@ -273,6 +273,22 @@ impl BatchService {
     }
 }
 
+/// The [`StreamSpec`] of a GetBatch or StreamBatches request (the fields
+/// both messages have, under the same names).
+macro_rules! stream_spec {
+    ($r:expr) => {
+        StreamSpec {
+            set: &$r.set,
+            size: $r.size,
+            order: $r.order,
+            x_dtype: $r.x_dtype,
+            y_dtype: $r.y_dtype,
+            with_indices: $r.with_indices,
+            max_chunk_bytes: $r.max_chunk_bytes,
+        }
+    };
+}
+
 #[tonic::async_trait]
 impl proto::batch_service_server::BatchService for BatchService {
     async fn get_info(
@@ -342,15 +358,7 @@ impl proto::batch_service_server::BatchService for BatchService {
         req: Request<proto::GetBatchRequest>,
     ) -> Result<Response<BatchStream>, Status> {
         let r = req.into_inner();
-        let spec = StreamSpec {
-            set: &r.set,
-            size: r.size,
-            order: r.order,
-            x_dtype: r.x_dtype,
-            y_dtype: r.y_dtype,
-            with_indices: r.with_indices,
-            max_chunk_bytes: r.max_chunk_bytes,
-        };
+        let spec = stream_spec!(r);
         self.open("GetBatch", spec, |plan| {
             plan.batch(r.index)?;
             Ok(r.index..r.index + 1)
@@ -365,15 +373,7 @@ impl proto::batch_service_server::BatchService for BatchService {
         req: Request<proto::StreamBatchesRequest>,
     ) -> Result<Response<BatchStream>, Status> {
         let r = req.into_inner();
-        let spec = StreamSpec {
-            set: &r.set,
-            size: r.size,
-            order: r.order,
-            x_dtype: r.x_dtype,
-            y_dtype: r.y_dtype,
-            with_indices: r.with_indices,
-            max_chunk_bytes: r.max_chunk_bytes,
-        };
+        let spec = stream_spec!(r);
         self.open("StreamBatches", spec, |plan| {
             let batches = plan.batches();
             if r.start >= batches && !(r.start == 0 && batches == 0) {

@@ -5,6 +5,7 @@ mod common;
 use common::{sample, synthetic, TestServer};
 use minibatchd::client::{BatchRequest, Client};
 use minibatchd::proto;
+use minibatchd::server::ServerOptions;
 use minibatchd::store::{DType, Dataset};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -515,7 +516,50 @@ async fn shutdown_reports_not_serving_and_finishes_streams_in_flight() {
         .expect("server stops")
         .unwrap()
         .unwrap();
-    assert!(Client::connect(&srv.addr.to_string()).await.is_err() || c.health().await.is_err());
+    // Stopped means stopped: the listening socket is closed (new clients
+    // are refused at once) and so is the connection that was open.
+    assert!(
+        tokio::net::TcpStream::connect(srv.addr).await.is_err(),
+        "nothing listens after the server stopped"
+    );
+    assert!(c.health().await.is_err(), "open connections are closed");
+}
+
+/// Connections are spread over the serving threads (each its own runtime):
+/// with more clients than threads, every client gets the right bytes,
+/// concurrently, whatever thread serves it.
+#[tokio::test]
+async fn connections_are_served_on_every_io_thread() {
+    for io_threads in [1, 3] {
+        let srv = TestServer::start_with(
+            synthetic(),
+            ServerOptions {
+                io_threads,
+                ..Default::default()
+            },
+        )
+        .await;
+        let mut tasks = Vec::new();
+        for k in 0..5u64 {
+            let mut c = srv.client().await;
+            let ds = srv.dataset.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..6 {
+                    let index = (k * 6 + i) % 20;
+                    let b = c
+                        .get_batch(&BatchRequest::new("train", index, 100))
+                        .await
+                        .unwrap();
+                    let want: Vec<usize> =
+                        (index as usize * 100..index as usize * 100 + 100).collect();
+                    assert_eq!(&b.x.data[..], &rows(&ds, "train", "x", &want)[..]);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
 }
 
 #[tokio::test]
