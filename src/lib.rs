@@ -20,10 +20,14 @@
 //! - [`service`]: the tonic `BatchService`: requests in, status codes out.
 //! - [`routes`]: GetBatch and StreamBatches framed by hand, so tensor bytes
 //!   reach the socket without a copy; GetInfo through tonic.
-//! - [`server`]: `run(listener, shutdown)`: health, reflection, metrics, limits.
+//! - [`server`]: `run(listener, shutdown)`: thread-per-core serving (each
+//!   connection on one single-threaded runtime), health, reflection, limits.
 //! - [`access`]: bearer-token auth and TLS / mTLS settings.
 //! - [`metrics`]: Prometheus counters and histograms and their HTTP endpoint.
-//! - [`client`]: the Rust client other programs (and the CLI) use.
+//! - [`client`]: the Rust client other programs (and the CLI) use; it reads
+//!   responses with the `grpc-frames` crate (messages straight from HTTP/2
+//!   frames) and reassembles them with `tensor-chunks` (crates/), both shared
+//!   with the Python client's native transport.
 //! - [`proto`]: the generated wire contract (`proto/minibatch/v1/minibatch.proto`).
 pub mod access;
 pub mod analyze;
