@@ -274,15 +274,15 @@ def test_chunk_reader_matches_protobuf():
 
 
 def _bad_server(messages: list[bytes]):
-    """A real gRPC server (grpcio) whose GetBatch answers with `messages`, raw."""
+    """A real gRPC server (grpcio) whose GetBatch and StreamBatches answer with `messages`, raw."""
     from concurrent import futures
 
     def get_batch(request, context):
         yield from messages
 
     handler = grpc.method_handlers_generic_handler("minibatch.v1.BatchService", {
-        "GetBatch": grpc.unary_stream_rpc_method_handler(get_batch, request_deserializer=None,
-                                                         response_serializer=None)})
+        name: grpc.unary_stream_rpc_method_handler(get_batch, request_deserializer=None, response_serializer=None)
+        for name in ("GetBatch", "StreamBatches")})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -319,9 +319,14 @@ def test_bad_streams_raise_checksum_and_protocol_errors(native):
                     bx, by = c.get_batch("train", 0, 2)
                     assert np.array_equal(bx, x) and np.array_equal(by, y)
                     bx += 1  # writable, as documented
+                    [(ex, ey)] = list(c.epoch("train", 2, prefetch=0))
+                    assert np.array_equal(ex, x) and np.array_equal(ey, y)
+                    ex += 1
                 else:
                     with pytest.raises(err, match=match):
                         c.get_batch("train", 0, 2)
+                    with pytest.raises(err, match=match):
+                        list(c.epoch("train", 2, prefetch=0))
         finally:
             server.stop(None)
 

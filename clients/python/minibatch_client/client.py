@@ -405,6 +405,15 @@ class Client:
 
     def _one_batch(self, r: _Replica, req: pb.GetBatchRequest) -> Batch:
         batch = None
+        one = getattr(r.get_batch, "one_batch", None)
+        if one is not None:  # the native transport: the whole call in one step
+            try:
+                batch = one(req, timeout=self.timeout, metadata=self._metadata, verify_crc=self.verify_crc)
+            except RPC_ERRORS as e:
+                raise from_rpc_error(e, r.address) from None
+            if batch.index != req.index:
+                raise ProtocolError(f"asked for minibatch {req.index}, got {batch.index}", address=r.address)
+            return batch
         call = r.get_batch(req, timeout=self.timeout, metadata=self._metadata)
         try:
             for b in batches(call, self.verify_crc):

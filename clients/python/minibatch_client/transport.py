@@ -72,9 +72,6 @@ class _NativeCall:
     def batches(self, verify_crc: bool = True) -> Iterator:
         """Whole minibatches (wire.Batch), reassembled and checked natively
         (tensor_chunks, the Rust client's rules) into writable buffers."""
-        from . import wire  # errors (which wire imports) imports this module: import late
-        from .errors import ChecksumError, ProtocolError
-
         if self._cancelled:
             return
         self._call = call = self._start()
@@ -82,11 +79,10 @@ class _NativeCall:
             try:
                 t = call.next_batch(verify_crc)
             except native.ChunkError as e:
-                kind, message = e.args
-                raise (ChecksumError if kind == "checksum" else ProtocolError)(message) from None
+                raise _chunk_error(e) from None
             if t is None:
                 return
-            yield wire.batch_from_native(t)
+            yield _wire().batch_from_native(t)
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -94,9 +90,24 @@ class _NativeCall:
             self._call.cancel()
 
 
+def _wire():
+    # errors (which wire imports) imports this module: wire is imported late
+    from . import wire
+
+    return wire
+
+
+def _chunk_error(e: BaseException) -> BaseException:
+    """The client's ChecksumError or ProtocolError for a native ChunkError."""
+    from .errors import ChecksumError, ProtocolError
+
+    kind, message = e.args
+    return (ChecksumError if kind == "checksum" else ProtocolError)(message)
+
+
 class NativeUnaryStream:
     """A server-streaming method on a native channel, called like grpcio's
-    multicallable with a protobuf request."""
+    multicallable with a protobuf request; `one_batch` is a whole GetBatch."""
 
     def __init__(self, channel, path: str):
         self._channel = channel
@@ -107,3 +118,13 @@ class NativeUnaryStream:
         raw = request.SerializeToString()
         md = list(metadata) if metadata else None
         return _NativeCall(lambda: self._channel.unary_stream(self._path, raw, md, timeout))
+
+    def one_batch(self, request, timeout: Optional[float] = None,
+                  metadata: Optional[Sequence[tuple[str, str]]] = None, verify_crc: bool = True):
+        """The call's one minibatch (wire.Batch), in one step into Rust."""
+        try:
+            t = self._channel.one_batch(self._path, request.SerializeToString(),
+                                        list(metadata) if metadata else None, timeout, verify_crc)
+        except native.ChunkError as e:
+            raise _chunk_error(e) from None
+        return _wire().batch_from_native(t)
