@@ -162,8 +162,8 @@ def test_transport_choice(server, monkeypatch):
     monkeypatch.delenv("MINIBATCH_CLIENT_TRANSPORT", raising=False)
     with mc.Client(server, native=False) as c:
         assert c.transport == "grpcio"
-    with pytest.raises(ValueError, match="tls_ca"):
-        mc.Client("https://" + server, native=True)  # TLS with the system's roots: grpcio only
+    with pytest.raises(ValueError, match="host:port"):
+        mc.Client("unix:/tmp/minibatchd.sock", native=True)  # other grpc target schemes: grpcio only
     monkeypatch.setenv("MINIBATCH_CLIENT_TRANSPORT", "carrier-pigeon")
     with pytest.raises(ValueError, match="grpcio or native"):
         mc.Client(server)
@@ -184,6 +184,10 @@ def test_transport_choice(server, monkeypatch):
         assert [y.tolist() for _, y in c.epoch("valid", 300)] == [y.tolist() for _, y in g.epoch("valid", 300)]
         with pytest.raises(mc.OutOfRange):
             c.get_batch("test", 99, 500)
+    # the resolver's target form, on both transports
+    with mc.Client("dns:///" + server) as c, mc.Client("dns:///" + server, native=False) as g:
+        assert (c.transport, g.transport) == ("native", "grpcio")
+        assert np.array_equal(c.get_batch("train", 2, 50)[1], g.get_batch("train", 2, 50)[1])
 
 
 def test_native_call_cancel_and_deadline(server):
@@ -609,9 +613,10 @@ def test_mutual_tls(sample, tmp_path):
             x, y = c.get_batch("test", 3, 100)
             assert np.array_equal(x, sample["test"][0][300:400]) and np.array_equal(y, sample["test"][1][300:400])
             assert len(list(c.epoch("valid", 500))) == 2
-        # No client certificate, or no TLS at all: the handshake fails.
-        for kw in [dict(tls_ca=t / "ca.pem"), {}]:
-            with mc.Client(d.address, timeout=10, **kw) as c:
+        # No client certificate, no TLS at all, or TLS with the bundled public
+        # roots (which did not sign this server): the handshake fails.
+        for addr, kw in [(d.address, dict(tls_ca=t / "ca.pem")), (d.address, {}), ("https://" + d.address, {})]:
+            with mc.Client(addr, timeout=10, **kw) as c:
                 with pytest.raises(mc.Unavailable):
                     c.info()
                 with pytest.raises(mc.Unavailable):  # on the native transport when installed

@@ -164,8 +164,9 @@ class _Replica:
             # calls do not queue behind each other); GetInfo and health stay
             # on grpcio.
             tls_kw = native_tls or {}
-            self.get_batch = NativeUnaryStream(_transport.native.Channel(address, **tls_kw), base + "GetBatch")
-            self.stream_batches = NativeUnaryStream(_transport.native.Channel(address, **tls_kw),
+            dial = _transport.native_address(address)
+            self.get_batch = NativeUnaryStream(_transport.native.Channel(dial, **tls_kw), base + "GetBatch")
+            self.stream_batches = NativeUnaryStream(_transport.native.Channel(dial, **tls_kw),
                                                     base + "StreamBatches")
         self.health = self.channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
                                                response_deserializer=None)
@@ -235,7 +236,8 @@ class Client:
     For a server with --tls-cert / --tls-key (TLS is on when any of these is
     given, or the address starts with https://):
     tls_ca:         PEM of the CA that signed the server's certificate (bytes
-                    or a path; None: the system's roots).
+                    or a path; None: the bundled public roots, grpcio's own
+                    or webpki-roots on the native transport).
     tls_cert, tls_key: PEM client certificate and key, for mutual TLS.
     tls_domain:     the name to verify in the server certificate (default: the
                     host of the address).
@@ -275,8 +277,7 @@ class Client:
         self.check_replicas = check_replicas and len(self.addresses) > 1
         self.options = tuple(DEFAULT_OPTIONS) + tuple(extra) + tuple(options)
         single = (single_threaded_get_batch, single_threaded_stream)
-        why_not = next((w for w in (native_usable(a, tls, pems["tls_ca"] is not None) for a in self.addresses) if w),
-                       None)
+        why_not = next((w for w in map(native_usable, self.addresses) if w), None)
         if native and why_not:
             raise ValueError(f"native=True, but {why_not}")
         if native is None:
@@ -295,7 +296,7 @@ class Client:
         # client, takes a minibatch's tensor best as one message (the server
         # caps this at its own limit).
         self._chunk_bytes = NATIVE_CHUNK_BYTES if use_native else 0
-        native_tls = dict(pems, tls_domain=tls_domain) if tls and use_native else None
+        native_tls = dict(pems, tls_domain=tls_domain, tls=True) if tls and use_native else None
         self._replicas = [_Replica(a, self.options, credentials, single, use_native, native_tls)
                           for a in self.addresses]
         self._lock = threading.Lock()

@@ -38,14 +38,18 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return code, details
 
 
-def native_usable(target: str, tls: bool, has_ca: bool) -> Optional[str]:
+def native_address(target: str) -> str:
+    """The host:port the native transport dials for a grpc target:
+    `dns:///host:port` names it with the default resolver."""
+    return target[len("dns:///"):] if target.startswith("dns:///") else target
+
+
+def native_usable(target: str) -> Optional[str]:
     """None when the native transport can serve `target`; else why not."""
     if native is None:
         return "minibatch-client-native is not installed (pip install ./clients/python/native)"
-    if tls and not has_ca:
-        return "the native transport needs tls_ca for TLS (the system's roots: grpcio only)"
-    if not _PLAIN_TARGET.match(target):
-        return f"the native transport dials host:port only, not {target!r}"
+    if not _PLAIN_TARGET.match(native_address(target)):
+        return f"the native transport dials host:port or dns:///host:port only, not {target!r}"
     return None
 
 

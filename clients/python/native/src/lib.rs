@@ -98,12 +98,15 @@ struct Channel {
 
 #[pymethods]
 impl Channel {
-    /// `tls_ca` (PEM bytes) turns TLS on; `tls_cert` and `tls_key` (PEM)
-    /// add a client identity (mutual TLS); `tls_domain` is the name to
-    /// verify (default: the address's host).
+    /// `tls` turns TLS on, verifying the server against the bundled Mozilla
+    /// roots (webpki-roots; grpcio likewise bundles its roots), or against
+    /// `tls_ca` (PEM bytes; given alone it turns TLS on too); `tls_cert` and
+    /// `tls_key` (PEM) add a client identity (mutual TLS); `tls_domain` is
+    /// the name to verify (default: the address's host).
     #[new]
     #[pyo3(signature = (address, connect_timeout = 5.0, max_frame_size = MAX_FRAME_SIZE,
-                        tls_ca = None, tls_cert = None, tls_key = None, tls_domain = None))]
+                        tls_ca = None, tls_cert = None, tls_key = None, tls_domain = None,
+                        tls = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         address: &str,
@@ -113,8 +116,10 @@ impl Channel {
         tls_cert: Option<Vec<u8>>,
         tls_key: Option<Vec<u8>>,
         tls_domain: Option<String>,
+        tls: bool,
     ) -> PyResult<Self> {
-        let scheme = if tls_ca.is_some() { "https" } else { "http" };
+        let tls = tls || tls_ca.is_some();
+        let scheme = if tls { "https" } else { "http" };
         let uri = if address.contains("://") {
             address.to_string()
         } else {
@@ -127,8 +132,11 @@ impl Channel {
         let mut ep = Endpoint::from_shared(uri).map_err(|e| {
             pyo3::exceptions::PyValueError::new_err(format!("invalid address {address:?}: {e}"))
         })?;
-        if let Some(ca) = tls_ca {
-            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if tls {
+            let mut tls = match tls_ca {
+                Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+                None => ClientTlsConfig::new().with_webpki_roots(),
+            };
             match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(cert, key)),
                 (None, None) => {}
