@@ -222,6 +222,7 @@ def test_native_call_cancel_and_deadline(server):
     with pytest.raises(native.RpcError) as e:
         list(dead.unary_stream("/minibatch.v1.BatchService/GetBatch", b"", None, 10))
     assert e.value.args[0] == 14, e.value.args  # UNAVAILABLE
+    assert "refused" in e.value.args[1].lower(), e.value.args  # the cause, not just "transport error"
 
 
 def test_one_client_shared_by_threads(server, sample):

@@ -209,10 +209,10 @@ pub async fn call<S, B>(
 ) -> Result<MessageReader<B>, Status>
 where
     S: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
-    S::Error: std::fmt::Display,
+    S::Error: std::error::Error,
     B: Body<Data = Bytes, Error = Status> + Unpin,
 {
-    let unavailable = |e: S::Error| Status::unavailable(format!("no response: {e}"));
+    let unavailable = |e: S::Error| Status::unavailable(format!("no response: {}", causes(&e)));
     std::future::poll_fn(|cx| service.poll_ready(cx))
         .await
         .map_err(unavailable)?;
@@ -222,6 +222,22 @@ where
     } else {
         MessageReader::ended(body)
     })
+}
+
+/// An error and its sources, "outer: inner: root" (transport errors say
+/// little at the top: "transport error").
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let c_s = c.to_string();
+        if !s.ends_with(&c_s) {
+            s.push_str(": ");
+            s.push_str(&c_s);
+        }
+        next = c.source();
+    }
+    s
 }
 
 /// Checks a response's head: the HTTP status, and a `grpc-status` sent in
