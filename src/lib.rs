@@ -14,6 +14,7 @@
 //! - [`order`]: which examples a minibatch holds: index math, seeded shuffle,
 //!   shards, resume.
 //! - [`wire`]: tensors → `TensorChunk` messages: chunking, dtype conversion, CRC-32C.
+//! - [`background`]: the dataset analysis's threads, below serving in priority.
 //! - [`mirror`]: x tensors pre-converted to uint8 on first demand, so narrow
 //!   minibatches are slices too.
 //! - [`crc`]: per-example CRC-32Cs folded into chunk CRCs without rereading data.
@@ -31,6 +32,7 @@
 //! - [`proto`]: the generated wire contract (`proto/minibatch/v1/minibatch.proto`).
 pub mod access;
 pub mod analyze;
+pub mod background;
 pub mod client;
 pub mod crc;
 pub mod load;

@@ -161,9 +161,9 @@ impl Shared {
             .get_or_try_init(|| async {
                 let ds = self.dataset.clone();
                 let t0 = Instant::now();
-                let st = tokio::task::spawn_blocking(move || crate::analyze::dataset_stats(&ds))
+                let st = crate::background::run("stats", move || crate::analyze::dataset_stats(&ds))
                     .await
-                    .map_err(|e| ServeError::Stats(e.to_string()))?;
+                    .map_err(ServeError::Stats)?;
                 tracing::info!(ms = t0.elapsed().as_millis() as u64, fingerprint = %st.fingerprint, "dataset statistics ready");
                 Ok(Arc::new(st))
             })
