@@ -262,6 +262,10 @@ if rc=$(timeout 300 docker wait "$tid"); then :; else rc=timeout; fi
 tlog=$(docker logs "$tid" 2>&1)
 printf '%s\n' "$tlog" | tail -n 15 | sed 's/^/  trainer| /'
 check "trainer exited 0 (exit: $rc)" test "$rc" = 0
+# The trainer image carries the native transport when this machine built it
+# (scripts/test.sh does); the Python client then picks it.
+if "$PYTHON" -c 'import minibatch_client_native' 2>/dev/null; then want=native; else want=grpcio; fi
+check "trainer used the $want transport" grep -q "over the $want transport" <<<"$tlog"
 # "Optimization complete with best validation score of V %, with test performance T %"
 test_err=$(sed -nE 's/^Optimization complete .*with test performance ([0-9.]+) %.*/\1/p' <<<"$tlog" | tail -n1)
 check "trainer finished training (test error ${test_err:-?} %)" test -n "$test_err"

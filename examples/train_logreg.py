@@ -220,8 +220,11 @@ def main(argv=None) -> int:
     else:
         data = ServerData(a.server.split(","), a.x_dtype, a.prefetch, token=a.token, tls_ca=a.tls_ca,
                           tls_cert=a.tls_client_cert, tls_key=a.tls_client_key, tls_domain=a.tls_domain)
+    log = (lambda *_: None) if a.quiet else print
+    if isinstance(data, ServerData):
+        log(f"... minibatches from {', '.join(data.client.addresses)} over the {data.client.transport} transport")
     r = train(data, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate, patience=a.patience,
-              shuffle=a.shuffle, seed=a.seed, log=(lambda *_: None) if a.quiet else print)
+              shuffle=a.shuffle, seed=a.seed, log=log)
     if a.save:
         np.savez(a.save, **r)
     return 0

@@ -137,6 +137,16 @@ stage_trainer() {
   "$PYTHON" -m pip install --disable-pip-version-check -q --no-compile \
     --prefer-binary --target "$sp" -c "$cons" numpy grpcio protobuf ./clients/python
   rm -f "$cons"
+  # The client's native transport, as scripts/test.sh built and tested it for
+  # this same interpreter: copied in, not rebuilt. Without it the trainer
+  # uses the grpcio transport (the image works either way).
+  if nat=$("$PYTHON" -c 'import minibatch_client_native as m, os; print(os.path.dirname(m.__file__))' 2>/dev/null); then
+    cp -r "$nat" "$sp/"
+    cp -r "$(dirname "$nat")"/minibatch_client_native-*.dist-info "$sp/"
+    say "trainer: with the native transport (minibatch-client-native)"
+  else
+    say "trainer: minibatch-client-native is not installed here: the trainer will use the grpcio transport"
+  fi
   rm -rf "${sp:?}/bin" "$sp"/*/tests "$sp"/*/*/tests "$sp"/numpy/_core/include \
     "$sp"/numpy/_pyinstaller "$sp"/numpy/f2py "$sp"/numpy/testing/_private/extbuild.py
   find "$sp" -name __pycache__ -prune -exec rm -rf {} +
