@@ -405,30 +405,31 @@ class Client:
         return out
 
     def _one_batch(self, r: _Replica, req: pb.GetBatchRequest) -> Batch:
-        batch = None
         one = getattr(r.get_batch, "one_batch", None)
-        if one is not None:  # the native transport: the whole call in one step
-            try:
+        try:
+            if one is not None:  # the native transport: the whole call in one step into Rust
                 batch = one(req, timeout=self.timeout, metadata=self._metadata, verify_crc=self.verify_crc)
-            except RPC_ERRORS as e:
-                raise from_rpc_error(e, r.address) from None
-            if batch.index != req.index:
-                raise ProtocolError(f"asked for minibatch {req.index}, got {batch.index}", address=r.address)
-            return batch
+            else:
+                batch = self._streamed_batch(r, req)
+        except RPC_ERRORS as e:
+            raise from_rpc_error(e, r.address) from None
+        if batch.index != req.index:
+            raise ProtocolError(f"asked for minibatch {req.index}, got {batch.index}", address=r.address)
+        return batch
+
+    def _streamed_batch(self, r: _Replica, req: pb.GetBatchRequest) -> Batch:
+        """GetBatch's one minibatch from its stream of chunk messages."""
+        batch = None
         call = r.get_batch(req, timeout=self.timeout, metadata=self._metadata)
         try:
             for b in batches(call, self.verify_crc):
                 if batch is not None:
                     raise ProtocolError("GetBatch sent more than one minibatch", address=r.address)
                 batch = b
-        except RPC_ERRORS as e:
-            raise from_rpc_error(e, r.address) from None
         finally:
             call.cancel()  # no-op when complete; frees the stream on our errors
         if batch is None:
             raise ProtocolError("GetBatch stream ended without a minibatch", address=r.address)
-        if batch.index != req.index:
-            raise ProtocolError(f"asked for minibatch {req.index}, got {batch.index}", address=r.address)
         return batch
 
     def get_batch(self, set: str, index: int, size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
