@@ -95,14 +95,14 @@ impl Tensor {
         }
     }
 
-    /// Copies the bytes into `dst`, which must be `total_bytes` long.
-    pub fn copy_to(&self, dst: &mut [u8]) {
-        assert_eq!(dst.len() as u64, self.total_bytes, "destination size");
-        let mut at = 0;
+    /// The bytes copied into a buffer of their own (not zeroed first:
+    /// every byte is written once).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.total_bytes as usize);
         for p in &self.parts {
-            dst[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
+            v.extend_from_slice(p);
         }
+        v
     }
 }
 
@@ -279,9 +279,7 @@ mod tests {
         assert_eq!(b.index, 4);
         let bx = b.take("x").unwrap();
         assert_eq!(bx.contiguous(), Bytes::from(x.clone()));
-        let mut dst = vec![0u8; 48];
-        bx.copy_to(&mut dst);
-        assert_eq!(dst, x);
+        assert_eq!(bx.to_vec(), x);
         assert_eq!(b.take("y").unwrap().contiguous().as_ptr(), y_ptr);
     }
 

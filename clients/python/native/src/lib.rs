@@ -394,12 +394,7 @@ impl Received {
             .tensors
             .into_iter()
             .map(|t| {
-                // Not zeroed first: every byte is written by the copy.
-                let mut v = Vec::with_capacity(t.total_bytes as usize);
-                for p in &t.parts {
-                    v.extend_from_slice(p);
-                }
-                let data = OwnedBytes::new(v.into_boxed_slice());
+                let data = OwnedBytes::new(t.to_vec().into_boxed_slice());
                 (t.name, t.dtype, t.shape, t.scale_divisor, data)
             })
             .collect();
