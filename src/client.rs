@@ -20,7 +20,6 @@ use tonic::transport::{Channel, Endpoint};
 use crate::proto;
 use crate::proto::batch_service_client::BatchServiceClient;
 use crate::store::DType;
-use crate::wire::dtype_from_proto;
 
 /// HTTP/2 max frame size the client advertises. The server's DATA frames are
 /// bounded by it; 16 KiB (the default) halves throughput here. With the
@@ -116,8 +115,7 @@ impl BatchRequest {
 }
 
 fn dt(d: Option<DType>) -> i32 {
-    d.map(|d| crate::wire::dtype_to_proto(d) as i32)
-        .unwrap_or(0)
+    d.map(|d| d.to_proto() as i32).unwrap_or(0)
 }
 
 /// How to reach a server that asks for credentials.
@@ -368,7 +366,7 @@ impl From<tensor_chunks::ChunkError> for ClientError {
 fn typed(t: tensor_chunks::Tensor) -> Result<TensorData, ClientError> {
     let Some(dtype) = proto::Dtype::try_from(t.dtype)
         .ok()
-        .and_then(dtype_from_proto)
+        .and_then(DType::from_proto)
     else {
         return Err(ClientError::Protocol(format!(
             "tensor {}: unknown dtype {}",

@@ -2,29 +2,32 @@
 //! serves minibatches over gRPC to remote trainers.
 //!
 //! # Layout
-//! A minibatch flows top to bottom once: load → store → order → wire → service.
+//! A minibatch flows top to bottom once:
+//! load → store → order → batch → service → routes → server.
 //!
 //! - [`memory`]: page-aligned, lockable host buffers the loader fills.
 //! - [`load`]: file → tensors: gzip ([`load::gzip`]), a restricted pickle
 //!   reader ([`load::pickle`]), the dataset layout ([`load::layout`]) and IDX
 //!   files ([`load::idx`]); one error type with file and byte offsets.
+//! - [`dtype`]: the one table of element types (size, numpy names, wire enum).
 //! - [`store`]: the resident dataset: sets of typed tensors as zero-copy slices.
 //! - [`analyze`]: per-tensor facts: sha256, value range, label histogram and
-//!   which narrower wire dtypes are exact.
+//!   which narrower wire dtypes are exact; [`background`] runs it below
+//!   serving in priority.
 //! - [`order`]: which examples a minibatch holds: index math, seeded shuffle,
 //!   shards, resume.
-//! - [`wire`]: tensors → `TensorChunk` messages: chunking, dtype conversion, CRC-32C.
-//! - [`background`]: the dataset analysis's threads, below serving in priority.
-//! - [`mirror`]: x tensors pre-converted to uint8 on first demand, so narrow
-//!   minibatches are slices too.
-//! - [`crc`]: per-example CRC-32Cs folded into chunk CRCs without rereading data.
-//! - [`service`]: the tonic `BatchService`: requests in, status codes out.
-//! - [`routes`]: GetBatch and StreamBatches framed by hand, so tensor bytes
-//!   reach the socket without a copy; GetInfo through tonic.
+//! - [`batch`]: minibatch assembly: the prepared dataset (row CRCs, uint8
+//!   mirrors, limits, the memory budget) and the pull-based stream that
+//!   slices or gathers one chunk at a time into encoded frames.
+//! - [`service`]: BatchService's requests validated and answered (GetInfo,
+//!   or a [`batch::stream::BatchStream`]); [`error`] maps every failure to
+//!   one status code.
+//! - [`routes`]: the service over HTTP/2: token check, bounded request
+//!   reading, response frames.
 //! - [`server`]: `run(listener, shutdown)`: thread-per-core serving (each
-//!   connection on one single-threaded runtime), health, reflection, limits.
-//! - [`access`]: bearer-token auth and TLS / mTLS settings.
-//! - [`metrics`]: Prometheus counters and histograms and their HTTP endpoint.
+//!   connection on one single-threaded runtime), health, reflection,
+//!   connection limits and graceful shutdown; [`access`] holds the token and
+//!   TLS settings, [`metrics`] the Prometheus endpoint.
 //! - [`client`]: the Rust client other programs (and the CLI) use; it reads
 //!   responses with the `grpc-frames` crate (messages straight from HTTP/2
 //!   frames) and reassembles them with `tensor-chunks` (crates/), both shared
@@ -33,18 +36,18 @@
 pub mod access;
 pub mod analyze;
 pub mod background;
+pub mod batch;
 pub mod client;
-pub mod crc;
+pub mod dtype;
+pub mod error;
 pub mod load;
 pub mod memory;
 pub mod metrics;
-pub mod mirror;
 pub mod order;
 pub mod routes;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod wire;
 
 /// Generated from `proto/minibatch/v1/minibatch.proto` at build time.
 pub mod proto {

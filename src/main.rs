@@ -125,8 +125,17 @@ struct ServeArgs {
     #[arg(long, env = "MINIBATCHD_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
     /// Largest tensor data per message; must leave 1 KiB of the message size for other fields.
-    #[arg(long, env = "MINIBATCHD_CHUNK_BYTES", default_value_t = minibatchd::wire::DEFAULT_CHUNK_BYTES)]
+    #[arg(long, env = "MINIBATCHD_CHUNK_BYTES", default_value_t = minibatchd::service::DEFAULT_CHUNK_BYTES)]
     chunk_bytes: usize,
+    /// Bytes all requests together may hold in gathered or converted chunks
+    /// (shuffled, sharded or narrowed minibatches); more waits, then is
+    /// refused with RESOURCE_EXHAUSTED. Contiguous float32 minibatches are
+    /// slices of the dataset and take none.
+    #[arg(long, env = "MINIBATCHD_MEMORY_BUDGET_BYTES", default_value_t = minibatchd::batch::budget::DEFAULT_BUDGET_BYTES)]
+    memory_budget_bytes: usize,
+    /// Seconds a chunk may wait for memory budget before its stream is refused.
+    #[arg(long, env = "MINIBATCHD_BUDGET_WAIT_SECS", default_value_t = minibatchd::batch::budget::DEFAULT_BUDGET_WAIT.as_secs_f64())]
+    budget_wait_secs: f64,
     /// Fail start-up if the dataset memory cannot be locked in RAM.
     #[arg(long, env = "MINIBATCHD_REQUIRE_PINNED", conflicts_with = "no_pin")]
     require_pinned: bool,
@@ -374,6 +383,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             max_batch_size: a.max_batch_size,
             max_message_bytes: a.max_message_bytes,
             chunk_bytes: a.chunk_bytes,
+            budget_bytes: a.memory_budget_bytes,
+            budget_wait: seconds("--budget-wait-secs", a.budget_wait_secs)?,
         },
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace_secs.max(0.0)),
         eager_stats: true,
@@ -429,6 +440,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
+/// A duration flag in seconds: finite, not negative, at most a day (as
+/// f64 seconds, 1e30 or inf would panic in `Duration`).
+fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
+    const MAX: f64 = 86_400.0;
+    if !(0.0..=MAX).contains(&s) {
+        anyhow::bail!("{flag} {s} is not a number of seconds between 0 and {MAX}");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
@@ -455,7 +476,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             let mut v = serde_json::to_value(st).expect("stats serialize");
             v["dtype"] = t.dtype.name().into();
             v["shape"] = t.shape.clone().into();
-            v["wire_dtypes"] = minibatchd::wire::wire_dtypes(t, st)
+            v["wire_dtypes"] = minibatchd::batch::convert::wire_dtypes(t, st)
                 .iter()
                 .map(|d| d.name())
                 .collect::<Vec<_>>()

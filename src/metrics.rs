@@ -40,9 +40,20 @@ pub struct Metrics {
     pub pinned_bytes: AtomicU64,
     /// Host bytes of x mirrors in narrower wire dtypes (see `mirror`).
     pub mirror_bytes: AtomicU64,
+    /// The memory budget, once the server made it (its size and use).
+    budget: std::sync::OnceLock<crate::batch::budget::Budget>,
+    /// Chunks that had to wait for budget.
+    pub budget_waits: AtomicU64,
+    /// Streams ended with RESOURCE_EXHAUSTED after waiting for budget.
+    pub budget_refusals: AtomicU64,
 }
 
 impl Metrics {
+    /// Reports `b`'s size and use from now on.
+    pub fn set_budget(&self, b: crate::batch::budget::Budget) {
+        let _ = self.budget.set(b);
+    }
+
     /// Counts a finished RPC with its gRPC status code name and duration.
     pub fn request(&self, method: &str, code: tonic::Code, took: Duration) {
         *self
@@ -122,9 +133,14 @@ impl Metrics {
                 h.count
             );
         }
-        let g = |o: &mut String, name: &str, help: &str, v: u64| {
-            let _ = write!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+        let put = |o: &mut String, kind: &str, name: &str, help: &str, v: u64| {
+            let _ = write!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            );
         };
+        let g = |o: &mut String, name: &str, help: &str, v: u64| put(o, "gauge", name, help, v);
+        let c = |o: &mut String, name: &str, help: &str, v: u64| put(o, "counter", name, help, v);
         g(
             &mut o,
             "minibatchd_active_streams",
@@ -148,6 +164,32 @@ impl Metrics {
             "minibatchd_mirror_bytes",
             "Host bytes of x mirrors in a narrower wire dtype (uint8), built on first demand.",
             self.mirror_bytes.load(Ordering::Relaxed),
+        );
+        if let Some(b) = self.budget.get() {
+            g(
+                &mut o,
+                "minibatchd_budget_bytes",
+                "The memory budget for bytes gathered or converted per request (--memory-budget-bytes).",
+                b.bytes() as u64,
+            );
+            g(
+                &mut o,
+                "minibatchd_budget_held_bytes",
+                "Bytes of the memory budget held now by chunks in flight and shuffled minibatches.",
+                b.held(),
+            );
+        }
+        c(
+            &mut o,
+            "minibatchd_budget_waits_total",
+            "Chunks that waited for memory budget.",
+            self.budget_waits.load(Ordering::Relaxed),
+        );
+        c(
+            &mut o,
+            "minibatchd_budget_refusals_total",
+            "Streams refused with RESOURCE_EXHAUSTED after waiting for memory budget.",
+            self.budget_refusals.load(Ordering::Relaxed),
         );
         o
     }

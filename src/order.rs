@@ -66,6 +66,14 @@ impl Selection {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The `k`-th example.
+    pub fn get(&self, k: usize) -> usize {
+        match self {
+            Selection::Range(a, _) => a + k,
+            Selection::Indices(v) => v[k],
+        }
+    }
+
     /// The example indices, in order.
     pub fn indices(&self) -> Vec<usize> {
         match self {
@@ -137,6 +145,22 @@ impl Plan {
     /// Examples in this rank's shard.
     pub fn shard_len(&self) -> usize {
         self.shard_len
+    }
+
+    /// Whether minibatches are scattered examples (shuffled or sharded),
+    /// so that a [`Selection::Indices`] list is built for each.
+    pub fn gathers(&self) -> bool {
+        self.perm.is_some() || self.world > 1
+    }
+
+    /// Examples in minibatch `index` (0 past the end), without building
+    /// its selection.
+    pub fn batch_len(&self, index: u64) -> usize {
+        if index >= self.batches {
+            return 0;
+        }
+        let a = index as usize * self.size;
+        self.size.min(self.shard_len - a)
     }
 
     /// The examples of minibatch `index`.

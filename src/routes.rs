@@ -1,71 +1,64 @@
-//! BatchService's HTTP/2 routes. GetInfo goes through tonic's generated
-//! server; GetBatch and StreamBatches, which carry the tensor bytes, are
-//! framed here by hand so that those bytes go from the resident dataset to
-//! the socket without a copy in user space.
-//!
-//! Why: tonic's codec encodes every message into one buffer, copying the
-//! whole `data` field, and that buffer then grows (a second copy) when the
-//! fields after `data` are appended. Profiles of GetBatch(500) showed the two
-//! copies as 21 % of the server's CPU samples. Here each `TensorChunk` becomes
-//! two HTTP/2 body frames: a small header (the gRPC length prefix and every
-//! field but `data`, then `data`'s tag and length) and `data` itself as the
-//! same `Bytes` the store handed out; h2 writes such large frames with
-//! `writev` straight from those bytes.
-//!
-//! The handlers themselves are the ones tonic calls
-//! ([`crate::service::BatchService`]'s trait methods): only the framing of
-//! requests and responses differs, so status codes, limits and metrics stay
-//! in one place. Field order on the wire differs from prost's (`data`, field
-//! 6, comes after fields 7–10); protobuf parsers accept fields in any order.
+//! BatchService over HTTP/2: one tower service that checks the bearer
+//! token, reads the one request message (bounded in size, time and
+//! memory), calls [`BatchService`] and frames its answer: GetInfo as one
+//! message, GetBatch and StreamBatches as the [`BatchStream`]'s frames, so
+//! tensor bytes go from the resident dataset to the socket without a copy
+//! in user space (see `batch::frame`). Errors leave as gRPC statuses
+//! through the one `ServeError` → `Status` table.
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use http_body::Frame;
+use bytes::{Bytes, BytesMut};
+use http_body::Frame as BodyFrame;
 use prost::Message;
 use tokio_stream::Stream;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::access::BearerAuth;
+use crate::batch::frame::{self, PREFIX};
+use crate::batch::stream::BatchStream;
+use crate::error::ServeError;
 use crate::proto;
-use crate::proto::batch_service_server::{BatchService as _, BatchServiceServer};
-use crate::service::{BatchService, BatchStream};
+use crate::service::BatchService;
 
+/// The gRPC service name, as health and reflection know it.
+pub const SERVICE: &str = "minibatch.v1.BatchService";
+const GET_INFO: &str = "/minibatch.v1.BatchService/GetInfo";
 const GET_BATCH: &str = "/minibatch.v1.BatchService/GetBatch";
 const STREAM_BATCHES: &str = "/minibatch.v1.BatchService/StreamBatches";
 
-/// gRPC's per-message prefix: a compression flag and a big-endian length.
-const PREFIX: usize = 5;
+/// Largest request message: BatchService requests are a set name and a
+/// few integers (under 100 bytes in practice). 64 KiB leaves room for any
+/// sane name while bounding what a connection's streams can make the
+/// server buffer (an audit held 640 MB with 2 connections × 64 streams ×
+/// 4 MiB partial requests when the message limit applied).
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+
+/// How long a request message may take to arrive after its headers: real
+/// clients send it in the same packet; a body that trickles in longer is
+/// a client holding a stream (and its buffer) open.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The BatchService as one routable tower service (see the module docs).
 #[derive(Clone)]
 pub struct BatchRoutes {
     svc: BatchService,
-    tonic: BatchServiceServer<BatchService>,
     auth: Option<BearerAuth>,
-    max_request: usize,
 }
 
 impl BatchRoutes {
-    pub fn new(svc: BatchService, auth: Option<BearerAuth>, max_message_bytes: usize) -> Self {
-        let tonic = BatchServiceServer::new(svc.clone())
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
-        Self {
-            svc,
-            tonic,
-            auth,
-            max_request: max_message_bytes,
-        }
+    pub fn new(svc: BatchService, auth: Option<BearerAuth>) -> Self {
+        Self { svc, auth }
     }
 }
 
 impl NamedService for BatchRoutes {
-    const NAME: &'static str = <BatchServiceServer<BatchService> as NamedService>::NAME;
+    const NAME: &'static str = SERVICE;
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
@@ -85,54 +78,67 @@ impl tower_service::Service<http::Request<Body>> for BatchRoutes {
                 return Box::pin(async move { Ok(st.into_http()) });
             }
         }
-        let path = req.uri().path();
-        if path != GET_BATCH && path != STREAM_BATCHES {
-            return Box::pin(self.tonic.call(req));
-        }
         let this = self.clone();
-        Box::pin(async move { Ok(this.stream(req).await.unwrap_or_else(Status::into_http)) })
+        Box::pin(async move { Ok(this.answer(req).await.unwrap_or_else(Status::into_http)) })
     }
 }
 
 impl BatchRoutes {
-    /// Decodes the request, opens the stream and frames its messages.
-    async fn stream(self, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
-        let get = req.uri().path() == GET_BATCH;
-        let msg = read_request(req.into_body(), self.max_request).await?;
-        let bad = |e: prost::DecodeError| {
-            Status::invalid_argument(format!("request message is not valid protobuf: {e}"))
-        };
-        let stream = if get {
-            let r = proto::GetBatchRequest::decode(msg).map_err(bad)?;
-            self.svc.get_batch(tonic::Request::new(r)).await?
-        } else {
-            let r = proto::StreamBatchesRequest::decode(msg).map_err(bad)?;
-            self.svc.stream_batches(tonic::Request::new(r)).await?
+    async fn answer(self, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+        let path = req.uri().path().to_string();
+        if ![GET_INFO, GET_BATCH, STREAM_BATCHES].contains(&path.as_str()) {
+            return Err(Status::unimplemented(format!(
+                "{SERVICE} has no method {:?}",
+                path.rsplit('/').next().unwrap_or_default()
+            )));
         }
-        .into_inner();
+        let budget = self.svc.prepared().budget.clone();
+        let msg = tokio::time::timeout(REQUEST_TIMEOUT, read_request(req.into_body(), budget))
+            .await
+            .map_err(|_| ServeError::RequestTimeout(REQUEST_TIMEOUT))??;
+        let bad = |e: prost::DecodeError| {
+            ServeError::BadRequest(format!("request message is not valid protobuf: {e}"))
+        };
+        let body = match path.as_str() {
+            GET_INFO => {
+                proto::GetInfoRequest::decode(msg).map_err(bad)?;
+                let info = self.svc.info().await?;
+                Body::new(ChunkBody::unary(frame::message(&info)))
+            }
+            GET_BATCH => {
+                let r = proto::GetBatchRequest::decode(msg).map_err(bad)?;
+                Body::new(ChunkBody::stream(self.svc.get_batch(r).await?))
+            }
+            _ => {
+                let r = proto::StreamBatchesRequest::decode(msg).map_err(bad)?;
+                Body::new(ChunkBody::stream(self.svc.stream_batches(r).await?))
+            }
+        };
         Ok(http::Response::builder()
             .status(200)
             .header(http::header::CONTENT_TYPE, "application/grpc")
-            .body(Body::new(ChunkBody {
-                stream,
-                data: None,
-                done: false,
-            }))
+            .body(body)
             .expect("static response parts are valid"))
     }
 }
 
-/// Reads the one request message of a unary-request call, refusing a
-/// declared length over `limit` before buffering it.
-async fn read_request(mut body: Body, limit: usize) -> Result<Bytes, Status> {
+/// Reads the one request message of a unary-request call: refuses a
+/// declared length over [`MAX_REQUEST_BYTES`] before buffering it, and
+/// holds the buffer against the server's memory budget.
+async fn read_request(
+    mut body: Body,
+    budget: crate::batch::budget::Budget,
+) -> Result<Bytes, ServeError> {
     let mut buf = BytesMut::new();
     let mut want = PREFIX;
+    let mut _lease = None;
     while buf.len() < want {
         let frame = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx))
             .await
-            .transpose()?;
+            .transpose()
+            .map_err(|e| ServeError::Transport(e.message().to_string()))?;
         let Some(frame) = frame else {
-            return Err(Status::invalid_argument(if buf.is_empty() {
+            return Err(ServeError::BadRequest(if buf.is_empty() {
                 "the request holds no message".to_string()
             } else {
                 format!(
@@ -142,34 +148,63 @@ async fn read_request(mut body: Body, limit: usize) -> Result<Bytes, Status> {
             }));
         };
         if let Ok(data) = frame.into_data() {
+            // Bounded: h2 caps a DATA frame at the server's max frame size
+            // (16 KiB), and bytes past the message are dropped below.
             buf.extend_from_slice(&data);
         }
         if want == PREFIX && buf.len() >= PREFIX {
             if buf[0] != 0 {
-                return Err(Status::unimplemented(
-                    "compressed request messages are not supported: send them uncompressed",
-                ));
+                return Err(ServeError::Compressed);
             }
             let len = u32::from_be_bytes(buf[1..PREFIX].try_into().unwrap()) as usize;
-            if len > limit {
-                return Err(Status::new(
-                    Code::OutOfRange,
-                    format!("request message of {len} bytes exceeds the limit of {limit} bytes"),
-                ));
+            if len > MAX_REQUEST_BYTES {
+                return Err(ServeError::RequestTooLarge {
+                    len,
+                    limit: MAX_REQUEST_BYTES,
+                });
             }
             want = PREFIX + len;
+            _lease = budget.try_take(want)?.map(Some).ok_or(
+                crate::batch::budget::BudgetError::Exhausted {
+                    budget: budget.bytes(),
+                    waited: Duration::ZERO,
+                },
+            )?;
         }
+        buf.truncate(want);
     }
     Ok(buf.freeze().slice(PREFIX..want))
 }
 
-/// The response body of a streaming call: each `TensorChunk` of the
-/// [`BatchStream`] as a header frame and a data frame, then the trailers.
+/// A response body: each message as its frames, then the trailers.
 struct ChunkBody {
-    stream: BatchStream,
-    /// The `data` of the message whose header went out last.
+    messages: Messages,
+    /// The `data` of the message whose head went out last.
     data: Option<Bytes>,
     done: bool,
+}
+
+enum Messages {
+    One(Option<Bytes>),
+    Stream(Box<BatchStream>),
+}
+
+impl ChunkBody {
+    fn unary(message: Bytes) -> Self {
+        Self {
+            messages: Messages::One(Some(message)),
+            data: None,
+            done: false,
+        }
+    }
+
+    fn stream(s: BatchStream) -> Self {
+        Self {
+            messages: Messages::Stream(Box::new(s)),
+            data: None,
+            done: false,
+        }
+    }
 }
 
 impl http_body::Body for ChunkBody {
@@ -179,23 +214,28 @@ impl http_body::Body for ChunkBody {
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, Status>>> {
         let this = self.get_mut();
         if let Some(d) = this.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(d))));
+            return Poll::Ready(Some(Ok(BodyFrame::data(d))));
         }
         if this.done {
             return Poll::Ready(None);
         }
-        let status = match Pin::new(&mut this.stream).poll_next(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Ok(chunk))) => {
-                let (head, data) = encode(chunk);
-                this.data = (!data.is_empty()).then_some(data);
-                return Poll::Ready(Some(Ok(Frame::data(head))));
-            }
-            Poll::Ready(Some(Err(st))) => st,
-            Poll::Ready(None) => Status::ok(""),
+        let status = match &mut this.messages {
+            Messages::One(m) => match m.take() {
+                Some(m) => return Poll::Ready(Some(Ok(BodyFrame::data(m)))),
+                None => Status::ok(""),
+            },
+            Messages::Stream(s) => match Pin::new(s.as_mut()).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(f))) => {
+                    this.data = (!f.data.is_empty()).then_some(f.data);
+                    return Poll::Ready(Some(Ok(BodyFrame::data(f.head))));
+                }
+                Poll::Ready(Some(Err(e))) => Status::from(e),
+                Poll::Ready(None) => Status::ok(""),
+            },
         };
         this.done = true;
         let mut trailers = http::HeaderMap::new();
@@ -203,7 +243,7 @@ impl http_body::Body for ChunkBody {
             trailers.clear();
             let _ = Status::internal(format!("unsendable status: {e}")).add_header(&mut trailers);
         }
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        Poll::Ready(Some(Ok(BodyFrame::trailers(trailers))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -211,93 +251,51 @@ impl http_body::Body for ChunkBody {
     }
 }
 
-/// Splits `chunk` into the bytes before its `data` (gRPC prefix, the other
-/// fields, `data`'s key and length) and `data` itself, untouched.
-fn encode(mut chunk: proto::TensorChunk) -> (Bytes, Bytes) {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
-    const DATA_FIELD: u32 = 6;
-    let data = std::mem::take(&mut chunk.data);
-    let data_len = if data.is_empty() {
-        0
-    } else {
-        key_len(DATA_FIELD) + encoded_len_varint(data.len() as u64) + data.len()
-    };
-    let len = chunk.encoded_len() + data_len;
-    let mut head = BytesMut::with_capacity(PREFIX + len - data.len());
-    head.put_u8(0);
-    head.put_u32(len as u32);
-    chunk
-        .encode(&mut head)
-        .expect("capacity reserved for the encoded length");
-    if !data.is_empty() {
-        encode_key(DATA_FIELD, WireType::LengthDelimited, &mut head);
-        encode_varint(data.len() as u64, &mut head);
-    }
-    (head.freeze(), data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::budget::Budget;
 
-    /// The two parts, joined, are a message prost (any protobuf parser)
-    /// decodes to the chunk that went in.
-    #[test]
-    fn hand_framed_chunks_decode_as_the_original() {
-        for data in [
-            Bytes::new(),
-            Bytes::from_static(b"x"),
-            Bytes::from(vec![7u8; 300_000]),
-        ] {
-            let chunk = proto::TensorChunk {
-                index: 3,
-                name: "x".into(),
-                dtype: proto::Dtype::Float32 as i32,
-                shape: vec![2, 784],
-                offset: 12,
-                data: data.clone(),
-                crc32c: 99,
-                total_bytes: 1 << 40,
-                scale_divisor: 256,
-                last: true,
-            };
-            let (head, d) = encode(chunk.clone());
-            assert_eq!(d, data);
-            assert_eq!(head[0], 0, "uncompressed");
-            let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
-            let mut msg = head[5..].to_vec();
-            msg.extend_from_slice(&d);
-            assert_eq!(msg.len(), len, "prefix length covers header and data");
-            assert_eq!(proto::TensorChunk::decode(&msg[..]).unwrap(), chunk);
-            // ... and so does the clients' hand-written mirror of the message.
-            let mirror = tensor_chunks::TensorChunk::decode(&msg[..]).unwrap();
-            assert_eq!(
-                (
-                    mirror.index,
-                    mirror.name.as_str(),
-                    mirror.dtype,
-                    &mirror.shape[..]
-                ),
-                (
-                    chunk.index,
-                    chunk.name.as_str(),
-                    chunk.dtype,
-                    &chunk.shape[..]
-                )
-            );
-            assert_eq!(
-                (
-                    mirror.offset,
-                    &mirror.data,
-                    mirror.crc32c,
-                    mirror.total_bytes
-                ),
-                (chunk.offset, &chunk.data, chunk.crc32c, chunk.total_bytes)
-            );
-            assert_eq!(
-                (mirror.scale_divisor, mirror.last),
-                (chunk.scale_divisor, chunk.last)
-            );
+    fn body(parts: Vec<&'static [u8]>) -> Body {
+        let frames = parts
+            .into_iter()
+            .map(|p| Ok::<_, Status>(BodyFrame::data(Bytes::from_static(p))));
+        Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+    }
+
+    fn budget(bytes: usize) -> Budget {
+        Budget::new(bytes, Duration::from_millis(10))
+    }
+
+    #[tokio::test]
+    async fn reads_a_message_split_across_frames_and_drops_extra_bytes() {
+        let msg = read_request(
+            body(vec![b"\x00\x00\x00", b"\x00\x03ab", b"cTRAILING"]),
+            budget(1 << 20),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&msg[..], b"abc");
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_requests_with_their_reason() {
+        let cases: Vec<(Vec<&'static [u8]>, &str)> = vec![
+            (vec![], "holds no message"),
+            (vec![b"\x00\x00\x00\x00\x09ab"], "ends early: 7 of 14"),
+            (vec![b"\x01\x00\x00\x00\x01a"], "compressed"),
+            (vec![b"\x00\x7f\xff\xff\xff"], "exceeds the limit of 65536"),
+        ];
+        for (parts, text) in cases {
+            let e = read_request(body(parts), budget(1 << 20))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains(text), "{e} lacks {text:?}");
         }
+        // A request that does not fit the memory budget is refused, not buffered.
+        let e = read_request(body(vec![b"\x00\x00\x00\x00\x10"]), budget(8))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ServeError::Budget(_)), "{e}");
     }
 }

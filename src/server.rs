@@ -15,9 +15,11 @@ use tonic::transport::server::Router;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic::transport::Server;
 
+use crate::batch::prepared::{Limits, Prepared};
 use crate::metrics::Metrics;
 use crate::proto;
-use crate::service::{BatchService, Limits, Shared};
+use crate::routes::SERVICE;
+use crate::service::BatchService;
 use crate::store::Dataset;
 
 /// Default connection cap: far above a training fleet's trainers per
@@ -76,15 +78,30 @@ impl Default for ServerOptions {
 /// Checks option combinations that would make the server misbehave.
 pub fn validate(o: &ServerOptions) -> Result<(), String> {
     let l = &o.limits;
+    let overhead = crate::batch::frame::MESSAGE_OVERHEAD;
     if l.chunk_bytes == 0 {
         return Err("chunk size must be at least 1 byte".into());
     }
-    if l.chunk_bytes + crate::wire::MESSAGE_OVERHEAD > l.max_message_bytes {
+    if l.max_message_bytes > u32::MAX as usize {
         return Err(format!(
-            "chunk size {} plus {} bytes of message fields exceeds the max message size {}",
-            l.chunk_bytes,
-            crate::wire::MESSAGE_OVERHEAD,
-            l.max_message_bytes
+            "max message size {} exceeds {} bytes: gRPC frames a message's length in 32 bits",
+            l.max_message_bytes,
+            u32::MAX
+        ));
+    }
+    if l.chunk_bytes + overhead > l.max_message_bytes {
+        return Err(format!(
+            "chunk size {} plus {overhead} bytes of message fields exceeds the max message size {}",
+            l.chunk_bytes, l.max_message_bytes
+        ));
+    }
+    if l.budget_bytes < l.stream_bytes() {
+        return Err(format!(
+            "memory budget {} bytes is below what one stream may need at once ({} bytes: a \
+             chunk at the max message size and a shuffled minibatch's index list at the max \
+             batch size); raise it or lower those limits",
+            l.budget_bytes,
+            l.stream_bytes()
         ));
     }
     if l.max_batch_size == 0 {
@@ -124,15 +141,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     validate(&opts).map_err(anyhow::Error::msg)?;
-    let shared = Shared::new(dataset, opts.limits, metrics.clone());
+    let prepared = Prepared::new(dataset, opts.limits, metrics.clone());
     {
-        let s = shared.clone();
+        let s = prepared.clone();
         std::thread::Builder::new()
             .name("row-crcs".into())
             .spawn(move || s.compute_row_crcs())?;
     }
     if opts.eager_stats {
-        let s = shared.clone();
+        let s = prepared.clone();
         tokio::spawn(async move {
             if let Err(e) = s.stats().await {
                 tracing::error!(error = %e, "computing dataset statistics failed");
@@ -141,7 +158,7 @@ pub async fn run(
     }
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
-        .set_serving::<proto::batch_service_server::BatchServiceServer<BatchService>>()
+        .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -155,11 +172,7 @@ pub async fn run(
         .auth_token
         .as_deref()
         .map(crate::access::BearerAuth::new);
-    let svc = crate::routes::BatchRoutes::new(
-        BatchService::new(shared),
-        auth,
-        opts.limits.max_message_bytes,
-    );
+    let svc = crate::routes::BatchRoutes::new(BatchService::new(prepared), auth);
 
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() && opts.auth_token.is_none() && opts.tls.is_none() {
@@ -205,7 +218,7 @@ pub async fn run(
         "shutting down: health NOT_SERVING, finishing in-flight streams"
     );
     health
-        .set_not_serving::<proto::batch_service_server::BatchServiceServer<BatchService>>()
+        .set_service_status(SERVICE, tonic_health::ServingStatus::NotServing)
         .await;
     // The server-wide status too, so probes that name no service drain.
     health

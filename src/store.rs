@@ -7,95 +7,14 @@
 //!
 //! Tiers: today a tensor lives in one tier, host memory (`Tensor::data`). The
 //! planned device tier adds a second, optional location per tensor (a device
-//! allocation filled once from `data`); the order and wire modules address
-//! tensors only through [`Tensor::rows`] / [`Tensor::row`], so they stay
-//! unchanged when that tier arrives.
+//! allocation filled once from `data`). Minibatch assembly ([`crate::batch`])
+//! reads rows through [`Tensor::rows`] / [`Tensor::row`] and whole tensors
+//! through `data` (dtype mirrors, row CRCs); a device tier adds its own
+//! location beside `data` rather than changing those readers.
 use bytes::Bytes;
 
+pub use crate::dtype::DType;
 use crate::memory::PinState;
-
-/// Element type of a tensor. Data is always little-endian, C order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    F64,
-    F16,
-    BF16,
-    U8,
-    I8,
-    I16,
-    U16,
-    I32,
-    U32,
-    I64,
-    U64,
-    Bool,
-}
-
-impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::U8 | DType::I8 | DType::Bool => 1,
-            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
-            DType::F32 | DType::I32 | DType::U32 => 4,
-            DType::F64 | DType::I64 | DType::U64 => 8,
-        }
-    }
-
-    /// numpy's name for the type.
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "float32",
-            DType::F64 => "float64",
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            DType::U8 => "uint8",
-            DType::I8 => "int8",
-            DType::I16 => "int16",
-            DType::U16 => "uint16",
-            DType::I32 => "int32",
-            DType::U32 => "uint32",
-            DType::I64 => "int64",
-            DType::U64 => "uint64",
-            DType::Bool => "bool",
-        }
-    }
-
-    /// Parses numpy's short type code (`f4`, `i8`, `u1`, `b1`, ...) as it
-    /// appears in pickled `numpy.dtype` objects.
-    pub fn from_numpy_code(code: &str) -> Option<DType> {
-        Some(match code {
-            "f4" => DType::F32,
-            "f8" => DType::F64,
-            "f2" => DType::F16,
-            "u1" => DType::U8,
-            "i1" => DType::I8,
-            "i2" => DType::I16,
-            "u2" => DType::U16,
-            "i4" => DType::I32,
-            "u4" => DType::U32,
-            "i8" => DType::I64,
-            "u8" => DType::U64,
-            "b1" => DType::Bool,
-            _ => return None,
-        })
-    }
-
-    pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
-    }
-
-    pub fn is_integer(self) -> bool {
-        !self.is_float() && self != DType::Bool
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// One tensor: `shape[0]` examples of `shape[1..]` elements each.
 #[derive(Debug, Clone)]

@@ -53,7 +53,8 @@ async fn get_info_describes_the_dataset() {
     let l = info.limits.unwrap();
     assert_eq!(l.max_message_bytes, 4 << 20);
     assert!(
-        l.chunk_bytes as usize + minibatchd::wire::MESSAGE_OVERHEAD <= l.max_message_bytes as usize
+        l.chunk_bytes as usize + minibatchd::batch::frame::MESSAGE_OVERHEAD
+            <= l.max_message_bytes as usize
     );
     assert_eq!(info.server_version, env!("CARGO_PKG_VERSION"));
 }
@@ -571,7 +572,10 @@ async fn clients_choose_their_chunk_size_within_the_message_limit() {
             .unwrap();
     for (asked, most) in [
         (64 << 10, 64 << 10),
-        (u32::MAX, (4 << 20) - minibatchd::wire::MESSAGE_OVERHEAD),
+        (
+            u32::MAX,
+            (4 << 20) - minibatchd::batch::frame::MESSAGE_OVERHEAD,
+        ),
     ] {
         let req = proto::GetBatchRequest {
             set: "train".into(),

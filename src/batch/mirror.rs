@@ -18,17 +18,17 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::crc::RowCrcs;
+use super::convert::{self, Conversion};
+use super::crc::RowCrcs;
 use crate::memory::HostBuffer;
 use crate::metrics::Metrics;
 use crate::store::{DType, Tensor};
-use crate::wire::{self, Conversion};
 
 /// One set's x in the wire dtype `conv.to`, with its per-row CRCs.
 pub struct Mirror {
     pub conv: Conversion,
     pub tensor: Tensor,
-    pub crcs: RowCrcs,
+    pub crcs: Arc<RowCrcs>,
 }
 
 impl Mirror {
@@ -36,14 +36,14 @@ impl Mirror {
     pub fn build(t: &Tensor, conv: Conversion, pin: bool) -> std::io::Result<Self> {
         let len = t.examples() * t.row_elems() * conv.to.size();
         let mut buf = HostBuffer::zeroed(len)?;
-        wire::convert_into(&t.data, &conv, buf.as_mut_slice());
+        convert::convert_into(&t.data, &conv, buf.as_mut_slice());
         if pin {
             buf.lock();
         }
         let mut tensor = Tensor::new(conv.to, t.shape.clone(), Bytes::from_owner(buf))
             .map_err(std::io::Error::other)?;
         tensor.scale_divisor = (conv.divisor != 0).then_some(conv.divisor);
-        let crcs = RowCrcs::new(&tensor);
+        let crcs = Arc::new(RowCrcs::new(&tensor));
         Ok(Self { conv, tensor, crcs })
     }
 }
@@ -55,10 +55,10 @@ enum Slot {
     Failed,
 }
 
-/// The mirrors of one dataset, keyed by set name and wire dtype.
+/// The mirrors of one tensor, keyed by wire dtype.
 #[derive(Default)]
 pub struct Mirrors {
-    slots: Arc<Mutex<HashMap<(String, DType), Slot>>>,
+    slots: Arc<Mutex<HashMap<DType, Slot>>>,
 }
 
 impl Mirrors {
@@ -68,25 +68,27 @@ impl Mirrors {
         conv.to == DType::U8 && conv.from != DType::U8
     }
 
-    /// The mirror of `set`'s x as `conv`, if built; otherwise starts its
-    /// build (once) and returns None, so the caller converts meanwhile.
+    /// The mirror of `x` as `conv`, if built; otherwise starts its build
+    /// (once) and returns None, so the caller converts meanwhile. `label`
+    /// names the tensor in logs (`train.x`).
     pub fn get_or_start(
         &self,
-        set: &str,
+        label: &str,
         x: &Tensor,
         conv: Conversion,
         pin: bool,
         metrics: &Arc<Metrics>,
     ) -> Option<Arc<Mirror>> {
-        let key = (set.to_string(), conv.to);
+        let key = conv.to;
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         match slots.get(&key) {
             Some(Slot::Ready(m)) if m.conv == conv => return Some(m.clone()),
             Some(_) => return None,
             None => {}
         }
-        slots.insert(key.clone(), Slot::Building);
+        slots.insert(key, Slot::Building);
         let (x, shared, metrics) = (x.clone(), self.slots.clone(), metrics.clone());
+        let label = label.to_string();
         let spawned = std::thread::Builder::new()
             .name("mirror".into())
             .spawn(move || {
@@ -98,7 +100,7 @@ impl Mirrors {
                             .mirror_bytes
                             .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(
-                            set = %key.0,
+                            tensor = %label,
                             dtype = %conv.to,
                             bytes,
                             ms = t0.elapsed().as_millis() as u64,
@@ -107,7 +109,7 @@ impl Mirrors {
                         Slot::Ready(Arc::new(m))
                     }
                     Err(e) => {
-                        tracing::warn!(set = %key.0, dtype = %conv.to, error = %e, "cannot build the x mirror; converting per request");
+                        tracing::warn!(tensor = %label, dtype = %conv.to, error = %e, "cannot build the x mirror; converting per request");
                         Slot::Failed
                     }
                 };
@@ -115,7 +117,7 @@ impl Mirrors {
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the mirror thread; converting per request");
-            slots.insert((set.to_string(), conv.to), Slot::Failed);
+            slots.insert(key, Slot::Failed);
         }
         None
     }
@@ -124,6 +126,7 @@ impl Mirrors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::gather::tests::gather_all;
     use crate::order::Selection;
 
     /// A mirror holds exactly what per-request conversion sends, and its
@@ -142,11 +145,11 @@ mod tests {
         let m = Mirror::build(&t, conv, false).unwrap();
         assert_eq!(m.tensor.scale_divisor, Some(256));
         let sel = Selection::Indices(vec![39, 0, 7, 7, 12]);
-        let direct = wire::tensor_bytes(&t, &sel, &conv);
-        let mirrored = wire::tensor_bytes(&m.tensor, &sel, &Conversion::identity(&m.tensor));
+        let direct = gather_all(&t, &sel, &conv);
+        let mirrored = gather_all(&m.tensor, &sel, &Conversion::identity(&m.tensor));
         assert_eq!(direct, mirrored);
         assert_eq!(m.crcs.of_rows([39, 0, 7, 7, 12]), crc32c::crc32c(&direct));
-        let all = wire::tensor_bytes(&t, &Selection::Range(0, 40), &conv);
-        assert_eq!(all, m.tensor.data);
+        let all = gather_all(&t, &Selection::Range(0, 40), &conv);
+        assert_eq!(&all[..], &m.tensor.data[..]);
     }
 }

@@ -1,0 +1,169 @@
+//! Everything that can go wrong serving a request, and the one table that
+//! turns it into a gRPC status code.
+use std::time::Duration;
+
+use tonic::Status;
+
+use crate::batch::budget::BudgetError;
+use crate::order::OrderError;
+use crate::store::DType;
+
+/// Longest part of a client-supplied name repeated in an error message:
+/// error text travels in a header, and a huge hostile name must not make
+/// the status undeliverable.
+pub const MAX_ECHOED_NAME: usize = 64;
+
+/// Everything that can go wrong serving a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServeError {
+    #[error("unknown set {name:?}; this dataset has {available}")]
+    UnknownSet { name: String, available: String },
+    #[error("{0}")]
+    Order(#[from] OrderError),
+    #[error("start {start} is past the end: this order has {batches} minibatches")]
+    StartPastEnd { start: u64, batches: u64 },
+    #[error("{tensor} is {from}; cannot send it as {to}: {why}")]
+    Conversion {
+        tensor: String,
+        from: DType,
+        to: DType,
+        why: String,
+    },
+    #[error("unknown dtype value {0} in request")]
+    BadDType(i32),
+    #[error("dataset statistics are unavailable: {0}")]
+    Stats(String),
+    #[error("{0}")]
+    Budget(#[from] BudgetError),
+    #[error("request message of {len} bytes exceeds the limit of {limit} bytes")]
+    RequestTooLarge { len: usize, limit: usize },
+    #[error("compressed request messages are not supported: send them uncompressed")]
+    Compressed,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the request message did not arrive within {0:?}")]
+    RequestTimeout(Duration),
+    #[error("reading the request failed: {0}")]
+    Transport(String),
+}
+
+impl ServeError {
+    /// An unknown set, echoing at most [`MAX_ECHOED_NAME`] characters of it.
+    pub fn unknown_set<'a>(name: &str, available: impl Iterator<Item = &'a str>) -> Self {
+        ServeError::UnknownSet {
+            name: name.chars().take(MAX_ECHOED_NAME).collect(),
+            available: available
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ServeError::UnknownSet { .. } => Status::not_found(msg),
+            ServeError::Order(OrderError::PastEnd { .. })
+            | ServeError::StartPastEnd { .. }
+            | ServeError::RequestTooLarge { .. } => Status::out_of_range(msg),
+            ServeError::Order(_) | ServeError::BadDType(_) | ServeError::BadRequest(_) => {
+                Status::invalid_argument(msg)
+            }
+            ServeError::Conversion { .. } => Status::failed_precondition(msg),
+            ServeError::Stats(_) => Status::internal(msg),
+            ServeError::Budget(_) => Status::resource_exhausted(msg),
+            ServeError::Compressed => Status::unimplemented(msg),
+            ServeError::RequestTimeout(_) => Status::deadline_exceeded(msg),
+            ServeError::Transport(_) => Status::cancelled(msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    /// Every variant's code, as README "Status codes" documents them.
+    #[test]
+    fn each_error_has_its_documented_code() {
+        let cases: Vec<(ServeError, Code)> = vec![
+            (
+                ServeError::unknown_set("nope", ["train", "valid"].into_iter()),
+                Code::NotFound,
+            ),
+            (
+                OrderError::PastEnd {
+                    index: 9,
+                    batches: 3,
+                    size: 2,
+                }
+                .into(),
+                Code::OutOfRange,
+            ),
+            (
+                ServeError::StartPastEnd {
+                    start: 4,
+                    batches: 3,
+                },
+                Code::OutOfRange,
+            ),
+            (OrderError::ZeroSize.into(), Code::InvalidArgument),
+            (
+                OrderError::BadRank { rank: 2, world: 2 }.into(),
+                Code::InvalidArgument,
+            ),
+            (ServeError::BadDType(99), Code::InvalidArgument),
+            (
+                ServeError::BadRequest("not protobuf".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                ServeError::Conversion {
+                    tensor: "train.y".into(),
+                    from: DType::I64,
+                    to: DType::U8,
+                    why: "no".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (ServeError::Stats("gone".into()), Code::Internal),
+            (
+                BudgetError::Exhausted {
+                    budget: 1,
+                    waited: Duration::from_secs(1),
+                }
+                .into(),
+                Code::ResourceExhausted,
+            ),
+            (
+                ServeError::RequestTooLarge { len: 9, limit: 8 },
+                Code::OutOfRange,
+            ),
+            (ServeError::Compressed, Code::Unimplemented),
+            (
+                ServeError::RequestTimeout(Duration::from_secs(1)),
+                Code::DeadlineExceeded,
+            ),
+            (ServeError::Transport("reset".into()), Code::Cancelled),
+        ];
+        for (e, code) in cases {
+            let text = e.to_string();
+            let st = Status::from(e);
+            assert_eq!(st.code(), code, "{text}");
+            assert_eq!(st.message(), text);
+        }
+    }
+
+    #[test]
+    fn echoed_names_are_capped() {
+        let e = ServeError::unknown_set(&"n".repeat(10_000), ["train"].into_iter());
+        let ServeError::UnknownSet { name, available } = &e else {
+            unreachable!()
+        };
+        assert_eq!(name.len(), MAX_ECHOED_NAME);
+        assert_eq!(available, "\"train\"");
+    }
+}
