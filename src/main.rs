@@ -136,6 +136,9 @@ struct ServeArgs {
     /// Seconds a chunk may wait for memory budget before its stream is refused.
     #[arg(long, env = "MINIBATCHD_BUDGET_WAIT_SECS", default_value_t = minibatchd::batch::budget::DEFAULT_BUDGET_WAIT.as_secs_f64())]
     budget_wait_secs: f64,
+    /// Seconds a request message may take to arrive after its headers.
+    #[arg(long, env = "MINIBATCHD_REQUEST_TIMEOUT_SECS", default_value_t = minibatchd::service::DEFAULT_REQUEST_TIMEOUT.as_secs_f64())]
+    request_timeout_secs: f64,
     /// Fail start-up if the dataset memory cannot be locked in RAM.
     #[arg(long, env = "MINIBATCHD_REQUIRE_PINNED", conflicts_with = "no_pin")]
     require_pinned: bool,
@@ -385,6 +388,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             chunk_bytes: a.chunk_bytes,
             budget_bytes: a.memory_budget_bytes,
             budget_wait: seconds("--budget-wait-secs", a.budget_wait_secs)?,
+            request_timeout: seconds("--request-timeout-secs", a.request_timeout_secs)?,
         },
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace_secs.max(0.0)),
         eager_stats: true,

@@ -39,11 +39,6 @@ const STREAM_BATCHES: &str = "/minibatch.v1.BatchService/StreamBatches";
 /// 4 MiB partial requests when the message limit applied).
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
-/// How long a request message may take to arrive after its headers: real
-/// clients send it in the same packet; a body that trickles in longer is
-/// a client holding a stream (and its buffer) open.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The BatchService as one routable tower service (see the module docs).
 #[derive(Clone)]
 pub struct BatchRoutes {
@@ -92,10 +87,11 @@ impl BatchRoutes {
                 path.rsplit('/').next().unwrap_or_default()
             )));
         }
-        let budget = self.svc.prepared().budget.clone();
-        let msg = tokio::time::timeout(REQUEST_TIMEOUT, read_request(req.into_body(), budget))
+        let p = self.svc.prepared();
+        let (budget, limit) = (p.budget.clone(), p.limits.request_timeout);
+        let msg = tokio::time::timeout(limit, read_request(req.into_body(), budget))
             .await
-            .map_err(|_| ServeError::RequestTimeout(REQUEST_TIMEOUT))??;
+            .map_err(|_| ServeError::RequestTimeout(limit))??;
         let bad = |e: prost::DecodeError| {
             ServeError::BadRequest(format!("request message is not valid protobuf: {e}"))
         };

@@ -15,7 +15,8 @@ use crate::proto;
 use crate::store::DType;
 
 pub use crate::batch::prepared::{
-    Limits, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES,
+    Limits, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_REQUEST_TIMEOUT, MIN_CHUNK_BYTES,
 };
 pub use crate::error::{ServeError, MAX_ECHOED_NAME};
 

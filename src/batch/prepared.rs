@@ -33,6 +33,8 @@ pub struct Limits {
     pub budget_bytes: usize,
     /// Longest wait for budget before a stream is refused.
     pub budget_wait: Duration,
+    /// How long a request message may take to arrive after its headers.
+    pub request_timeout: Duration,
 }
 
 /// Default largest minibatch: 16,384 MNIST images are 51 MB as float32.
@@ -43,6 +45,10 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Python gRPC clients measured fastest here (BENCHMARKS.md), and it keeps
 /// each message far below the 4 MiB default limit of stock clients.
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+/// Default time for a request message to arrive after its headers: real
+/// clients send it in the same packet; a body that trickles in longer is a
+/// client holding a stream (and its buffer) open.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Smallest `data` field a request may ask for. Each message costs the
 /// server a header, a CRC and an HTTP/2 frame: an audit's 1-byte chunks
 /// turned one 1,000-image minibatch into 3 million messages. 64 KiB keeps
@@ -57,6 +63,7 @@ impl Default for Limits {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             budget_bytes: budget::DEFAULT_BUDGET_BYTES,
             budget_wait: budget::DEFAULT_BUDGET_WAIT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
