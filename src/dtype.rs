@@ -102,6 +102,14 @@ impl DType {
             .map(|f| f.dtype)
     }
 
+    /// numpy's array-protocol type string (`<f4`, `|u1`): the `.npy`
+    /// header's `descr`. bfloat16, which numpy lacks, is its raw 16-bit words.
+    pub fn npy_descr(self) -> String {
+        let code = self.facts().numpy_code.unwrap_or("u2");
+        let order = if self.size() == 1 { '|' } else { '<' };
+        format!("{order}{code}")
+    }
+
     /// The wire contract's enum value.
     pub fn to_proto(self) -> proto::Dtype {
         self.facts().wire
@@ -156,6 +164,10 @@ mod tests {
         assert_eq!(DType::from_numpy_code("b1"), Some(DType::Bool));
         assert_eq!(DType::from_numpy_code("V8"), None);
         assert!("complex64".parse::<DType>().is_err());
+        assert_eq!(DType::F32.npy_descr(), "<f4");
+        assert_eq!(DType::U8.npy_descr(), "|u1");
+        assert_eq!(DType::Bool.npy_descr(), "|b1");
+        assert_eq!(DType::BF16.npy_descr(), "<u2");
     }
 
     /// Sizes agree with the names (numpy's itemsize).

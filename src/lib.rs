@@ -32,11 +32,15 @@
 //!   responses with the `grpc-frames` crate (messages straight from HTTP/2
 //!   frames) and reassembles them with `tensor-chunks` (crates/), both shared
 //!   with the Python client's native transport.
+//! - [`cli`]: what the command-line tools do besides serving (inspect's
+//!   report, info's table, .npy files, the `bench` load generator); the
+//!   binary only parses flags and dispatches.
 //! - [`proto`]: the generated wire contract (`proto/minibatch/v1/minibatch.proto`).
 pub mod access;
 pub mod analyze;
 pub mod background;
 pub mod batch;
+pub mod cli;
 pub mod client;
 pub mod dtype;
 pub mod error;

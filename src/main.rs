@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use minibatchd::cli::inspect::Report;
+use minibatchd::cli::loadgen::{LoadSpec, Method};
+use minibatchd::cli::npy::npy;
 use minibatchd::client::{BatchRequest, Client};
 use minibatchd::load::{self, LoadOptions, PinPolicy};
 use minibatchd::service::{Limits, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES};
@@ -216,8 +219,8 @@ struct ClientArgs {
 }
 
 impl ClientArgs {
-    async fn connect(&self) -> anyhow::Result<Client> {
-        let o = minibatchd::client::ClientOptions {
+    fn options(&self) -> minibatchd::client::ClientOptions {
+        minibatchd::client::ClientOptions {
             token: self.token.clone(),
             tls_ca: self.tls_ca.clone(),
             tls_identity: self
@@ -225,8 +228,11 @@ impl ClientArgs {
                 .clone()
                 .zip(self.tls_client_key.clone()),
             tls_domain: self.tls_domain.clone(),
-        };
-        Ok(Client::connect_with(&self.server, &o).await?)
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect_with(&self.server, &self.options()).await?)
     }
 }
 
@@ -242,10 +248,10 @@ struct GetArgs {
     size: u32,
     /// Wire dtype of x (float32, uint8, float16, bfloat16); default as stored.
     #[arg(long)]
-    x_dtype: Option<WireDType>,
+    x_dtype: Option<DType>,
     /// Wire dtype of y (int32); default as stored.
     #[arg(long)]
-    y_dtype: Option<WireDType>,
+    y_dtype: Option<DType>,
     #[arg(long)]
     shuffle: bool,
     #[arg(long, default_value_t = 0)]
@@ -259,29 +265,6 @@ struct GetArgs {
     /// Write x.npy and y.npy into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum WireDType {
-    Float32,
-    Float16,
-    Bfloat16,
-    Uint8,
-    Int32,
-    Int64,
-}
-
-impl From<WireDType> for DType {
-    fn from(w: WireDType) -> DType {
-        match w {
-            WireDType::Float32 => DType::F32,
-            WireDType::Float16 => DType::F16,
-            WireDType::Bfloat16 => DType::BF16,
-            WireDType::Uint8 => DType::U8,
-            WireDType::Int32 => DType::I32,
-            WireDType::Int64 => DType::I64,
-        }
-    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -309,8 +292,9 @@ struct BenchArgs {
     /// Seconds to run when --count is 0.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
+    /// Wire dtype of x (float32, uint8, float16, bfloat16); default as stored.
     #[arg(long)]
-    x_dtype: Option<WireDType>,
+    x_dtype: Option<DType>,
     #[arg(long)]
     shuffle: bool,
     /// Print the result as one JSON object.
@@ -473,70 +457,11 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     let ds = la.load(PinPolicy::Off)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let stats = minibatchd::analyze::dataset_stats(&ds);
-    let mut sets = Vec::new();
-    for s in &ds.sets {
-        let t = |name: &str, t: &minibatchd::store::Tensor| {
-            let st = stats.get(&s.name, name).expect("stats for every tensor");
-            let mut v = serde_json::to_value(st).expect("stats serialize");
-            v["dtype"] = t.dtype.name().into();
-            v["shape"] = t.shape.clone().into();
-            v["wire_dtypes"] = minibatchd::batch::convert::wire_dtypes(t, st)
-                .iter()
-                .map(|d| d.name())
-                .collect::<Vec<_>>()
-                .into();
-            v
-        };
-        sets.push(serde_json::json!({
-            "name": s.name, "examples": s.examples(), "x": t("x", &s.x), "y": t("y", &s.y),
-        }));
-    }
-    let out = serde_json::json!({
-        "source": ds.source, "format": ds.format.name(), "fingerprint": stats.fingerprint,
-        "tensor_bytes": ds.tensor_bytes(), "memory_bytes": ds.memory_bytes,
-        "load_ms": load_ms, "total_ms": t0.elapsed().as_secs_f64() * 1e3, "sets": sets,
-    });
+    let report = Report::new(&ds, &stats, load_ms, t0.elapsed().as_secs_f64() * 1e3);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
-    }
-    println!("source      {} ({})", ds.source, ds.format.name());
-    println!("fingerprint {}", stats.fingerprint);
-    println!(
-        "memory      {} bytes of tensors, {} bytes held; loaded in {:.1} ms",
-        ds.tensor_bytes(),
-        ds.memory_bytes,
-        load_ms
-    );
-    for s in &sets {
-        println!(
-            "\nset {} — {} examples",
-            s["name"].as_str().unwrap_or(""),
-            s["examples"]
-        );
-        for k in ["x", "y"] {
-            let t = &s[k];
-            println!(
-                "  {k}: {} {}  sha256 {}",
-                t["dtype"].as_str().unwrap_or(""),
-                t["shape"],
-                t["sha256"].as_str().unwrap_or("")
-            );
-            println!(
-                "     range [{}, {}]  wire dtypes {}",
-                t["min"], t["max"], t["wire_dtypes"]
-            );
-            if t["dtype"].as_str().is_some_and(|d| d.starts_with("float")) {
-                println!(
-                    "     multiples of 1/256: {}  of 1/255: {}",
-                    t["multiple_of_1_256"], t["multiple_of_1_255"]
-                );
-            }
-            if let Some(h) = t["histogram"].as_object() {
-                let hs: Vec<String> = h.iter().map(|(k, v)| format!("{k}:{v}")).collect();
-                println!("     labels {}", hs.join(" "));
-            }
-        }
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
     }
     Ok(())
 }
@@ -570,54 +495,16 @@ async fn health(a: ClientArgs) -> anyhow::Result<()> {
 }
 
 async fn info(a: ClientArgs) -> anyhow::Result<()> {
-    let mut c = a.connect().await?;
-    let i = c.info().await?;
-    let dt = |v: i32| {
-        minibatchd::proto::Dtype::try_from(v)
-            .map(|d| d.as_str_name().trim_start_matches("DTYPE_").to_lowercase())
-            .unwrap_or_default()
-    };
-    println!(
-        "source {} ({}), fingerprint {}",
-        i.source, i.format, i.fingerprint
-    );
-    println!(
-        "memory {} bytes, pinned: {}, server {}",
-        i.memory_bytes, i.pinned, i.server_version
-    );
-    if let Some(l) = i.limits {
-        println!(
-            "limits: max batch {}, max message {} bytes, chunk {} bytes",
-            l.max_batch_size, l.max_message_bytes, l.chunk_bytes
-        );
-    }
-    for s in &i.sets {
-        let x = s.x.clone().unwrap_or_default();
-        let y = s.y.clone().unwrap_or_default();
-        println!(
-            "  {:<6} {:>7} examples  x {} {:?} (wire: {})  y {} {:?}  classes {:?}",
-            s.name,
-            s.examples,
-            dt(x.dtype),
-            x.shape,
-            x.wire_dtypes
-                .iter()
-                .map(|&d| dt(d))
-                .collect::<Vec<_>>()
-                .join(","),
-            dt(y.dtype),
-            y.shape,
-            s.classes
-        );
-    }
+    let i = a.connect().await?.info().await?;
+    print!("{}", minibatchd::cli::info::table(&i));
     Ok(())
 }
 
 async fn get(a: GetArgs) -> anyhow::Result<()> {
     let mut c = a.client.connect().await?;
     let mut r = BatchRequest::new(&a.set, a.index, a.size);
-    r.x_dtype = a.x_dtype.map(Into::into);
-    r.y_dtype = a.y_dtype.map(Into::into);
+    r.x_dtype = a.x_dtype;
+    r.y_dtype = a.y_dtype;
     r.order = minibatchd::proto::Order {
         shuffle: a.shuffle,
         seed: a.seed,
@@ -649,176 +536,35 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         for t in [&b.x, &b.y] {
             let p = dir.join(format!("{}.npy", t.name));
-            std::fs::write(&p, npy(t)).with_context(|| format!("writing {}", p.display()))?;
+            std::fs::write(&p, npy(t.dtype, &t.shape, &t.data))
+                .with_context(|| format!("writing {}", p.display()))?;
             println!("wrote {}", p.display());
         }
     }
     Ok(())
 }
 
-/// NumPy .npy (format 1.0) bytes of a tensor.
-fn npy(t: &minibatchd::client::TensorData) -> Vec<u8> {
-    let descr = match t.dtype {
-        DType::F32 => "<f4",
-        DType::F64 => "<f8",
-        DType::F16 => "<f2",
-        DType::BF16 => "<u2", // numpy has no bfloat16: raw 16-bit words
-        DType::U8 => "|u1",
-        DType::I8 => "|i1",
-        DType::I16 => "<i2",
-        DType::U16 => "<u2",
-        DType::I32 => "<i4",
-        DType::U32 => "<u4",
-        DType::I64 => "<i8",
-        DType::U64 => "<u8",
-        DType::Bool => "|b1",
-    };
-    let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
-    let shape = if shape.len() == 1 {
-        format!("({},)", shape[0])
-    } else {
-        format!("({})", shape.join(", "))
-    };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(&t.data);
-    out
-}
-
 async fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    let mut probe = a.client.connect().await?;
-    let info = probe.info().await?;
-    let n = info
-        .sets
-        .iter()
-        .find(|s| s.name == a.set)
-        .map(|s| s.examples)
-        .with_context(|| format!("no set {:?}", a.set))?;
-    let batches = n.div_ceil(a.size as u64).max(1);
-    let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
-    let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..a.concurrency.max(1) {
-        let (client, set, method, count) = (a.client.clone(), a.set.clone(), a.method, a.count);
-        let (total, bytes) = (total.clone(), bytes.clone());
-        let x_dtype = a.x_dtype.map(DType::from);
-        let (size, shuffle) = (a.size, a.shuffle);
-        tasks.push(tokio::spawn(async move {
-            let mut c = client.connect().await?;
-            let mut lat = Vec::new();
-            let mut i = w as u64 % batches;
-            let more = |total: &std::sync::atomic::AtomicU64| {
-                if count > 0 {
-                    total.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count
-                } else {
-                    total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Instant::now() < deadline
-                }
-            };
-            let mut r = BatchRequest::new(&set, 0, size);
-            r.x_dtype = x_dtype;
-            r.order.shuffle = shuffle;
-            'outer: loop {
-                match method {
-                    BenchMethod::GetBatch => {
-                        if !more(&total) {
-                            break;
-                        }
-                        r.index = i;
-                        let s = Instant::now();
-                        let b = c.get_batch(&r).await?;
-                        lat.push(s.elapsed());
-                        bytes.fetch_add(
-                            (b.x.data.len() + b.y.data.len()) as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        i = (i + 1) % batches;
-                    }
-                    BenchMethod::StreamBatches => {
-                        r.index = 0;
-                        use tokio_stream::StreamExt;
-                        let mut st = c.stream_batches(&r).await?;
-                        let mut s = Instant::now();
-                        while let Some(b) = st.next().await {
-                            let b = b?;
-                            lat.push(s.elapsed());
-                            s = Instant::now();
-                            bytes.fetch_add(
-                                (b.x.data.len() + b.y.data.len()) as u64,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
-                            if !more(&total) {
-                                break 'outer;
-                            }
-                        }
-                    }
-                }
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let progress = {
-        let (total, bytes) = (total.clone(), bytes.clone());
-        let json = a.json;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if !json {
-                    let s = t0.elapsed().as_secs_f64();
-                    eprint!(
-                        "\r{:>6.1} s  {} minibatches  {:.1} MB/s   ",
-                        s,
-                        total.load(std::sync::atomic::Ordering::Relaxed),
-                        bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / s / 1e6
-                    );
-                }
-            }
-        })
+    let spec = LoadSpec {
+        server: a.client.server.clone(),
+        client: a.client.options(),
+        method: match a.method {
+            BenchMethod::GetBatch => Method::GetBatch,
+            BenchMethod::StreamBatches => Method::StreamBatches,
+        },
+        set: a.set,
+        size: a.size,
+        x_dtype: a.x_dtype,
+        shuffle: a.shuffle,
+        concurrency: a.concurrency,
+        count: a.count,
+        duration: seconds("--duration", a.duration)?,
     };
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await??);
-    }
-    progress.abort();
-    let secs = t0.elapsed().as_secs_f64();
-    lat.sort();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1e3)
-            .unwrap_or(0.0)
-    };
-    let b = bytes.load(std::sync::atomic::Ordering::Relaxed) as f64;
-    let res = serde_json::json!({
-        "method": match a.method { BenchMethod::GetBatch => "GetBatch", BenchMethod::StreamBatches => "StreamBatches" },
-        "set": a.set, "size": a.size, "concurrency": a.concurrency, "minibatches": lat.len(), "seconds": secs,
-        "minibatches_per_s": lat.len() as f64 / secs, "mb_per_s": b / secs / 1e6,
-        "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
-    });
+    let report = minibatchd::cli::loadgen::run(spec, !a.json).await?;
     if a.json {
-        println!("{res}");
+        println!("{}", serde_json::to_string(&report)?);
     } else {
-        eprintln!();
-        println!(
-            "{} size {} x{}: {} minibatches in {:.2} s = {:.1} minibatches/s, {:.1} MB/s; latency p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms",
-            res["method"].as_str().unwrap_or(""),
-            a.size,
-            a.concurrency,
-            lat.len(),
-            secs,
-            lat.len() as f64 / secs,
-            b / secs / 1e6,
-            pct(0.5),
-            pct(0.9),
-            pct(0.99)
-        );
+        println!("{}", report.line());
     }
     Ok(())
 }
