@@ -2,8 +2,9 @@
 """Validates the Kubernetes manifests in deploy/k8s, offline.
 
 1. Schema: every full resource (deployment.yaml, service.yaml,
-   dataset-pvc.yaml), and the Deployment with each *-patch.yaml applied
-   (a strategic merge, as `kubectl patch` does), against the Kubernetes
+   networkpolicy.yaml, dataset-pvc.yaml), and the Deployment with each
+   *-patch.yaml applied (a strategic merge, as `kubectl patch` does; also
+   nonroot + tls together), against the Kubernetes
    OpenAPI schemas that the PyPI package kubernetes-validate ships (no
    download), strictly (unknown fields are errors), for Kubernetes 1.27 (the
    first with GA gRPC probes) and the newest version the package knows.
@@ -15,6 +16,20 @@
    Service whose selector and ports match the pods; the daemon listening on
    0.0.0.0; a termination grace longer than the daemon's drain; the dataset
    patch mounting the PVC that dataset-pvc.yaml declares.
+3. Access (secure by default): the Deployment, and every patch but
+   open-patch.yaml, reads the bearer token from a file
+   (MINIBATCHD_AUTH_TOKEN_FILE) in a read-only mount of a non-optional
+   volume of the Secret minibatchd-token, readable by the container's uid;
+   no token value anywhere (no MINIBATCHD_AUTH_TOKEN env, no Secret or
+   secretGenerator shipped); no host network/PID/IPC, no hostPort; every
+   mount has its volume; probes carry no token (health is open) and have one
+   handler each; tls-patch.yaml points MINIBATCHD_TLS_CERT/KEY into a
+   read-only cert Secret mount and probes over TLS with `minibatchd health`;
+   open-patch.yaml removes the token requirement cleanly and warns.
+   networkpolicy.yaml (in kustomization.yaml) selects the Deployment's pods,
+   restricts ingress to gRPC from pods labelled minibatchd-client: "true"
+   and to metrics from a selected namespace (no rule without `from` or
+   `ports`, no ipBlock), covers every Service port, and allows no egress.
 
 Usage: python deploy/k8s/validate.py [--no-schema]
 Needs PyYAML and kubernetes-validate (both pinned in requirements-test.txt);
@@ -48,14 +63,19 @@ HEALTH_SERVICE = "minibatch.v1.BatchService"
 DRAIN_SECS_DEFAULT = 30
 
 # Strategic merge keys of the lists the patches touch (as in the Kubernetes API).
+CLIENT_LABEL = ("minibatchd-client", "true")
+TOKEN_SECRET = "minibatchd-token"
+TLS_SECRET = "minibatchd-tls"
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+PROBE_HANDLERS = ("exec", "grpc", "httpGet", "tcpSocket")
 MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
               "volumeMounts": "mountPath", "ports": "containerPort"}
 
 
 def strategic_merge(base, patch, field: str = ""):
     """The subset of a strategic merge patch that these manifests use: maps
-    merge (null deletes a key), lists with a merge key merge by it, other
-    lists are replaced."""
+    merge (null deletes a key), lists with a merge key merge by it (an item
+    with `$patch: delete` removes its match), other lists are replaced."""
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
@@ -70,6 +90,9 @@ def strategic_merge(base, patch, field: str = ""):
         key = MERGE_KEYS[field]
         out = [copy.deepcopy(x) for x in base]
         for item in patch:
+            if item.get("$patch") == "delete":
+                out = [x for x in out if x.get(key) != item.get(key)]
+                continue
             for i, have in enumerate(out):
                 if have.get(key) == item.get(key):
                     out[i] = strategic_merge(have, item, field)
@@ -119,7 +142,7 @@ def env_of(c: dict) -> dict:
     return {e["name"]: e.get("value") for e in c.get("env", [])}
 
 
-def check_deployment(check: Checks, dep: dict, label: str, *, pinned: bool) -> None:
+def check_deployment(check: Checks, dep: dict, label: str, *, pinned: bool, tls: bool = False) -> None:
     spec = dep["spec"]
     pod = spec["template"]["spec"]
     c = container(dep)
@@ -133,6 +156,12 @@ def check_deployment(check: Checks, dep: dict, label: str, *, pinned: bool) -> N
     check(ports.get("grpc") == GRPC_PORT and ports.get("metrics") == METRICS_PORT,
           f"{label}: container ports grpc {GRPC_PORT}, metrics {METRICS_PORT}")
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if tls:  # kubelet gRPC probes are plaintext only
+            cmd = ((c.get(probe) or {}).get("exec") or {}).get("command") or []
+            check(cmd[:2] == ["/usr/local/bin/minibatchd", "health"] and f"127.0.0.1:{GRPC_PORT}" in cmd,
+                  f"{label}: {probe} runs `minibatchd health` against 127.0.0.1:{GRPC_PORT} "
+                  f"(the BatchService's health, over TLS)")
+            continue
         g = (c.get(probe) or {}).get("grpc") or {}
         check(g.get("port") == GRPC_PORT and g.get("service") == HEALTH_SERVICE,
               f"{label}: {probe} is a gRPC probe of {HEALTH_SERVICE} on {GRPC_PORT}")
@@ -162,6 +191,152 @@ def check_deployment(check: Checks, dep: dict, label: str, *, pinned: bool) -> N
         check(not caps.get("add"), f"{label}: adds no capability (restricted Pod Security Standard)")
 
 
+def secret_file(dep: dict, path: str):
+    """The Secret volume file behind `path` in the minibatchd container: (the
+    volume, its mount, the Secret key it shows), or None."""
+    c = container(dep)
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"].get("volumes", [])}
+    for m in c.get("volumeMounts", []):
+        mp = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(mp) or m.get("subPath"):
+            continue
+        v = vols.get(m["name"]) or {}
+        sec = v.get("secret")
+        if sec is None:
+            return None
+        rel = path[len(mp):]
+        items = sec.get("items")
+        if items is None:
+            return v, m, rel
+        for it in items:
+            if it.get("path") == rel:
+                return v, m, it.get("key")
+        return None
+    return None
+
+
+def readable(dep: dict, vol: dict, key: str) -> tuple[bool, str]:
+    """Whether the container's process can read that Secret file. Secret
+    files belong to root (group: fsGroup, if any); with every capability
+    dropped, even uid 0 needs the owner bit (no CAP_DAC_OVERRIDE)."""
+    pod = dep["spec"]["template"]["spec"]
+    psc = pod.get("securityContext", {})
+    sc = container(dep).get("securityContext", {})
+    uid = sc.get("runAsUser", psc.get("runAsUser"))
+    gid = sc.get("runAsGroup", psc.get("runAsGroup"))
+    fs_group = psc.get("fsGroup")
+    sec = vol["secret"]
+    mode = next((it.get("mode") for it in sec.get("items") or [] if it.get("key") == key), None)
+    mode = mode if mode is not None else sec.get("defaultMode", 0o644)
+    groups = {g for g in (gid, fs_group) if g is not None} | set(psc.get("supplementalGroups", []))
+    group = fs_group if fs_group is not None else 0
+    ok = bool((uid == 0 and mode & 0o400) or (group in groups and mode & 0o040) or mode & 0o004)
+    return ok, f"mode {mode:04o}, uid {uid}"
+
+
+def check_access(check: Checks, dep: dict, label: str, *, token: bool, tls: bool) -> None:
+    pod = dep["spec"]["template"]["spec"]
+    c = container(dep)
+    env = {e["name"]: e for e in c.get("env", [])}
+    check(not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")),
+          f"{label}: no hostNetwork, hostPID or hostIPC")
+    check(not any(p.get("hostPort") for p in c.get("ports", [])), f"{label}: no hostPort")
+    vols = {v["name"] for v in pod.get("volumes", [])}
+    missing = [m["name"] for m in c.get("volumeMounts", []) if m["name"] not in vols]
+    check(not missing, f"{label}: every volumeMount has its volume" + (f" (missing: {missing})" if missing else ""))
+    check("MINIBATCHD_AUTH_TOKEN" not in env,
+          f"{label}: no token in the pod spec (no MINIBATCHD_AUTH_TOKEN env; the file only)")
+    tf = (env.get("MINIBATCHD_AUTH_TOKEN_FILE") or {}).get("value")
+    if token:
+        hit = secret_file(dep, tf) if tf else None
+        check(hit is not None, f"{label}: MINIBATCHD_AUTH_TOKEN_FILE ({tf}) is a file of a Secret volume")
+        if hit:
+            vol, mount, key = hit
+            sec = vol["secret"]
+            check(sec.get("secretName") == TOKEN_SECRET and key == "token",
+                  f"{label}: the token file is key `token` of Secret {TOKEN_SECRET}")
+            check(sec.get("optional") in (None, False),
+                  f"{label}: the token Secret is not optional (no Secret: the pod does not start, never open)")
+            check(mount.get("readOnly") is True, f"{label}: the token is mounted read-only")
+            ok, how = readable(dep, vol, key)
+            check(ok, f"{label}: the token file is readable by the daemon ({how})")
+    else:
+        check(tf is None and not any((v.get("secret") or {}).get("secretName") == TOKEN_SECRET
+                                     for v in pod.get("volumes", [])),
+              f"{label}: OPEN: no token file, no token Secret volume (nothing dangling)")
+    for probe in PROBES:
+        pr = c.get(probe) or {}
+        handlers = [h for h in PROBE_HANDLERS if pr.get(h) is not None]
+        check(len(handlers) == 1, f"{label}: {probe} has one handler ({', '.join(handlers) or 'none'})")
+        cmd = (pr.get("exec") or {}).get("command") or []
+        check(not any(str(a).startswith("--token") for a in cmd) and "MINIBATCHD_TOKEN" not in env,
+              f"{label}: {probe} carries no token (gRPC health is open)")
+    cert = (env.get("MINIBATCHD_TLS_CERT") or {}).get("value")
+    keyp = (env.get("MINIBATCHD_TLS_KEY") or {}).get("value")
+    if tls:
+        hits = [secret_file(dep, p) if p else None for p in (cert, keyp)]
+        check(all(h and h[0]["secret"].get("secretName") == TLS_SECRET and h[1].get("readOnly") is True
+                  and h[0]["secret"].get("optional") in (None, False) for h in hits),
+              f"{label}: MINIBATCHD_TLS_CERT/KEY ({cert}, {keyp}) lie in a read-only mount of Secret {TLS_SECRET}")
+        if all(hits):
+            check([h[2] for h in hits] == ["tls.crt", "tls.key"], f"{label}: cert and key are tls.crt and tls.key")
+            check(all(readable(dep, h[0], h[2])[0] for h in hits), f"{label}: cert and key readable by the daemon")
+        for probe in PROBES:
+            cmd = ((c.get(probe) or {}).get("exec") or {}).get("command") or []
+            ca = cmd[cmd.index("--tls-ca") + 1] if "--tls-ca" in cmd[:-1] else None
+            hit = secret_file(dep, ca) if ca else None
+            check(hit is not None and hit[0]["secret"].get("secretName") == TLS_SECRET,
+                  f"{label}: {probe} verifies the server with --tls-ca {ca} from Secret {TLS_SECRET}")
+        check(bool((env.get("MINIBATCHD_TLS_DOMAIN") or {}).get("value")),
+              f"{label}: MINIBATCHD_TLS_DOMAIN set (the name the probes verify)")
+    else:
+        check(cert is None and keyp is None, f"{label}: no TLS (plaintext gRPC; the kubelet's gRPC probes work)")
+
+
+def peer_labels(sel: dict | None) -> dict:
+    return dict((sel or {}).get("matchLabels") or {})
+
+
+def check_network_policy(check: Checks, np: dict, dep: dict, svc: dict) -> None:
+    label = "networkpolicy.yaml"
+    spec = np["spec"]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    sel = spec.get("podSelector") or {}
+    ml = peer_labels(sel)
+    check(bool(ml) and not sel.get("matchExpressions") and all(pod_labels.get(k) == v for k, v in ml.items()),
+          f"{label}: podSelector {ml} selects the Deployment's pods (and only by their labels)")
+    types = spec.get("policyTypes") or []
+    check("Ingress" in types, f"{label}: policyTypes has Ingress (ingress is deny-unless-listed)")
+    check("Egress" in types and not spec.get("egress"), f"{label}: no egress allowed (the daemon opens no connections)")
+    cports = {p["name"]: p["containerPort"] for p in container(dep).get("ports", [])}
+    allowed: dict[int, list] = {}
+    rules = spec.get("ingress") or []
+    for i, rule in enumerate(rules):
+        frm, ports = rule.get("from") or [], rule.get("ports") or []
+        check(bool(frm) and bool(ports), f"{label}: ingress rule {i} names its sources and ports "
+                                         f"(a missing `from` admits everyone, missing `ports` every port)")
+        check(not any("ipBlock" in p for p in frm), f"{label}: ingress rule {i} has no ipBlock")
+        for p in ports:
+            n = cports.get(p.get("port"), p.get("port"))
+            check(p.get("protocol", "TCP") == "TCP" and n in (GRPC_PORT, METRICS_PORT) and not p.get("endPort"),
+                  f"{label}: ingress rule {i} opens TCP {n} only (a port the daemon serves)")
+            allowed.setdefault(n, []).extend(frm)
+    grpc_peers = allowed.get(GRPC_PORT, [])
+    check(bool(grpc_peers) and all(
+        peer_labels(p.get("podSelector")).get(CLIENT_LABEL[0]) == CLIENT_LABEL[1]
+        and not (p.get("podSelector") or {}).get("matchExpressions")
+        and (p.get("namespaceSelector") is None or peer_labels(p.get("namespaceSelector")))
+        for p in grpc_peers),
+        f"{label}: gRPC {GRPC_PORT} only from pods labelled {CLIENT_LABEL[0]}: \"{CLIENT_LABEL[1]}\"")
+    metrics_peers = allowed.get(METRICS_PORT, [])
+    check(bool(metrics_peers) and all(peer_labels(p.get("namespaceSelector")) for p in metrics_peers),
+          f"{label}: metrics {METRICS_PORT} only from a namespace chosen by label "
+          f"({[peer_labels(p.get('namespaceSelector')) for p in metrics_peers]})")
+    sports = {p.get("targetPort") for p in svc["spec"]["ports"]}
+    sports = {cports.get(p, p) for p in sports}
+    check(sports <= set(allowed), f"{label}: every Service port ({sorted(sports)}) has an ingress rule")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-schema", action="store_true", help="skip the schema validation (PyYAML checks only)")
@@ -172,14 +347,26 @@ def main() -> int:
     for r in kust.get("resources", []):
         check((HERE / r).is_file(), f"kustomization.yaml: resource {r} exists")
 
+    check("networkpolicy.yaml" in kust.get("resources", []),
+          "kustomization.yaml: applies networkpolicy.yaml with the Deployment")
+    check(not kust.get("secretGenerator"), "kustomization.yaml: no secretGenerator (no token value shipped)")
+    shipped_secrets = [f"{f.name}: {d.get('metadata', {}).get('name')}" for f in sorted(HERE.glob("*.yaml"))
+                       for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict) and d.get("kind") == "Secret"]
+    check(not shipped_secrets, f"no Secret shipped in deploy/k8s (the token is created per cluster) {shipped_secrets or ''}")
+
     dep = load("deployment.yaml")
     svc = load("service.yaml")
+    np = load("networkpolicy.yaml")
     pvc = load("dataset-pvc.yaml")
     patches = {p.name: load(p.name) for p in sorted(HERE.glob("*-patch.yaml"))}
     for name, p in patches.items():
         check(p.get("kind") == "Deployment" and p["metadata"]["name"] == dep["metadata"]["name"],
               f"{name}: patches Deployment {dep['metadata']['name']}")
     patched = {name: strategic_merge(dep, p) for name, p in patches.items()}
+    combos = {}
+    if {"nonroot-patch.yaml", "tls-patch.yaml"} <= set(patches):
+        combos["nonroot-patch.yaml + tls-patch.yaml"] = strategic_merge(
+            patched["nonroot-patch.yaml"], patches["tls-patch.yaml"])
 
     if not a.no_schema:
         try:
@@ -188,8 +375,9 @@ def main() -> int:
             print("error: kubernetes-validate is not installed (pip install -r requirements-test.txt), "
                   "or pass --no-schema", file=sys.stderr)
             return 2
-        targets = [("deployment.yaml", dep), ("service.yaml", svc), ("dataset-pvc.yaml", pvc)]
-        targets += [(f"deployment.yaml + {name}", d) for name, d in patched.items()]
+        targets = [("deployment.yaml", dep), ("service.yaml", svc), ("networkpolicy.yaml", np),
+                   ("dataset-pvc.yaml", pvc)]
+        targets += [(f"deployment.yaml + {name}", d) for name, d in (patched | combos).items()]
         for version in SCHEMA_VERSIONS:
             v = version or kv.latest_version()
             for name, doc in targets:
@@ -203,6 +391,17 @@ def main() -> int:
     check_deployment(check, dep, "deployment.yaml", pinned=True)
     if "nonroot-patch.yaml" in patched:
         check_deployment(check, patched["nonroot-patch.yaml"], "+ nonroot-patch.yaml", pinned=False)
+
+    # Access: token, TLS, the open variant, the NetworkPolicy.
+    check_access(check, dep, "deployment.yaml", token=True, tls=False)
+    for name, d in (patched | combos).items():
+        check_access(check, d, f"+ {name}", token=name != "open-patch.yaml", tls="tls-patch.yaml" in name)
+    if "tls-patch.yaml" in patched:
+        check_deployment(check, patched["tls-patch.yaml"], "+ tls-patch.yaml", pinned=True, tls=True)
+    check("open-patch.yaml" in patches, "open-patch.yaml: the documented way to open it exists")
+    if "open-patch.yaml" in patches:
+        check("WARNING" in (HERE / "open-patch.yaml").read_text(), "open-patch.yaml: carries a WARNING")
+    check_network_policy(check, np, dep, svc)
 
     # The headless Service.
     sspec = svc["spec"]
