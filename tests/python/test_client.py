@@ -149,6 +149,19 @@ def test_package_installs_with_pip(tmp_path):
     assert (site / "minibatch_client" / "_proto" / "minibatch_pb2.pyi").is_file()
 
 
+def test_wire_dtypes_are_the_proto_enum():
+    """The wire dtype table is the generated enum's (every value but
+    DTYPE_UNSPECIFIED), each read little-endian as numpy holds it."""
+    from minibatch_client import dtypes
+
+    assert sorted(dtypes.DTYPES) == sorted(v for v in pb.Dtype.values() if v != pb.DTYPE_UNSPECIFIED)
+    for code, (name, npd) in dtypes.DTYPES.items():
+        assert pb.Dtype.Name(code) == "DTYPE_" + name.upper() and dtypes.dtype_code(name) == code
+        assert npd.str[0] in "<|", npd  # little-endian, as on the wire
+    assert dtypes.DTYPES[pb.DTYPE_BFLOAT16][1] == np.dtype("<u2")  # raw bits; numpy has no bfloat16
+    assert mc.decode_x is dtypes.decode_x
+
+
 # --- transports ----------------------------------------------------------------------
 
 def test_transport_choice(server, monkeypatch):

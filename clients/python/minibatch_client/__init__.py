@@ -19,6 +19,7 @@ from .client import (
     SetInfo,
     TensorInfo,
 )
+from .dtypes import decode_x
 from .errors import (
     ChecksumError,
     DeadlineExceeded,
@@ -33,7 +34,6 @@ from .errors import (
     Unavailable,
 )
 from .order import SplitMix64, batch_indices, epoch_order, num_batches, permutation
-from .wire import decode_x
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,8 @@ from .errors import (
 )
 from . import transport as _transport
 from .transport import RPC_ERRORS, NativeUnaryStream, native_usable
-from .wire import Batch, batches, decode_x, dtype_code, dtype_name
+from .dtypes import decode_x, dtype_code, dtype_name
+from .wire import Batch, batches
 
 T = TypeVar("T")
 

@@ -17,62 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import numpy as np
 
 from ._crc32c import crc32c
+from .dtypes import DTYPES
 from .errors import ChecksumError, ProtocolError
-
-# proto enum Dtype -> (name, numpy dtype of the wire bytes). bfloat16 has no
-# numpy dtype: its raw bits come back as uint16 (decode=True widens to float32).
-DTYPES: dict[int, tuple[str, np.dtype]] = {
-    1: ("float32", np.dtype("<f4")),
-    2: ("float64", np.dtype("<f8")),
-    3: ("float16", np.dtype("<f2")),
-    4: ("bfloat16", np.dtype("<u2")),
-    5: ("uint8", np.dtype("u1")),
-    6: ("int8", np.dtype("i1")),
-    7: ("int16", np.dtype("<i2")),
-    8: ("uint16", np.dtype("<u2")),
-    9: ("int32", np.dtype("<i4")),
-    10: ("uint32", np.dtype("<u4")),
-    11: ("int64", np.dtype("<i8")),
-    12: ("uint64", np.dtype("<u8")),
-    13: ("bool", np.dtype("?")),
-}
-DTYPE_NAMES = {name: code for code, (name, _) in DTYPES.items()}
-
-
-def dtype_code(d: Union[None, str, int, np.dtype, type]) -> int:
-    """The proto Dtype value for a user's dtype: None (as stored), a name
-    ("uint8", "bfloat16", "DTYPE_UINT8"), a numpy dtype or type, or the enum int."""
-    if d is None:
-        return 0
-    if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
-        if int(d) == 0 or int(d) in DTYPES:
-            return int(d)
-        raise ValueError(f"unknown Dtype value {d}")
-    if isinstance(d, str):
-        name = d.lower()
-        name = name[len("dtype_"):] if name.startswith("dtype_") else name
-        if name in ("", "unspecified", "stored"):
-            return 0
-        if name in DTYPE_NAMES:
-            return DTYPE_NAMES[name]
-        raise ValueError(f"unknown dtype {d!r}; known: {', '.join(DTYPE_NAMES)}")
-    try:
-        name = np.dtype(d).name
-    except TypeError:
-        raise ValueError(f"unknown dtype {d!r}") from None
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype {name} has no wire form; known: {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
-
-
-def dtype_name(code: int) -> str:
-    return DTYPES[code][0] if code in DTYPES else "unspecified"
-
 
 # --- a minimal protobuf reader for TensorChunk -------------------------------
 
@@ -312,19 +263,3 @@ def batches(call, verify_crc: bool = True) -> Iterator[Batch]:
         if b is not None:
             yield b
     asm.finish()
-
-
-def decode_x(t: Tensor) -> np.ndarray:
-    """x as float32 values, exactly: uint8 with a scale divisor becomes
-    float32(byte) / divisor (as the server defines it), float16 and bfloat16
-    widen exactly; float32 is returned as is; anything else unchanged."""
-    a = t.array
-    if t.dtype == "uint8" and t.scale_divisor:
-        out = a.astype(np.float32)
-        out /= np.float32(t.scale_divisor)
-        return out
-    if t.dtype == "bfloat16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    if t.dtype == "float16":
-        return a.astype(np.float32)
-    return a
