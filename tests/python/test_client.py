@@ -29,7 +29,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -39,6 +38,7 @@ sys.path.insert(0, str(CLIENT_SRC))
 
 import minibatch_client as mc  # noqa: E402
 from minibatch_client import wire  # noqa: E402
+from minibatch_client.expect import Expected  # noqa: E402
 from minibatch_client._crc32c import crc32c, crc32c_numpy  # noqa: E402
 from minibatch_client._proto import minibatch_pb2 as pb  # noqa: E402
 
@@ -160,6 +160,15 @@ def test_wire_dtypes_are_the_proto_enum():
         assert npd.str[0] in "<|", npd  # little-endian, as on the wire
     assert dtypes.DTYPES[pb.DTYPE_BFLOAT16][1] == np.dtype("<u2")  # raw bits; numpy has no bfloat16
     assert mc.decode_x is dtypes.decode_x
+
+
+def test_errors_imports_nothing_of_the_package():
+    """Every module raises errors.py's exceptions, so an import there would
+    be a cycle (transports translate their own failures instead)."""
+    import ast
+
+    tree = ast.parse((CLIENT_SRC / "minibatch_client" / "errors.py").read_text())
+    assert not [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
 
 
 # --- transports ----------------------------------------------------------------------
@@ -291,62 +300,13 @@ def test_chunk_reader_matches_protobuf():
         wire.parse_chunk(msg[:-3])
 
 
-def _bad_server(messages: list[bytes]):
-    """A real gRPC server (grpcio) whose GetBatch and StreamBatches answer with `messages`, raw."""
-    from concurrent import futures
-
-    def get_batch(request, context):
-        yield from messages
-
-    handler = grpc.method_handlers_generic_handler("minibatch.v1.BatchService", {
-        name: grpc.unary_stream_rpc_method_handler(get_batch, request_deserializer=None, response_serializer=None)
-        for name in ("GetBatch", "StreamBatches")})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-@pytest.mark.parametrize("native", [True, False], ids=["native", "grpcio"])
-def test_bad_streams_raise_checksum_and_protocol_errors(native):
-    """Corrupt or malformed chunks from a server fail the call with the
-    client's own errors, on both transports (the native one reassembles with
-    the Rust rules, grpcio's messages go through wire.Assembler)."""
-    from minibatch_client import transport
-    if native and transport.native is None:
-        pytest.skip("minibatch-client-native is not installed")
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    y = np.array([1, 2], dtype=np.int64)
-    xc = dict(index=0, name="x", dtype=pb.DTYPE_FLOAT32, shape=[2, 4], total_bytes=32, data=x.tobytes())
-    yc = dict(index=0, name="y", dtype=pb.DTYPE_INT64, shape=[2], total_bytes=16, data=y.tobytes(), last=True)
-    cases = [
-        ([_chunk(**xc), _chunk(**yc)], None, None),
-        ([_chunk(**xc, crc32c=1), _chunk(**yc)], mc.ChecksumError, "CRC-32C"),
-        ([_chunk(**yc)], mc.ProtocolError, "lacks x or y"),
-        ([_chunk(**xc)], mc.ProtocolError, "in the middle of minibatch 0"),
-        ([_chunk(**{**xc, "offset": 4})], mc.ProtocolError, "starts at offset"),
-        ([b"\xff\xff"], mc.ProtocolError, "TensorChunk"),
-    ]
-    for messages, err, match in cases:
-        server, addr = _bad_server(messages)
-        try:
-            with mc.Client(addr, native=native, timeout=10) as c:
-                assert c.transport == ("native" if native else "grpcio")
-                if err is None:
-                    bx, by = c.get_batch("train", 0, 2)
-                    assert np.array_equal(bx, x) and np.array_equal(by, y)
-                    bx += 1  # writable, as documented
-                    [(ex, ey)] = list(c.epoch("train", 2, prefetch=0))
-                    assert np.array_equal(ex, x) and np.array_equal(ey, y)
-                    ex += 1
-                else:
-                    with pytest.raises(err, match=match):
-                        c.get_batch("train", 0, 2)
-                    with pytest.raises(err, match=match):
-                        list(c.epoch("train", 2, prefetch=0))
-        finally:
-            server.stop(None)
+def _expected(index: int, size: int, examples: int = 20) -> Expected:
+    """What GetBatch(index, size) of a set of `examples` float32 [4] / int64
+    examples may receive."""
+    t = pb.TensorInfo
+    info = mc.DatasetInfo.from_proto(pb.DatasetInfo(sets=[pb.SetInfo(
+        name="train", examples=examples, x=t(dtype=pb.DTYPE_FLOAT32, shape=[4]), y=t(dtype=pb.DTYPE_INT64))]))
+    return Expected.get_batch(pb.GetBatchRequest(set="train", index=index, size=size), info)
 
 
 def test_assembler_checks_crc_and_order():
@@ -356,25 +316,34 @@ def test_assembler_checks_crc_and_order():
     common = dict(index=4, name="x", dtype=pb.DTYPE_FLOAT32, shape=[3, 4], total_bytes=48)
     good = [_chunk(**common, offset=0, data=xb[:20]), _chunk(**common, offset=20, data=xb[20:]),
             _chunk(index=4, name="y", dtype=pb.DTYPE_INT64, shape=[3], total_bytes=24, data=yb, last=True)]
-    asm = wire.Assembler()
+    asm = wire.Assembler(_expected(4, 3))
     out = [asm.push(m) for m in good]
     assert out[:2] == [None, None]
     assert np.array_equal(out[2].x.array, x) and np.array_equal(out[2].y.array, y) and out[2].index == 4
     asm.finish()
+    # the same chunks for another request: minibatch 4 of 3 has 3 rows, of 5 examples none
+    with pytest.raises(mc.ProtocolError, match=r"shape \[3, 4\], the request implies \[2, 4\]"):
+        wire.Assembler(_expected(4, 3, examples=14)).push(good[0])
+    with pytest.raises(mc.ProtocolError, match="request that has no minibatches"):
+        wire.Assembler(_expected(4, 3, examples=5)).push(good[0])
+    with pytest.raises(mc.ProtocolError, match="expected minibatch 3, got 4"):
+        wire.Assembler(_expected(3, 3)).push(good[0])
+    with pytest.raises(mc.ProtocolError, match="ended after 0 of the 1 minibatches"):
+        wire.Assembler(_expected(4, 3)).finish()
 
     corrupt = pb.TensorChunk.FromString(good[1])
     corrupt.data = bytes([corrupt.data[0] ^ 1]) + corrupt.data[1:]
     with pytest.raises(mc.ChecksumError, match="CRC-32C"):
-        a = wire.Assembler()
+        a = wire.Assembler(_expected(4, 3))
         a.push(good[0])
         a.push(corrupt.SerializeToString())
     with pytest.raises(mc.ProtocolError, match="out of order"):
-        a = wire.Assembler()
+        a = wire.Assembler(_expected(4, 3))
         a.push(good[0])
         a.push(good[0])
     with pytest.raises(mc.ProtocolError, match="starts at offset"):
-        wire.Assembler().push(good[1])
-    a = wire.Assembler()
+        wire.Assembler(_expected(4, 3)).push(good[1])
+    a = wire.Assembler(_expected(4, 3))
     a.push(good[0])
     with pytest.raises(mc.ProtocolError, match="ended in the middle"):
         a.finish()

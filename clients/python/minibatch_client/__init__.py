@@ -8,18 +8,9 @@
 
 See README.md in this package's source folder (clients/python).
 """
-from .client import (
-    DEFAULT_OPTIONS,
-    SINGLE_THREADED,
-    Client,
-    DatasetInfo,
-    EpochIterator,
-    Failover,
-    Limits,
-    SetInfo,
-    TensorInfo,
-)
+from .client import Client
 from .dtypes import decode_x
+from .epoch import EpochIterator, Failover
 from .errors import (
     ChecksumError,
     DeadlineExceeded,
@@ -33,12 +24,15 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .info import DatasetInfo, Limits, SetInfo, TensorInfo
 from .order import SplitMix64, batch_indices, epoch_order, num_batches, permutation
+from .transport import DEFAULT_OPTIONS, MAX_RECEIVE_MESSAGE_BYTES, SINGLE_THREADED
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "DatasetInfo", "SetInfo", "TensorInfo", "Limits", "EpochIterator", "Failover", "DEFAULT_OPTIONS", "SINGLE_THREADED",
+    "MAX_RECEIVE_MESSAGE_BYTES",
     "MinibatchError", "NotFound", "OutOfRange", "InvalidArgument", "FailedPrecondition", "Unavailable",
     "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ChecksumError", "ProtocolError",
     "permutation", "batch_indices", "epoch_order", "num_batches", "SplitMix64", "decode_x",
