@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -565,6 +566,46 @@ def test_bearer_token(sample, tmp_path):
             assert len(list(c.epoch("valid", 250))) == 4
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("native", [None, False], ids=["default-transport", "grpcio"])
+def test_token_without_tls_to_another_host_warns_once(native):
+    """A bearer token that would travel in plaintext to another machine
+    warns (once, when the Client is made); loopback, localhost and Unix
+    sockets, TLS, or no token at all do not."""
+    remote = ["10.1.2.3:50051", "dns:///trainer-data.example:50051", "ipv4:192.0.2.1:50051", "[2001:db8::1]:50051",
+              "http://minibatchd:50051", "localhost.example:50051", "0.0.0.0:50051"]
+    for address in remote:
+        with pytest.warns(mc.InsecureTokenWarning, match="plaintext") as w:
+            mc.Client(address, token="t", native=native).close()
+        assert len(w) == 1 and address.removeprefix("http://") in str(w[0].message), address
+        assert w[0].filename == __file__  # points at the caller's line
+    with pytest.warns(mc.InsecureTokenWarning) as w:  # only the remote one named
+        mc.Client(["127.0.0.1:1", "10.0.0.7:2"], token="t", native=native).close()
+    assert "10.0.0.7:2" in str(w[0].message) and "127.0.0.1" not in str(w[0].message)
+
+    local = ["127.0.0.1:50051", "127.10.20.30:1", "localhost:50051", "LOCALHOST", "[::1]:50051",
+             "dns:///localhost:50051", "dns:127.0.0.1:1", "ipv4:127.0.0.1:1,127.0.0.2:2", "ipv6:[::1]:1",
+             "[::ffff:127.0.0.1]:1", "unix:/tmp/minibatchd.sock", "unix:///tmp/minibatchd.sock",
+             "unix-abstract:minibatchd"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for address in local:
+            mc.Client(address, token="t", native=False).close()
+        mc.Client("10.1.2.3:50051", native=native).close()  # no token
+        mc.Client("10.1.2.3:50051", token="t", tls_ca=b"", native=False).close()  # TLS
+        mc.Client("https://10.1.2.3:50051", token="t", native=False).close()
+
+    # Once per Client, not per call.
+    with pytest.warns(mc.InsecureTokenWarning) as w:
+        c = mc.Client(f"192.0.2.1:{free_port()}", token="t", timeout=0.2, native=native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(mc.MinibatchError):
+                c.get_batch("train", 0, 10)
+    c.close()
+    assert len(w) == 1
 
 
 def _openssl(*args, cwd):

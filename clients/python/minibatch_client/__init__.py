@@ -15,6 +15,7 @@ from .errors import (
     ChecksumError,
     DeadlineExceeded,
     FailedPrecondition,
+    InsecureTokenWarning,
     InvalidArgument,
     MinibatchError,
     NotFound,
@@ -34,6 +35,6 @@ __all__ = [
     "Client", "DatasetInfo", "SetInfo", "TensorInfo", "Limits", "EpochIterator", "Failover", "DEFAULT_OPTIONS", "SINGLE_THREADED",
     "MAX_RECEIVE_MESSAGE_BYTES",
     "MinibatchError", "NotFound", "OutOfRange", "InvalidArgument", "FailedPrecondition", "Unavailable",
-    "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ChecksumError", "ProtocolError",
+    "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ChecksumError", "ProtocolError", "InsecureTokenWarning",
     "permutation", "batch_indices", "epoch_order", "num_batches", "SplitMix64", "decode_x",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import grpc
@@ -20,6 +21,7 @@ from .epoch import EpochIterator
 from .errors import (
     FAILOVER_CODES,
     FailedPrecondition,
+    InsecureTokenWarning,
     MinibatchError,
     NotFound,
     Unavailable,
@@ -147,6 +149,14 @@ class Client:
             if tls_domain:
                 extra.append(("grpc.ssl_target_name_override", tls_domain))
         self.tls = tls
+        if token and not tls:
+            remote = [a for a in self.addresses if not _addresses.is_local(a)]
+            if remote:
+                warnings.warn(
+                    f"minibatch_client.Client sends its bearer token in plaintext to {', '.join(remote)}: "
+                    "TLS is off and the address is not this machine, so anyone on the network path can read "
+                    "the token. Serve with --tls-cert/--tls-key and pass tls_ca= (or an https:// address).",
+                    InsecureTokenWarning, stacklevel=2)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout = timeout
         self.stream_timeout = stream_timeout

@@ -1,5 +1,5 @@
 """Exceptions: one class per gRPC status code the server documents, plus the
-client's own findings about a server's stream.
+client's own findings about a server's stream; and the client's warning.
 
 Each also derives from the closest built-in exception, so generic code can
 catch it too (``except IndexError`` for a minibatch index past the end).
@@ -110,3 +110,8 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELL
 def for_status(code: grpc.StatusCode, details: str, address: Optional[str] = None) -> MinibatchError:
     """The MinibatchError for a call that failed with gRPC status `code`."""
     return _BY_CODE.get(code, MinibatchError)(details, code=code, address=address)
+
+
+class InsecureTokenWarning(UserWarning):
+    """A bearer token is about to travel in plaintext to a host that is not
+    this machine (TLS off, an address that is not loopback)."""
