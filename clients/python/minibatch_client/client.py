@@ -90,7 +90,10 @@ class Client:
     (a comma-separated string works too). With several addresses, calls go
     round-robin across them, GetBatch moves on to the next server when one is
     unavailable, and `epoch()` resumes a broken stream on the next server from
-    the next minibatch, so each minibatch is seen exactly once.
+    the next minibatch, so each minibatch is seen exactly once. Before its
+    first minibatch from a server, the client reads that server's GetInfo;
+    every minibatch is checked against it and the request (expect.py), and
+    anything more or other is a ProtocolError.
 
     timeout:        seconds for GetInfo and each GetBatch call (None: no limit).
     stream_timeout: seconds for a whole StreamBatches call (None: no limit).
@@ -117,7 +120,9 @@ class Client:
 
     For a server started with --auth-token / --auth-token-file:
     token:          sent as "authorization: Bearer <token>" on every
-                    BatchService call (the health check needs none).
+                    BatchService call (the health check needs none). Without
+                    TLS to an address that is not this machine, the Client
+                    warns (InsecureTokenWarning) when it is made.
     For a server with --tls-cert / --tls-key (TLS is on when any of these is
     given, or the address starts with https://):
     tls_ca:         PEM of the CA that signed the server's certificate (bytes
