@@ -241,15 +241,16 @@ def test_messages_over_the_servers_advertised_limit(native):
 
 @pytest.mark.parametrize("native", TRANSPORTS_NATIVE_XFAIL)
 def test_messages_over_the_clients_cap(native):
-    """grpcio receives no message over MAX_RECEIVE_MESSAGE_BYTES (64 MiB), not
-    unlimited: a 65 MiB message fails the call (RESOURCE_EXHAUSTED) before it
-    is buffered whole."""
+    """No message over MAX_RECEIVE_MESSAGE_BYTES (64 MiB) is received, not
+    unlimited: an otherwise valid minibatch in one 65 MiB message fails the
+    call (on grpcio as RESOURCE_EXHAUSTED, before it is buffered whole)."""
     assert dict(mc.DEFAULT_OPTIONS)["grpc.max_receive_message_length"] == mc.MAX_RECEIVE_MESSAGE_BYTES == 64 * MIB
     size = 260  # 260 x 256 KiB = 65 MiB of x
     with HostileServer(minibatch("big", 0, size, chunk_bytes=size * ASKED)) as server, _client(server, native) as c:
         with pytest.raises(mc.MinibatchError) as e:
             c.get_batch("big", 0, size)
-        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+        if not native:
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
 
 
 def test_the_message_cap_is_the_callers_to_raise():
