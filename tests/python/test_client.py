@@ -27,9 +27,9 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -39,6 +39,7 @@ sys.path.insert(0, str(CLIENT_SRC))
 
 import minibatch_client as mc  # noqa: E402
 from minibatch_client import wire  # noqa: E402
+from minibatch_client.expect import Expected  # noqa: E402
 from minibatch_client._crc32c import crc32c, crc32c_numpy  # noqa: E402
 from minibatch_client._proto import minibatch_pb2 as pb  # noqa: E402
 
@@ -147,6 +148,28 @@ def test_package_installs_with_pip(tmp_path):
     assert r.stdout.splitlines()[0].startswith(str(site)), r.stdout
     assert (site / "minibatch_client" / "py.typed").is_file()
     assert (site / "minibatch_client" / "_proto" / "minibatch_pb2.pyi").is_file()
+
+
+def test_wire_dtypes_are_the_proto_enum():
+    """The wire dtype table is the generated enum's (every value but
+    DTYPE_UNSPECIFIED), each read little-endian as numpy holds it."""
+    from minibatch_client import dtypes
+
+    assert sorted(dtypes.DTYPES) == sorted(v for v in pb.Dtype.values() if v != pb.DTYPE_UNSPECIFIED)
+    for code, (name, npd) in dtypes.DTYPES.items():
+        assert pb.Dtype.Name(code) == "DTYPE_" + name.upper() and dtypes.dtype_code(name) == code
+        assert npd.str[0] in "<|", npd  # little-endian, as on the wire
+    assert dtypes.DTYPES[pb.DTYPE_BFLOAT16][1] == np.dtype("<u2")  # raw bits; numpy has no bfloat16
+    assert mc.decode_x is dtypes.decode_x
+
+
+def test_errors_imports_nothing_of_the_package():
+    """Every module raises errors.py's exceptions, so an import there would
+    be a cycle (transports translate their own failures instead)."""
+    import ast
+
+    tree = ast.parse((CLIENT_SRC / "minibatch_client" / "errors.py").read_text())
+    assert not [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
 
 
 # --- transports ----------------------------------------------------------------------
@@ -278,62 +301,13 @@ def test_chunk_reader_matches_protobuf():
         wire.parse_chunk(msg[:-3])
 
 
-def _bad_server(messages: list[bytes]):
-    """A real gRPC server (grpcio) whose GetBatch and StreamBatches answer with `messages`, raw."""
-    from concurrent import futures
-
-    def get_batch(request, context):
-        yield from messages
-
-    handler = grpc.method_handlers_generic_handler("minibatch.v1.BatchService", {
-        name: grpc.unary_stream_rpc_method_handler(get_batch, request_deserializer=None, response_serializer=None)
-        for name in ("GetBatch", "StreamBatches")})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-@pytest.mark.parametrize("native", [True, False], ids=["native", "grpcio"])
-def test_bad_streams_raise_checksum_and_protocol_errors(native):
-    """Corrupt or malformed chunks from a server fail the call with the
-    client's own errors, on both transports (the native one reassembles with
-    the Rust rules, grpcio's messages go through wire.Assembler)."""
-    from minibatch_client import transport
-    if native and transport.native is None:
-        pytest.skip("minibatch-client-native is not installed")
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    y = np.array([1, 2], dtype=np.int64)
-    xc = dict(index=0, name="x", dtype=pb.DTYPE_FLOAT32, shape=[2, 4], total_bytes=32, data=x.tobytes())
-    yc = dict(index=0, name="y", dtype=pb.DTYPE_INT64, shape=[2], total_bytes=16, data=y.tobytes(), last=True)
-    cases = [
-        ([_chunk(**xc), _chunk(**yc)], None, None),
-        ([_chunk(**xc, crc32c=1), _chunk(**yc)], mc.ChecksumError, "CRC-32C"),
-        ([_chunk(**yc)], mc.ProtocolError, "lacks x or y"),
-        ([_chunk(**xc)], mc.ProtocolError, "in the middle of minibatch 0"),
-        ([_chunk(**{**xc, "offset": 4})], mc.ProtocolError, "starts at offset"),
-        ([b"\xff\xff"], mc.ProtocolError, "TensorChunk"),
-    ]
-    for messages, err, match in cases:
-        server, addr = _bad_server(messages)
-        try:
-            with mc.Client(addr, native=native, timeout=10) as c:
-                assert c.transport == ("native" if native else "grpcio")
-                if err is None:
-                    bx, by = c.get_batch("train", 0, 2)
-                    assert np.array_equal(bx, x) and np.array_equal(by, y)
-                    bx += 1  # writable, as documented
-                    [(ex, ey)] = list(c.epoch("train", 2, prefetch=0))
-                    assert np.array_equal(ex, x) and np.array_equal(ey, y)
-                    ex += 1
-                else:
-                    with pytest.raises(err, match=match):
-                        c.get_batch("train", 0, 2)
-                    with pytest.raises(err, match=match):
-                        list(c.epoch("train", 2, prefetch=0))
-        finally:
-            server.stop(None)
+def _expected(index: int, size: int, examples: int = 20) -> Expected:
+    """What GetBatch(index, size) of a set of `examples` float32 [4] / int64
+    examples may receive."""
+    t = pb.TensorInfo
+    info = mc.DatasetInfo.from_proto(pb.DatasetInfo(sets=[pb.SetInfo(
+        name="train", examples=examples, x=t(dtype=pb.DTYPE_FLOAT32, shape=[4]), y=t(dtype=pb.DTYPE_INT64))]))
+    return Expected.get_batch(pb.GetBatchRequest(set="train", index=index, size=size), info)
 
 
 def test_assembler_checks_crc_and_order():
@@ -343,25 +317,34 @@ def test_assembler_checks_crc_and_order():
     common = dict(index=4, name="x", dtype=pb.DTYPE_FLOAT32, shape=[3, 4], total_bytes=48)
     good = [_chunk(**common, offset=0, data=xb[:20]), _chunk(**common, offset=20, data=xb[20:]),
             _chunk(index=4, name="y", dtype=pb.DTYPE_INT64, shape=[3], total_bytes=24, data=yb, last=True)]
-    asm = wire.Assembler()
+    asm = wire.Assembler(_expected(4, 3))
     out = [asm.push(m) for m in good]
     assert out[:2] == [None, None]
     assert np.array_equal(out[2].x.array, x) and np.array_equal(out[2].y.array, y) and out[2].index == 4
     asm.finish()
+    # the same chunks for another request: minibatch 4 of 3 has 3 rows, of 5 examples none
+    with pytest.raises(mc.ProtocolError, match=r"shape \[3, 4\], the request implies \[2, 4\]"):
+        wire.Assembler(_expected(4, 3, examples=14)).push(good[0])
+    with pytest.raises(mc.ProtocolError, match="request that has no minibatches"):
+        wire.Assembler(_expected(4, 3, examples=5)).push(good[0])
+    with pytest.raises(mc.ProtocolError, match="expected minibatch 3, got 4"):
+        wire.Assembler(_expected(3, 3)).push(good[0])
+    with pytest.raises(mc.ProtocolError, match="ended after 0 of the 1 minibatches"):
+        wire.Assembler(_expected(4, 3)).finish()
 
     corrupt = pb.TensorChunk.FromString(good[1])
     corrupt.data = bytes([corrupt.data[0] ^ 1]) + corrupt.data[1:]
     with pytest.raises(mc.ChecksumError, match="CRC-32C"):
-        a = wire.Assembler()
+        a = wire.Assembler(_expected(4, 3))
         a.push(good[0])
         a.push(corrupt.SerializeToString())
     with pytest.raises(mc.ProtocolError, match="out of order"):
-        a = wire.Assembler()
+        a = wire.Assembler(_expected(4, 3))
         a.push(good[0])
         a.push(good[0])
     with pytest.raises(mc.ProtocolError, match="starts at offset"):
-        wire.Assembler().push(good[1])
-    a = wire.Assembler()
+        wire.Assembler(_expected(4, 3)).push(good[1])
+    a = wire.Assembler(_expected(4, 3))
     a.push(good[0])
     with pytest.raises(mc.ProtocolError, match="ended in the middle"):
         a.finish()
@@ -583,6 +566,46 @@ def test_bearer_token(sample, tmp_path):
             assert len(list(c.epoch("valid", 250))) == 4
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("native", [None, False], ids=["default-transport", "grpcio"])
+def test_token_without_tls_to_another_host_warns_once(native):
+    """A bearer token that would travel in plaintext to another machine
+    warns (once, when the Client is made); loopback, localhost and Unix
+    sockets, TLS, or no token at all do not."""
+    remote = ["10.1.2.3:50051", "dns:///trainer-data.example:50051", "ipv4:192.0.2.1:50051", "[2001:db8::1]:50051",
+              "http://minibatchd:50051", "localhost.example:50051", "0.0.0.0:50051"]
+    for address in remote:
+        with pytest.warns(mc.InsecureTokenWarning, match="plaintext") as w:
+            mc.Client(address, token="t", native=native).close()
+        assert len(w) == 1 and address.removeprefix("http://") in str(w[0].message), address
+        assert w[0].filename == __file__  # points at the caller's line
+    with pytest.warns(mc.InsecureTokenWarning) as w:  # only the remote one named
+        mc.Client(["127.0.0.1:1", "10.0.0.7:2"], token="t", native=native).close()
+    assert "10.0.0.7:2" in str(w[0].message) and "127.0.0.1" not in str(w[0].message)
+
+    local = ["127.0.0.1:50051", "127.10.20.30:1", "localhost:50051", "LOCALHOST", "[::1]:50051",
+             "dns:///localhost:50051", "dns:127.0.0.1:1", "ipv4:127.0.0.1:1,127.0.0.2:2", "ipv6:[::1]:1",
+             "[::ffff:127.0.0.1]:1", "unix:/tmp/minibatchd.sock", "unix:///tmp/minibatchd.sock",
+             "unix-abstract:minibatchd"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for address in local:
+            mc.Client(address, token="t", native=False).close()
+        mc.Client("10.1.2.3:50051", native=native).close()  # no token
+        mc.Client("10.1.2.3:50051", token="t", tls_ca=b"", native=False).close()  # TLS
+        mc.Client("https://10.1.2.3:50051", token="t", native=False).close()
+
+    # Once per Client, not per call.
+    with pytest.warns(mc.InsecureTokenWarning) as w:
+        c = mc.Client(f"192.0.2.1:{free_port()}", token="t", timeout=0.2, native=native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(mc.MinibatchError):
+                c.get_batch("train", 0, 10)
+    c.close()
+    assert len(w) == 1
 
 
 def _openssl(*args, cwd):

@@ -8,21 +8,14 @@
 
 See README.md in this package's source folder (clients/python).
 """
-from .client import (
-    DEFAULT_OPTIONS,
-    SINGLE_THREADED,
-    Client,
-    DatasetInfo,
-    EpochIterator,
-    Failover,
-    Limits,
-    SetInfo,
-    TensorInfo,
-)
+from .client import Client
+from .dtypes import decode_x
+from .epoch import EpochIterator, Failover
 from .errors import (
     ChecksumError,
     DeadlineExceeded,
     FailedPrecondition,
+    InsecureTokenWarning,
     InvalidArgument,
     MinibatchError,
     NotFound,
@@ -32,14 +25,16 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .info import DatasetInfo, Limits, SetInfo, TensorInfo
 from .order import SplitMix64, batch_indices, epoch_order, num_batches, permutation
-from .wire import decode_x
+from .transport import DEFAULT_OPTIONS, MAX_RECEIVE_MESSAGE_BYTES, SINGLE_THREADED
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "DatasetInfo", "SetInfo", "TensorInfo", "Limits", "EpochIterator", "Failover", "DEFAULT_OPTIONS", "SINGLE_THREADED",
+    "MAX_RECEIVE_MESSAGE_BYTES",
     "MinibatchError", "NotFound", "OutOfRange", "InvalidArgument", "FailedPrecondition", "Unavailable",
-    "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ChecksumError", "ProtocolError",
+    "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ChecksumError", "ProtocolError", "InsecureTokenWarning",
     "permutation", "batch_indices", "epoch_order", "num_batches", "SplitMix64", "decode_x",
 ]

@@ -1,4 +1,5 @@
-"""Exceptions: one class per gRPC status code the server documents.
+"""Exceptions: one class per gRPC status code the server documents, plus the
+client's own findings about a server's stream; and the client's warning.
 
 Each also derives from the closest built-in exception, so generic code can
 catch it too (``except IndexError`` for a minibatch index past the end).
@@ -13,15 +14,17 @@ catch it too (``except IndexError`` for a minibatch index past the end).
     ├── Unauthenticated(PermissionError)  missing or wrong bearer token (server run with --auth-token*)
     ├── PermissionDenied(PermissionError)
     ├── ChecksumError                     a chunk failed its CRC-32C check
-    └── ProtocolError                     the server's stream broke the chunk protocol
+    └── ProtocolError                     the server's stream broke the chunk protocol or
+                                          sent more, or other, than the request asked for
+
+This module imports nothing of the package: every other module raises these,
+and each transport turns its own failures into them (`for_status`).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import grpc
-
-from .transport import status_of
 
 
 class MinibatchError(Exception):
@@ -83,7 +86,9 @@ class ChecksumError(MinibatchError):
 
 
 class ProtocolError(MinibatchError):
-    """The stream broke the chunk protocol (order, offsets, lengths, fields)."""
+    """The stream broke the chunk protocol (order, offsets, lengths, fields),
+    or declared more or other than the request asked for (sizes, shapes,
+    dtypes, minibatches)."""
 
 
 _BY_CODE = {
@@ -93,9 +98,20 @@ _BY_CODE = {
 }
 
 
-def from_rpc_error(e: BaseException, address: Optional[str] = None) -> MinibatchError:
-    """The MinibatchError for a failed call of either transport (a
-    grpc.RpcError, or the native transport's RpcError)."""
-    code, details = status_of(e)
-    cls = _BY_CODE.get(code, MinibatchError)
-    return cls(details, code=code, address=address)
+# Errors after which a call moves on to the next server. UNAVAILABLE is a
+# server that is down, restarting or unreachable (a killed server shows as
+# "Socket closed" or "Connection reset"); a stream the server cut short
+# (RST_STREAM, e.g. at shutdown past its grace period) shows as CANCELLED (this
+# client cancels only calls it has finished with) or INTERNAL. GetBatch and
+# StreamBatches are idempotent, so asking another replica is always safe.
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL})
+
+
+def for_status(code: grpc.StatusCode, details: str, address: Optional[str] = None) -> MinibatchError:
+    """The MinibatchError for a call that failed with gRPC status `code`."""
+    return _BY_CODE.get(code, MinibatchError)(details, code=code, address=address)
+
+
+class InsecureTokenWarning(UserWarning):
+    """A bearer token is about to travel in plaintext to a host that is not
+    this machine (TLS off, an address that is not loopback)."""

@@ -1,42 +1,190 @@
-"""The transports under Client: grpcio (always installed) and the native one
-(the optional `minibatch-client-native` package: tonic in Rust, see
-clients/python/native), which Client picks by default when it is installed.
+"""The transports that carry GetBatch and StreamBatches, behind one small
+interface:
 
-Both present the same calls: `unary_stream(request, timeout=, metadata=)`
-returns an iterator of raw TensorChunk messages with `cancel()`, and a failed
-call raises an error that `status_of` turns into (grpc.StatusCode, details).
-Everything above (parsing, CRC checks, reassembly, failover) is shared.
+    t.get_batch(request, expected, timeout) -> wire.Batch
+    t.stream_batches(request, expected, timeout) -> call
+        iterate the call for its wire.Batch minibatches; call.cancel(),
+        from any thread, ends it (the iteration then raises CANCELLED)
+
+Both raise MinibatchErrors only (the call's gRPC status through
+errors.for_status; a bad stream as ProtocolError or ChecksumError, naming
+the server), and both check every minibatch against `expected`
+(expect.Expected: what the request asked for), so Client, epochs and
+failover above them are one code path.
+
+- GrpcioTransport: grpcio, always installed. Raw messages, reassembled and
+  checked by wire.Assembler.
+- NativeTransport: the optional `minibatch-client-native` package (tonic in
+  Rust, clients/python/native), which reassembles and checks chunks itself
+  (crates/tensor-chunks) and hands over whole minibatches. Client picks it by
+  default when it is installed (use_native).
+
+GetInfo and the health check always go over grpcio (grpcio_channel).
 """
 from __future__ import annotations
 
+import os
 import re
-from typing import Iterator, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
 
 import grpc
+import grpc.experimental
+import numpy as np
+
+from ._proto import minibatch_pb2 as pb
+from .dtypes import dtype_name
+from .errors import ChecksumError, MinibatchError, ProtocolError, for_status
+from .expect import Expected
+from .wire import Assembler, Batch, Tensor
 
 try:  # the optional native transport
     import minibatch_client_native as native
 except ImportError:  # pragma: no cover - depends on what is installed
     native = None
 
-#: every exception type a call can raise for a gRPC status
-RPC_ERRORS: tuple[type[BaseException], ...] = (grpc.RpcError,) if native is None else (grpc.RpcError, native.RpcError)
+SERVICE = "minibatch.v1.BatchService"
+GET_BATCH = f"/{SERVICE}/GetBatch"
+STREAM_BATCHES = f"/{SERVICE}/StreamBatches"
 
-_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+#: Largest message grpcio accepts (grpc.max_receive_message_length). Not
+#: unlimited: a server decides its message size (--max-message-bytes, 4 MiB by
+#: default, advertised in GetInfo and enforced per message by wire.Assembler),
+#: but a broken or hostile one could otherwise make grpcio buffer a message of
+#: any size before the client sees a byte of it. 64 MiB is 16 times the
+#: server's default; for a server configured beyond it, pass
+#: options=[("grpc.max_receive_message_length", n)] to Client.
+MAX_RECEIVE_MESSAGE_BYTES = 64 << 20
+
+#: grpcio channel options of every Client, before its own `options`.
+DEFAULT_OPTIONS: tuple[tuple[str, object], ...] = (
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+)
+
+# grpcio's single-threaded mode for server-streaming ("unary-stream") calls:
+# the iterator drives the completion queue on the calling thread instead of a
+# channel thread handing each message over. Note the option key is the
+# string "SingleThreadedUnaryStream"; "grpc.experimental.SingleThreadedUnaryStream"
+# is silently ignored. Measured here (README "Performance"): faster for
+# GetBatch (short streams: no thread hand-off per call), slower for a long
+# StreamBatches (a channel thread receives the next message while this one
+# parses). Each server gets two grpc.Channel objects, one per mode; their core
+# options are identical, so they share one connection.
+SINGLE_THREADED = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
+
+# Chunk size the native transport asks for: whole tensors up to the 4 MiB
+# default message limit (src/client.rs WHOLE_MESSAGES).
+NATIVE_CHUNK_BYTES = (4 << 20) - 4096
+
+# The native transport's RpcError carries the status code as an int.
+_STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+_NATIVE_RPC_ERROR = native.RpcError if native is not None else ()
+_NATIVE_CHUNK_ERROR = native.ChunkError if native is not None else ()
 
 # host:port, [v6]:port or a bare host: what the native transport dials.
 _PLAIN_TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d+)?$")
 
 
-def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message of a failed call of either transport."""
-    if native is not None and isinstance(e, native.RpcError):
+@contextmanager
+def minibatch_errors(address: str):
+    """Every failure of a call to `address` (grpcio's, the native
+    transport's, or one the client found) as a MinibatchError naming the
+    server: the one place where transport exceptions are translated."""
+    try:
+        yield
+    except MinibatchError as e:  # found by the client: Expected, Assembler
+        if e.address is None:
+            e.address = address
+        raise
+    except grpc.RpcError as e:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = (e.details() if hasattr(e, "details") else None) or str(e)
+        raise for_status(code, details, address) from None
+    except _NATIVE_RPC_ERROR as e:
         code, details = e.args
-        return _BY_VALUE.get(code, grpc.StatusCode.UNKNOWN), details
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-    details = (e.details() if hasattr(e, "details") else None) or str(e)
-    return code, details
+        raise for_status(_STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN), details, address) from None
+    except _NATIVE_CHUNK_ERROR as e:
+        kind, message = e.args
+        raise (ChecksumError if kind == "checksum" else ProtocolError)(message, address=address) from None
 
+
+def _serialize(m) -> bytes:
+    return m.SerializeToString()
+
+
+# --- grpcio --------------------------------------------------------------------------
+
+def grpcio_channel(address: str, options: Sequence[tuple[str, object]],
+                   credentials: Optional[grpc.ChannelCredentials], single_threaded: bool) -> grpc.Channel:
+    """A grpcio channel to `address`, in SingleThreadedUnaryStream mode if asked."""
+    opts = list(options) + ([SINGLE_THREADED] if single_threaded else [])
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=opts)
+    return grpc.insecure_channel(address, options=opts)
+
+
+class GrpcioTransport:
+    """GetBatch on one grpcio channel, StreamBatches on another (see
+    SINGLE_THREADED); raw message bytes, parsed by wire.parse_chunk without
+    a protobuf copy."""
+
+    name = "grpcio"
+    #: max_chunk_bytes to ask for: 0, the server's chunk size (1 MiB by
+    #: default), near which grpcio measured fastest
+    chunk_bytes = 0
+
+    def __init__(self, address: str, get_channel: grpc.Channel, stream_channel: grpc.Channel,
+                 metadata: Optional[Sequence[tuple[str, str]]], verify_crc: bool):
+        self._address = address
+        self._metadata = metadata
+        self._verify_crc = verify_crc
+        self._get = get_channel.unary_stream(GET_BATCH, request_serializer=_serialize, response_deserializer=None)
+        self._stream = stream_channel.unary_stream(STREAM_BATCHES, request_serializer=_serialize,
+                                                   response_deserializer=None)
+
+    def get_batch(self, req: pb.GetBatchRequest, expected: Expected, timeout: Optional[float]) -> Batch:
+        batch = None
+        for batch in self._call(self._get, req, expected, timeout):
+            pass  # `expected` lets one through at most
+        if batch is None:
+            raise ProtocolError("GetBatch stream ended without a minibatch", address=self._address)
+        return batch
+
+    def stream_batches(self, req: pb.StreamBatchesRequest, expected: Expected,
+                       timeout: Optional[float]) -> "_GrpcioCall":
+        return self._call(self._stream, req, expected, timeout)
+
+    def _call(self, method, req, expected: Expected, timeout: Optional[float]) -> "_GrpcioCall":
+        return _GrpcioCall(method(req, timeout=timeout, metadata=self._metadata), expected, self._verify_crc,
+                           self._address)
+
+
+class _GrpcioCall:
+    __slots__ = ("_call", "_expected", "_verify_crc", "_address")
+
+    def __init__(self, call, expected: Expected, verify_crc: bool, address: str):
+        self._call = call
+        self._expected = expected
+        self._verify_crc = verify_crc
+        self._address = address
+
+    def __iter__(self) -> Iterator[Batch]:
+        asm = Assembler(self._expected, self._verify_crc)
+        with minibatch_errors(self._address):
+            try:
+                for msg in self._call:
+                    b = asm.push(msg)
+                    if b is not None:
+                        yield b
+                asm.finish()
+            finally:
+                self._call.cancel()  # no-op when complete; frees the stream on an error or early exit
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+# --- native ----------------------------------------------------------------------------
 
 def native_address(target: str) -> str:
     """The host:port the native transport dials for a grpc target:
@@ -53,82 +201,103 @@ def native_usable(target: str) -> Optional[str]:
     return None
 
 
+def use_native(asked: Optional[bool], targets: Sequence[str]) -> bool:
+    """Whether the native transport carries a Client's minibatches: as
+    `asked` (Client's `native`) says, True raising ValueError when it cannot;
+    with None, as the environment variable MINIBATCH_CLIENT_TRANSPORT says
+    (grpcio or native: operators pick without touching code), else whenever
+    it can."""
+    why_not = next((w for w in map(native_usable, targets) if w), None)
+    if asked and why_not:
+        raise ValueError(f"native=True, but {why_not}")
+    if asked is None:
+        env = os.environ.get("MINIBATCH_CLIENT_TRANSPORT", "").strip().lower()
+        if env not in ("", "grpcio", "native"):
+            raise ValueError(f"MINIBATCH_CLIENT_TRANSPORT={env!r}: use grpcio or native")
+        asked = {"": None, "grpcio": False, "native": True}[env]
+        if asked and why_not:
+            raise ValueError(f"MINIBATCH_CLIENT_TRANSPORT=native, but {why_not}")
+    return why_not is None if asked is None else bool(asked)
+
+
+def batch_from_native(t, expected: Expected) -> Batch:
+    """A minibatch the native transport reassembled (Call.next_batch,
+    Channel.one_batch): (index, [(name, dtype, shape, scale_divisor, writable
+    buffer), ...]), checked against `expected` and wrapped without a copy."""
+    index, tensors = t
+    expected.begin(index)
+    found = {}
+    for name, code, shape, scale, buf in tensors:
+        npd = expected.tensor(name, code, shape, len(buf))
+        found[name] = Tensor(name, dtype_name(code), np.frombuffer(buf, npd).reshape(shape), scale)
+    expected.complete(found)
+    return Batch(index, found["x"], found["y"], found.get("indices"))
+
+
+class NativeTransport:
+    """GetBatch and StreamBatches on native channels, each on its own
+    connection (an epoch's prefetch thread and GetBatch calls do not queue
+    behind each other)."""
+
+    name = "native"
+    #: max_chunk_bytes to ask for: like the Rust client, the native transport
+    #: takes a minibatch's tensor best as one message (the server caps this
+    #: at its own limit)
+    chunk_bytes = NATIVE_CHUNK_BYTES
+
+    def __init__(self, address: str, metadata: Optional[Sequence[tuple[str, str]]], verify_crc: bool,
+                 tls: Optional[dict] = None):
+        dial = native_address(address)
+        self._address = address
+        self._metadata = list(metadata) if metadata else None
+        self._verify_crc = verify_crc
+        self._get = native.Channel(dial, **(tls or {}))
+        self._stream = native.Channel(dial, **(tls or {}))
+
+    def get_batch(self, req: pb.GetBatchRequest, expected: Expected, timeout: Optional[float]) -> Batch:
+        """The whole call in one step into Rust."""
+        with minibatch_errors(self._address):
+            t = self._get.one_batch(GET_BATCH, req.SerializeToString(), self._metadata, timeout, self._verify_crc)
+            batch = batch_from_native(t, expected)
+            expected.finish()
+            return batch
+
+    def stream_batches(self, req: pb.StreamBatchesRequest, expected: Expected,
+                       timeout: Optional[float]) -> "_NativeCall":
+        raw = req.SerializeToString()
+        return _NativeCall(lambda: self._stream.unary_stream(STREAM_BATCHES, raw, self._metadata, timeout),
+                           expected, self._verify_crc, self._address)
+
+
 class _NativeCall:
-    """A native call as the client uses it: `batches()` (whole minibatches,
-    reassembled natively), or iterated, the raw messages as memoryviews.
-    Like a grpcio call, it starts when iterated, so every failure (including
+    """Starts when iterated, so that, as with grpcio, every failure (including
     the server refusing the request) surfaces from the iteration."""
 
-    __slots__ = ("_start", "_call", "_cancelled")
+    __slots__ = ("_start", "_call", "_cancelled", "_expected", "_verify_crc", "_address")
 
-    def __init__(self, start):
+    def __init__(self, start: Callable[[], object], expected: Expected, verify_crc: bool, address: str):
         self._start = start
         self._call = None
         self._cancelled = False
+        self._expected = expected
+        self._verify_crc = verify_crc
+        self._address = address
 
-    def __iter__(self) -> Iterator[memoryview]:
-        if self._cancelled:
-            return
-        self._call = self._start()
-        for m in self._call:
-            yield memoryview(m)
-
-    def batches(self, verify_crc: bool = True) -> Iterator:
-        """Whole minibatches (wire.Batch), reassembled and checked natively
-        (tensor_chunks, the Rust client's rules) into writable buffers."""
-        if self._cancelled:
-            return
-        self._call = call = self._start()
-        while True:
+    def __iter__(self) -> Iterator[Batch]:
+        with minibatch_errors(self._address):
+            if self._cancelled:
+                raise for_status(grpc.StatusCode.CANCELLED, "call cancelled by the client")
+            self._call = call = self._start()
+            if self._cancelled:  # cancel() came while the call started
+                call.cancel()
             try:
-                t = call.next_batch(verify_crc)
-            except native.ChunkError as e:
-                raise _chunk_error(e) from None
-            if t is None:
-                return
-            yield _wire().batch_from_native(t)
+                while (t := call.next_batch(self._verify_crc)) is not None:
+                    yield batch_from_native(t, self._expected)
+                self._expected.finish()
+            finally:
+                call.cancel()  # frees the stream on an error or early exit
 
     def cancel(self) -> None:
         self._cancelled = True
         if self._call is not None:
             self._call.cancel()
-
-
-def _wire():
-    # errors (which wire imports) imports this module: wire is imported late
-    from . import wire
-
-    return wire
-
-
-def _chunk_error(e: BaseException) -> BaseException:
-    """The client's ChecksumError or ProtocolError for a native ChunkError."""
-    from .errors import ChecksumError, ProtocolError
-
-    kind, message = e.args
-    return (ChecksumError if kind == "checksum" else ProtocolError)(message)
-
-
-class NativeUnaryStream:
-    """A server-streaming method on a native channel, called like grpcio's
-    multicallable with a protobuf request; `one_batch` is a whole GetBatch."""
-
-    def __init__(self, channel, path: str):
-        self._channel = channel
-        self._path = path
-
-    def __call__(self, request, timeout: Optional[float] = None,
-                 metadata: Optional[Sequence[tuple[str, str]]] = None) -> _NativeCall:
-        raw = request.SerializeToString()
-        md = list(metadata) if metadata else None
-        return _NativeCall(lambda: self._channel.unary_stream(self._path, raw, md, timeout))
-
-    def one_batch(self, request, timeout: Optional[float] = None,
-                  metadata: Optional[Sequence[tuple[str, str]]] = None, verify_crc: bool = True):
-        """The call's one minibatch (wire.Batch), in one step into Rust."""
-        try:
-            t = self._channel.one_batch(self._path, request.SerializeToString(),
-                                        list(metadata) if metadata else None, timeout, verify_crc)
-        except native.ChunkError as e:
-            raise _chunk_error(e) from None
-        return _wire().batch_from_native(t)

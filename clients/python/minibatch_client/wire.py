@@ -1,4 +1,5 @@
-"""The chunk protocol: TensorChunk messages in, verified numpy arrays out.
+"""The chunk protocol as the grpcio transport receives it: raw TensorChunk
+messages in, verified numpy arrays out.
 
 A minibatch arrives as chunks of `x`, then of `y`, then (when asked) of
 `indices`; each carries its byte `offset` in the tensor, the tensor's
@@ -6,72 +7,25 @@ A minibatch arrives as chunks of `x`, then of `y`, then (when asked) of
 `last` set. The client asks grpcio for the raw message bytes (no protobuf
 decoding) and reads the fields with the small reader below over a memoryview,
 so a chunk's payload is copied exactly once: from the message into the
-tensor's buffer, allocated whole when its first chunk arrives.
+tensor's buffer, allocated whole when its first chunk arrives, once
+expect.Expected has checked the tensor's declared dtype, shape and size
+against the request.
 
-That is the grpcio transport's path. The native transport reassembles whole
-minibatches itself, with the same checks (crates/tensor-chunks), and hands
-over writable buffers: batch_from_native() wraps them; batches() picks the
-path for a call.
+The native transport reassembles whole minibatches itself with the same
+rules (crates/tensor-chunks) and hands them to the same Expected checks
+(transport.py); Tensor and Batch are what both transports return.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Optional
 
 import numpy as np
 
 from ._crc32c import crc32c
+from .dtypes import decode_x, dtype_name
 from .errors import ChecksumError, ProtocolError
-
-# proto enum Dtype -> (name, numpy dtype of the wire bytes). bfloat16 has no
-# numpy dtype: its raw bits come back as uint16 (decode=True widens to float32).
-DTYPES: dict[int, tuple[str, np.dtype]] = {
-    1: ("float32", np.dtype("<f4")),
-    2: ("float64", np.dtype("<f8")),
-    3: ("float16", np.dtype("<f2")),
-    4: ("bfloat16", np.dtype("<u2")),
-    5: ("uint8", np.dtype("u1")),
-    6: ("int8", np.dtype("i1")),
-    7: ("int16", np.dtype("<i2")),
-    8: ("uint16", np.dtype("<u2")),
-    9: ("int32", np.dtype("<i4")),
-    10: ("uint32", np.dtype("<u4")),
-    11: ("int64", np.dtype("<i8")),
-    12: ("uint64", np.dtype("<u8")),
-    13: ("bool", np.dtype("?")),
-}
-DTYPE_NAMES = {name: code for code, (name, _) in DTYPES.items()}
-
-
-def dtype_code(d: Union[None, str, int, np.dtype, type]) -> int:
-    """The proto Dtype value for a user's dtype: None (as stored), a name
-    ("uint8", "bfloat16", "DTYPE_UINT8"), a numpy dtype or type, or the enum int."""
-    if d is None:
-        return 0
-    if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
-        if int(d) == 0 or int(d) in DTYPES:
-            return int(d)
-        raise ValueError(f"unknown Dtype value {d}")
-    if isinstance(d, str):
-        name = d.lower()
-        name = name[len("dtype_"):] if name.startswith("dtype_") else name
-        if name in ("", "unspecified", "stored"):
-            return 0
-        if name in DTYPE_NAMES:
-            return DTYPE_NAMES[name]
-        raise ValueError(f"unknown dtype {d!r}; known: {', '.join(DTYPE_NAMES)}")
-    try:
-        name = np.dtype(d).name
-    except TypeError:
-        raise ValueError(f"unknown dtype {d!r}") from None
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype {name} has no wire form; known: {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
-
-
-def dtype_name(code: int) -> str:
-    return DTYPES[code][0] if code in DTYPES else "unspecified"
+from .expect import Expected
 
 
 # --- a minimal protobuf reader for TensorChunk -------------------------------
@@ -196,38 +150,55 @@ class Batch:
     index: int
     x: Tensor
     y: Tensor
+    #: present when the request asked for indices (expect.Expected makes sure)
     indices: Optional[Tensor] = None
+
+    def arrays(self, decode: bool, with_indices: bool) -> tuple[np.ndarray, ...]:
+        """What get_batch and epochs return: (x, y) or (x, y, indices), x
+        decoded to float32 when asked."""
+        x = decode_x(self.x) if decode else self.x.array
+        if with_indices:
+            return x, self.y.array, self.indices.array
+        return x, self.y.array
 
 
 class _Partial:
-    __slots__ = ("name", "dtype", "shape", "total", "scale", "buf", "view", "filled")
+    """A tensor being received: its buffer, allocated once its header passed
+    Expected.tensor, and how many bytes of it have come."""
 
-    def __init__(self, c: Chunk):
-        self.name = c.name
-        self.dtype = c.dtype
+    __slots__ = ("raw_name", "name", "code", "dtype", "shape", "total", "scale", "buf", "view", "filled")
+
+    def __init__(self, c: Chunk, name: str, npd: np.dtype):
+        self.raw_name = c.name
+        self.name = name
+        self.code = c.dtype
+        self.dtype = npd
         self.shape = tuple(c.shape)
         self.total = c.total_bytes
         self.scale = c.scale_divisor
-        self.buf = np.empty(c.total_bytes, dtype=np.uint8)
+        try:
+            self.buf = np.empty(c.total_bytes, dtype=np.uint8)
+        except (MemoryError, ValueError) as e:  # a size the request allowed, but this machine cannot hold
+            raise ProtocolError(f"tensor {name!r}: cannot allocate its {c.total_bytes} bytes: {e}") from None
         self.view = memoryview(self.buf)
         self.filled = 0
 
     def finish(self) -> Tensor:
-        name = self.name.decode("utf-8", "replace")
-        if self.dtype not in DTYPES:
-            raise ProtocolError(f"tensor {name}: unknown dtype value {self.dtype}")
-        dname, npd = DTYPES[self.dtype]
-        want = math.prod(self.shape) * npd.itemsize
-        if want != self.total:
-            raise ProtocolError(f"tensor {name}: shape {list(self.shape)} of {dname} needs {want} bytes, total_bytes is {self.total}")
-        return Tensor(name, dname, self.buf.view(npd).reshape(self.shape), self.scale)
+        return Tensor(self.name, dtype_name(self.code), self.buf.view(self.dtype).reshape(self.shape), self.scale)
 
 
 class Assembler:
-    """Feeds on raw TensorChunk messages; returns each minibatch when complete.
-    Checks CRC-32C (unless verify_crc=False), offsets, lengths and order."""
+    """Feeds on the raw TensorChunk messages of one call; returns each
+    minibatch when complete. Checks CRC-32C (unless verify_crc=False),
+    offsets, lengths and order here, and everything the server declares
+    against `expected` before it is believed.
 
-    def __init__(self, verify_crc: bool = True):
+    Each chunk must carry data (only an empty tensor has one empty chunk), so
+    a tensor takes at most total_bytes chunks: with its size bounded by the
+    request, so is every stream."""
+
+    def __init__(self, expected: Expected, verify_crc: bool = True):
+        self.expected = expected
         self.verify_crc = verify_crc
         self._reset()
 
@@ -237,6 +208,10 @@ class Assembler:
         self.cur: Optional[_Partial] = None
 
     def push(self, msg: bytes) -> Optional[Batch]:
+        limit = self.expected.max_message_bytes
+        if limit is not None and len(msg) > limit:
+            raise ProtocolError(f"a message of {len(msg)} bytes, over the server's own limit of {limit} "
+                                "(max_message_bytes in its GetInfo)")
         c = parse_chunk(msg)
         data = c.data
         if self.verify_crc and crc32c(data) != c.crc32c:
@@ -244,87 +219,46 @@ class Assembler:
                 f"minibatch {c.index}, tensor {c.name.decode('utf-8', 'replace')}: chunk at offset {c.offset} "
                 "failed its CRC-32C check (data corrupted in transit)")
         if self.index is None:
+            self.expected.begin(c.index)
             self.index = c.index
         elif c.index != self.index:
             raise ProtocolError(f"minibatch {c.index} began before minibatch {self.index} ended")
         cur = self.cur
-        if cur is None or cur.name != c.name:
+        new = cur is None or cur.raw_name != c.name
+        if new:
             if cur is not None and cur.filled != cur.total:
                 raise ProtocolError(f"tensor {cur.name!r} ended at {cur.filled} of {cur.total} bytes")
             if c.offset != 0:
                 raise ProtocolError(f"tensor {c.name!r} starts at offset {c.offset}")
-            if any(t.name == c.name for t in self.tensors):
+            if any(t.raw_name == c.name for t in self.tensors):
                 raise ProtocolError(f"tensor {c.name!r} sent twice in minibatch {c.index}")
-            cur = self.cur = _Partial(c)
+            name = c.name.decode("utf-8", "replace")
+            npd = self.expected.tensor(name, c.dtype, c.shape, c.total_bytes)
+            cur = self.cur = _Partial(c, name, npd)
             self.tensors.append(cur)
         n = len(data)
         off = c.offset
-        if off != cur.filled or off + n > cur.total:
-            raise ProtocolError(f"tensor {c.name!r}: chunk at offset {off} ({n} bytes) out of order or past total_bytes {cur.total}")
+        if off != cur.filled or off + n > cur.total or c.total_bytes != cur.total:
+            raise ProtocolError(f"tensor {cur.name!r}: chunk at offset {off} ({n} bytes, total_bytes "
+                                f"{c.total_bytes}) out of order or past total_bytes {cur.total}")
         if n:
             cur.view[off:off + n] = data
+        elif not (new and cur.total == 0):
+            raise ProtocolError(f"tensor {cur.name!r}: empty chunk at offset {off} of {cur.total} bytes")
         cur.filled = off + n
         if not c.last:
             return None
         if cur.filled != cur.total:
-            raise ProtocolError(f"tensor {c.name!r} ended at {cur.filled} of {cur.total} bytes")
+            raise ProtocolError(f"tensor {cur.name!r} ended at {cur.filled} of {cur.total} bytes")
         found = {t.name: t.finish() for t in self.tensors}
+        self.expected.complete(found)
         index = self.index
         self._reset()
-        if b"x" not in found or b"y" not in found:
-            raise ProtocolError(f"minibatch {index} lacks x or y (got {sorted(k.decode() for k in found)})")
-        return Batch(index, found[b"x"], found[b"y"], found.get(b"indices"))
+        return Batch(index, found["x"], found["y"], found.get("indices"))
 
     def finish(self) -> None:
-        """Call when the stream ends: a half-received minibatch is an error."""
+        """Call when the stream ends without an error status: a half-received
+        minibatch, or fewer minibatches than asked for, is an error."""
         if self.tensors:
             raise ProtocolError(f"stream ended in the middle of minibatch {self.index}")
-
-
-def batch_from_native(t) -> Batch:
-    """A minibatch the native transport reassembled (Call.next_batch):
-    (index, [(name, dtype, shape, scale_divisor, writable buffer), ...])."""
-    index, tensors = t
-    found = {}
-    for name, code, shape, scale, buf in tensors:
-        if code not in DTYPES:
-            raise ProtocolError(f"tensor {name}: unknown dtype value {code}")
-        dname, npd = DTYPES[code]
-        if math.prod(shape) * npd.itemsize != len(buf):
-            raise ProtocolError(f"tensor {name}: shape {list(shape)} of {dname} needs "
-                                f"{math.prod(shape) * npd.itemsize} bytes, total_bytes is {len(buf)}")
-        found[name] = Tensor(name, dname, np.frombuffer(buf, npd).reshape(shape), scale)
-    return Batch(index, found["x"], found["y"], found.get("indices"))  # x and y: checked natively
-
-
-def batches(call, verify_crc: bool = True) -> Iterator[Batch]:
-    """The minibatches of a GetBatch/StreamBatches call of either transport:
-    the native one reassembles them itself (`batches`), grpcio's messages go
-    through the Assembler here. Raises ProtocolError/ChecksumError for a bad
-    stream; the transport's own errors for the call's status."""
-    native = getattr(call, "batches", None)
-    if native is not None:
-        yield from native(verify_crc)
-        return
-    asm = Assembler(verify_crc)
-    for msg in call:
-        b = asm.push(msg)
-        if b is not None:
-            yield b
-    asm.finish()
-
-
-def decode_x(t: Tensor) -> np.ndarray:
-    """x as float32 values, exactly: uint8 with a scale divisor becomes
-    float32(byte) / divisor (as the server defines it), float16 and bfloat16
-    widen exactly; float32 is returned as is; anything else unchanged."""
-    a = t.array
-    if t.dtype == "uint8" and t.scale_divisor:
-        out = a.astype(np.float32)
-        out /= np.float32(t.scale_divisor)
-        return out
-    if t.dtype == "bfloat16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    if t.dtype == "float16":
-        return a.astype(np.float32)
-    return a
+        self.expected.finish()
