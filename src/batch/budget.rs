@@ -137,9 +137,9 @@ impl Budget {
     }
 }
 
-/// A buffer of `lease`'s size, filled by `fill`, as `Bytes` that hold the
-/// lease until the last reference drops.
-pub fn filled(lease: Lease, len: usize, fill: impl FnOnce(&mut [u8])) -> Bytes {
+/// A buffer of `len` bytes (at most the lease's), appended by `fill`, as
+/// `Bytes` that hold the lease until the last reference drops.
+pub fn filled(lease: Lease, len: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     struct Held {
         buf: Vec<u8>,
         _lease: Lease,
@@ -150,8 +150,9 @@ pub fn filled(lease: Lease, len: usize, fill: impl FnOnce(&mut [u8])) -> Bytes {
         }
     }
     debug_assert!(len as u64 <= lease.bytes);
-    let mut buf = vec![0u8; len];
+    let mut buf = Vec::with_capacity(len);
     fill(&mut buf);
+    assert!(buf.len() <= len, "filled past the leased length");
     Bytes::from_owner(Held { buf, _lease: lease })
 }
 
@@ -165,7 +166,7 @@ mod tests {
         let l = b.try_take(60).unwrap().unwrap();
         assert_eq!(b.held(), 60);
         assert!(b.try_take(50).unwrap().is_none(), "only 40 left");
-        let bytes = filled(l, 60, |s| s.fill(7));
+        let bytes = filled(l, 60, |v| v.resize(60, 7));
         let part = bytes.slice(10..20);
         drop(bytes);
         assert_eq!(b.held(), 60, "a slice still holds the buffer");
