@@ -277,8 +277,14 @@ mod tests {
         let mut s = a.clone();
         s.sort();
         assert_eq!(s, (0..10).collect::<Vec<_>>());
-        // Reference values, also produced by clients/python's permutation().
+        // Reference values of the documented rule (README "Order"), pinned
+        // as literals here and in tests/python/test_client.py.
         assert_eq!(SplitMix64(0).next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(a, [8, 3, 6, 5, 4, 0, 9, 2, 1, 7]);
+        assert_eq!(
+            permutation(12, 7, 3),
+            [9, 10, 5, 11, 3, 2, 7, 0, 4, 8, 6, 1]
+        );
     }
 
     #[test]

@@ -353,7 +353,9 @@ def test_assembler_checks_crc_and_order():
 def test_splitmix64_and_permutation_reference_values():
     assert mc.SplitMix64(0).next_u64() == 0xE220A8397B1DCDAF  # src/order.rs test
     p = mc.permutation(10, 42, 0)
-    assert sorted(p.tolist()) == list(range(10))
+    # The documented rule's values, pinned as literals here and in src/order.rs.
+    assert p.tolist() == [8, 3, 6, 5, 4, 0, 9, 2, 1, 7]
+    assert mc.permutation(12, 7, 3).tolist() == [9, 10, 5, 11, 3, 2, 7, 0, 4, 8, 6, 1]
     assert np.array_equal(p, mc.permutation(10, 42, 0))
     assert not np.array_equal(p, mc.permutation(10, 42, 1))
     # The scalar definition, step by step, against the vectorized one.
