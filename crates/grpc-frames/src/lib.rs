@@ -30,6 +30,42 @@ use tonic::{Code, Status};
 /// gRPC's per-message prefix: a compression flag and a big-endian length.
 pub const PREFIX: usize = 5;
 
+/// One message's prefix (gRPC over HTTP/2, "Length-Prefixed-Message"): the
+/// one place its layout is written down, for both directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    /// The Compressed-Flag byte: 0 for an uncompressed message (all this
+    /// project sends or accepts), 1 for a compressed one.
+    pub flag: u8,
+    /// The message's length in bytes, prefix excluded.
+    pub len: u32,
+}
+
+impl Prefix {
+    /// The prefix of an uncompressed message of `len` bytes; None when
+    /// `len` does not fit the prefix's 32 bits.
+    pub fn uncompressed(len: usize) -> Option<Self> {
+        Some(Self {
+            flag: 0,
+            len: u32::try_from(len).ok()?,
+        })
+    }
+
+    /// Reads a prefix from its 5 bytes.
+    pub fn parse(b: [u8; PREFIX]) -> Self {
+        Self {
+            flag: b[0],
+            len: u32::from_be_bytes([b[1], b[2], b[3], b[4]]),
+        }
+    }
+
+    /// The prefix's 5 bytes.
+    pub fn to_bytes(self) -> [u8; PREFIX] {
+        let l = self.len.to_be_bytes();
+        [self.flag, l[0], l[1], l[2], l[3]]
+    }
+}
+
 /// Bytes held as a queue of received frames (or parts of frames).
 ///
 /// As a [`Buf`], `copy_to_bytes` returns a slice of the front frame when
@@ -177,12 +213,10 @@ pub fn request(
     message: &[u8],
     metadata: HeaderMap,
 ) -> Result<http::Request<tonic::body::Body>, Status> {
+    let prefix = Prefix::uncompressed(message.len())
+        .ok_or_else(|| Status::out_of_range("request message over 4 GiB"))?;
     let mut body = BytesMut::with_capacity(PREFIX + message.len());
-    body.put_u8(0);
-    body.put_u32(
-        u32::try_from(message.len())
-            .map_err(|_| Status::out_of_range("request message over 4 GiB"))?,
-    );
+    body.put_slice(&prefix.to_bytes());
     body.put_slice(message);
     let mut req = http::Request::builder()
         .method(http::Method::POST)
@@ -358,14 +392,15 @@ where
         if self.want.is_none() && self.buf.len() >= PREFIX {
             let mut prefix = [0u8; PREFIX];
             self.buf.copy_to_slice(&mut prefix);
-            if prefix[0] != 0 {
+            let prefix = Prefix::parse(prefix);
+            if prefix.flag != 0 {
                 return Err(Status::internal(format!(
                     "protocol error: response message with compression flag {} \
                      (this client asks for uncompressed messages)",
-                    prefix[0]
+                    prefix.flag
                 )));
             }
-            let len = u32::from_be_bytes(prefix[1..].try_into().expect("4 bytes")) as usize;
+            let len = prefix.len as usize;
             if len > self.max_message {
                 return Err(Status::resource_exhausted(format!(
                     "response message of {len} bytes exceeds this client's limit of {} bytes",
@@ -540,6 +575,19 @@ mod tests {
         let got = read_all(vec![Bytes::from(comp)], Some(ok_trailers()));
         assert_eq!(got[0].as_ref().unwrap_err().code(), Code::Internal);
         assert_eq!(got.len(), 1, "nothing after the error");
+    }
+
+    #[test]
+    fn prefixes_round_trip() {
+        let p = Prefix::uncompressed(0x0102_0304).unwrap();
+        assert_eq!(p.to_bytes(), [0, 1, 2, 3, 4]);
+        assert_eq!(Prefix::parse(p.to_bytes()), p);
+        assert_eq!(Prefix::parse([1, 0, 0, 0, 9]), Prefix { flag: 1, len: 9 });
+        assert_eq!(Prefix::uncompressed(1 << 32), None);
+        assert_eq!(
+            framed(b"ab")[..PREFIX],
+            Prefix::uncompressed(2).unwrap().to_bytes()
+        );
     }
 
     #[test]

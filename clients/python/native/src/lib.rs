@@ -4,56 +4,57 @@
 //! machines (thread hand-offs and copies inside grpc core; see
 //! shared/notes). This module moves only the transport into Rust: tonic over
 //! one HTTP/2 connection, driven on the calling thread by a current-thread
-//! tokio runtime with the GIL released. Responses are read with
-//! `grpc_frames` (crates/grpc-frames): messages stay the HTTP/2 DATA frames
-//! that carried them (tonic's own decoder copies every frame into one buffer
-//! first). `Call.next_batch` reassembles and checks whole minibatches with
-//! `tensor_chunks` (crates/tensor-chunks, the Rust client's code) and copies
-//! each tensor once, GIL released, into a writable buffer that becomes the
-//! numpy array. The Python client's per-chunk code (parsing, CRC checks,
-//! reassembly in minibatch_client.wire) is what grpcio's messages go
-//! through: measured live, it cost a uint8 GetBatch(500) about 0.1 ms of 0.35.
-//! Failover, retries and the API stay one Python code path above both.
+//! tokio runtime with the GIL released.
+//!
+//! It is a thin PyO3 layer over `minibatch-client-core` (crates/), the
+//! client core the Rust client (src/client.rs) uses too: connection settings
+//! (HTTP/2 tuning, TLS), the calls, the bounds every response is held to
+//! (messages at most 64 MiB or the server's advertised limit; minibatches,
+//! rows and bytes no more than the request asked for) and the errors.
+//! Responses are read with `grpc_frames`: messages stay the HTTP/2 DATA
+//! frames that carried them (tonic's own decoder copies every frame into one
+//! buffer first). `Call.next_batch` reassembles and checks whole minibatches
+//! with `tensor_chunks` and copies each tensor once, GIL released, into a
+//! writable buffer that becomes the numpy array. The Python client's
+//! per-chunk code (parsing, CRC checks, reassembly in minibatch_client.wire)
+//! is what grpcio's messages go through: measured live, it cost a uint8
+//! GetBatch(500) about 0.1 ms of 0.35. Failover, retries and the API stay
+//! one Python code path above both.
 //!
 //! Surface (mirrors the grpcio calls the client makes):
-//! `Channel(address, max_frame_size=..)` and
+//! `Channel(address, max_frame_size=.., max_message_bytes=..,
+//! max_example_bytes=..)` and
 //! `Channel.unary_stream(path, request: bytes, metadata, timeout) -> Call`,
 //! with `next_batch(verify_crc)` and `cancel()`; iterated, a `Call` yields
 //! its raw `Message`s instead. `Channel.one_batch(...)` is a whole GetBatch
-//! in one step. A `Message` is a read-only buffer (the received frame
-//! itself when the message came in one, else joined once). Failures raise
-//! `RpcError` whose `code()` is the gRPC status code as an int and
-//! `details()` the server's message. `crc32c(buffer)` is the CRC-32C the
-//! client checks chunks with (crc-fast: AVX-512 carry-less multiplication
-//! where the CPU has it).
+//! in one step. `Channel.learn_info(info: bytes)` hands over the server's
+//! serialized GetInfo answer: minibatches are then held to the dataset's
+//! exact shapes and the server's message limit. A `Message` is a read-only
+//! buffer (the received frame itself when the message came in one, else
+//! joined once). Failures raise `RpcError` whose `code()` is the gRPC
+//! status code as an int and `details()` the server's message, or
+//! `ChunkError(kind, message)` for a stream that is not a valid answer to
+//! the request. `crc32c(buffer)` is the CRC-32C the client checks chunks
+//! with (crc-fast: AVX-512 carry-less multiplication where the CPU has it).
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use grpc_frames::{MessageReader, Segments};
+use minibatch_client_core::grpc_frames::{MessageReader, Segments};
+use minibatch_client_core::{
+    checksum, proto, tensor_chunks, BatchStream, ClientError, Config, Connection, Expect, Request,
+    Tls,
+};
 use prost::Message as _;
 use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use tensor_chunks::{ChunkError, TensorChunk};
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
-use tonic::transport::{Certificate, Channel as TonicChannel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
-
-/// HTTP/2 settings of the Rust client (src/client.rs, where the measurements
-/// are): the server's DATA frames are bounded by the max frame size the
-/// client advertises; 2 MiB carries a 500-image minibatch in one frame.
-const MAX_FRAME_SIZE: u32 = 2 << 20;
-const STREAM_WINDOW: u32 = 8 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
-/// Largest response message accepted: the server decides its message size
-/// (as grpcio's `max_receive_message_length = -1` in the pure client), this
-/// only bounds memory against a broken peer.
-const MAX_DECODE: usize = 1 << 30;
 
 /// Receive buffers are a megabyte or more each and short-lived; glibc's
 /// malloc serves such sizes with fresh mappings (page faults on every
@@ -65,7 +66,7 @@ create_exception!(
     minibatch_client_native,
     NativeChunkError,
     PyException,
-    "A stream that is not a valid minibatch: args are (kind, message), kind \"checksum\" or \"protocol\"."
+    "A stream that is not a valid answer to the request: args are (kind, message), kind \"checksum\" (CRC-32C mismatch) or \"protocol\" (anything else: the protocol, or the request's bounds on sizes, shapes and minibatches)."
 );
 
 create_exception!(
@@ -87,11 +88,33 @@ fn rpc_error(st: &Status) -> PyErr {
     RpcError::new_err((code as i32, st.message().to_string()))
 }
 
+/// The Python exception for a client error: `RpcError` for the call's
+/// status, `ChunkError(kind, message)` for a stream that is not a valid
+/// answer, `ValueError` for settings and arguments.
+fn py_error(e: ClientError) -> PyErr {
+    match e {
+        ClientError::Status(st) => rpc_error(&st),
+        ClientError::Chunk(e) => {
+            let kind = if e.is_checksum() {
+                "checksum"
+            } else {
+                "protocol"
+            };
+            NativeChunkError::new_err((kind, e.to_string()))
+        }
+        e
+        @ (ClientError::Connect { .. } | ClientError::Address { .. } | ClientError::Config(_)) => {
+            PyValueError::new_err(e.to_string())
+        }
+        e => PyException::new_err(e.to_string()),
+    }
+}
+
 /// One HTTP/2 connection (opened on first use) and the runtime that drives it.
 #[pyclass(module = "minibatch_client_native")]
 struct Channel {
     rt: Arc<Runtime>,
-    channel: TonicChannel,
+    conn: Connection,
     address: String,
 }
 
@@ -102,10 +125,14 @@ impl Channel {
     /// `tls_ca` (PEM bytes; given alone it turns TLS on too); `tls_cert` and
     /// `tls_key` (PEM) add a client identity (mutual TLS); `tls_domain` is
     /// the name to verify (default: the address's host).
+    /// `max_message_bytes` bounds each response message (default 64 MiB,
+    /// lowered to the server's limit by `learn_info`); `max_example_bytes`
+    /// bounds one example of x or y until `learn_info` gives the shapes
+    /// (default 1 MiB).
     #[new]
-    #[pyo3(signature = (address, connect_timeout = 5.0, max_frame_size = MAX_FRAME_SIZE,
+    #[pyo3(signature = (address, connect_timeout = 5.0, max_frame_size = minibatch_client_core::MAX_FRAME_SIZE,
                         tls_ca = None, tls_cert = None, tls_key = None, tls_domain = None,
-                        tls = false))]
+                        tls = false, max_message_bytes = None, max_example_bytes = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         address: &str,
@@ -116,59 +143,66 @@ impl Channel {
         tls_key: Option<Vec<u8>>,
         tls_domain: Option<String>,
         tls: bool,
+        max_message_bytes: Option<usize>,
+        max_example_bytes: Option<u64>,
     ) -> PyResult<Self> {
-        let tls = tls || tls_ca.is_some();
-        let scheme = if tls { "https" } else { "http" };
-        let uri = if address.contains("://") {
-            address.to_string()
-        } else {
-            format!("{scheme}://{address}")
-        };
+        let mut cfg = Config::new(address);
+        if tls || tls_ca.is_some() {
+            let identity_pem = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => {
+                    return Err(PyValueError::new_err(
+                        "tls_cert and tls_key go together (mutual TLS)",
+                    ))
+                }
+            };
+            cfg.tls = Some(Tls {
+                ca_pem: tls_ca,
+                identity_pem,
+                domain: tls_domain,
+            });
+        }
+        cfg.connect_timeout =
+            seconds(connect_timeout).unwrap_or(minibatch_client_core::DEFAULT_CONNECT_TIMEOUT);
+        cfg.max_frame_size = max_frame_size;
+        if let Some(m) = max_message_bytes {
+            cfg.max_message_bytes = m;
+        }
+        if let Some(m) = max_example_bytes {
+            cfg.max_example_bytes = m;
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| PyException::new_err(format!("cannot start the I/O runtime: {e}")))?;
-        let mut ep = Endpoint::from_shared(uri).map_err(|e| {
-            pyo3::exceptions::PyValueError::new_err(format!("invalid address {address:?}: {e}"))
-        })?;
-        if tls {
-            let mut tls = match tls_ca {
-                Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
-                None => ClientTlsConfig::new().with_webpki_roots(),
-            };
-            match (tls_cert, tls_key) {
-                (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(cert, key)),
-                (None, None) => {}
-                _ => {
-                    return Err(pyo3::exceptions::PyValueError::new_err(
-                        "tls_cert and tls_key go together (mutual TLS)",
-                    ))
-                }
-            }
-            if let Some(d) = tls_domain {
-                tls = tls.domain_name(d);
-            }
-            ep = ep.tls_config(tls).map_err(|e| {
-                pyo3::exceptions::PyValueError::new_err(format!("TLS settings refused: {e}"))
-            })?;
-        }
-        let ep = ep
-            .tcp_nodelay(true)
-            .connect_timeout(seconds(connect_timeout).unwrap_or(Duration::from_secs(5)))
-            .max_frame_size(max_frame_size.clamp(16 << 10, (16 << 20) - 1))
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW);
         // Lazy: the connection (and any connect error, as UNAVAILABLE on
         // the first call) comes with the first request, as with grpcio.
-        let channel = {
+        let conn = {
             let _guard = rt.enter();
-            ep.connect_lazy()
+            Connection::lazy(&cfg).map_err(py_error)?
         };
         Ok(Self {
             rt: Arc::new(rt),
-            channel,
+            conn,
             address: address.to_string(),
         })
+    }
+
+    /// Hands over the server's GetInfo answer (a serialized DatasetInfo):
+    /// later calls hold minibatches to its exact shapes, dtypes and epoch
+    /// lengths, and messages to its advertised limit.
+    fn learn_info(&self, info: &[u8]) -> PyResult<()> {
+        let info = proto::DatasetInfo::decode(info)
+            .map_err(|e| PyValueError::new_err(format!("not a serialized DatasetInfo: {e}")))?;
+        self.conn.learn(info);
+        Ok(())
+    }
+
+    /// Largest response message accepted now.
+    #[getter]
+    fn max_message_bytes(&self) -> usize {
+        self.conn.max_message_bytes()
     }
 
     /// Starts a server-streaming call; the first message is awaited by the
@@ -182,21 +216,21 @@ impl Channel {
         metadata: Option<Vec<(String, String)>>,
         timeout: Option<f64>,
     ) -> PyResult<Call> {
-        let (req, deadline) = prepare(path, request, metadata, timeout)?;
-        let mut channel = self.channel.clone();
+        let (headers, deadline) = prepare(metadata, timeout)?;
+        // The bounds, if this call returns minibatches (only `next_batch`
+        // needs them; iterating raw messages does not).
+        let expect = self.conn.expect(&Request::Encoded { path, request });
+        let mut conn = self.conn.clone();
         let rt = self.rt.clone();
-        let stream = py.detach(|| {
+        let reader = py.detach(|| {
             rt.block_on(within(deadline, async {
-                grpc_frames::call(&mut channel, req, MAX_DECODE).await
+                conn.messages(path, request, headers).await
             }))
         });
-        match stream {
+        match reader {
             Ok(reader) => Ok(Call {
                 rt: self.rt.clone(),
-                stream: Mutex::new(Some(Stream {
-                    reader,
-                    chunks: None,
-                })),
+                stream: Mutex::new(Some(Stream::Messages { reader, expect })),
                 cancel: Arc::new(Notify::new()),
                 cancelled: AtomicBool::new(false),
                 deadline,
@@ -220,33 +254,17 @@ impl Channel {
         timeout: Option<f64>,
         verify_crc: bool,
     ) -> PyResult<Py<PyAny>> {
-        let (req, deadline) = prepare(path, request, metadata, timeout)?;
-        let mut channel = self.channel.clone();
+        let (headers, deadline) = prepare(metadata, timeout)?;
+        let mut conn = self.conn.clone();
         let rt = self.rt.clone();
         let got = py.detach(|| {
             rt.block_on(within(deadline, async {
-                let mut reader = grpc_frames::call(&mut channel, req, MAX_DECODE).await?;
-                let mut chunks = tensor_chunks::Assembler::new(verify_crc);
-                let mut batch = None;
-                while let Some(m) = reader.message().await {
-                    if let Some(b) = chunks.push(decode(m?)?)? {
-                        if batch.is_some() {
-                            return Err(Fail::Chunk(ChunkError::Protocol(
-                                "GetBatch sent more than one minibatch".into(),
-                            )));
-                        }
-                        batch = Some(Received::copy(b));
-                    }
-                }
-                chunks.finish()?;
-                batch.ok_or_else(|| {
-                    Fail::Chunk(ChunkError::Protocol(
-                        "GetBatch stream ended without a minibatch".into(),
-                    ))
-                })
+                let req = Request::Encoded { path, request };
+                let b = conn.one_batch(req, headers, verify_crc).await?;
+                Ok(Received::copy(b))
             }))
         });
-        got.map_err(Fail::into_py)?.into_python(py)
+        got.map_err(py_error)?.into_python(py)
     }
 
     fn __repr__(&self) -> String {
@@ -274,43 +292,26 @@ async fn within<T, E: From<Status>>(
     }
 }
 
-/// The request of a unary-request call, and its deadline.
+/// A call's metadata as headers, and its deadline.
 fn prepare(
-    path: &str,
-    request: &[u8],
     metadata: Option<Vec<(String, String)>>,
     timeout: Option<f64>,
-) -> PyResult<(
-    http::Request<tonic::body::Body>,
-    Option<tokio::time::Instant>,
-)> {
+) -> PyResult<(http::HeaderMap, Option<tokio::time::Instant>)> {
     let mut headers = http::HeaderMap::new();
     for (k, v) in metadata.unwrap_or_default() {
-        let key: http::HeaderName = k.parse().map_err(|_| {
-            pyo3::exceptions::PyValueError::new_err(format!("bad metadata key {k:?}"))
-        })?;
-        let val = http::HeaderValue::from_str(&v).map_err(|_| {
-            pyo3::exceptions::PyValueError::new_err(format!("bad metadata value for {k:?}"))
-        })?;
+        let key: http::HeaderName = k
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("bad metadata key {k:?}")))?;
+        let val = http::HeaderValue::from_str(&v)
+            .map_err(|_| PyValueError::new_err(format!("bad metadata value for {k:?}")))?;
         headers.insert(key, val);
     }
-    let req = grpc_frames::request(path, request, headers)
-        .map_err(|st| pyo3::exceptions::PyValueError::new_err(st.message().to_string()))?;
     // Enforced here, on every wait (tonic's own grpc-timeout handling
     // would end the call as CANCELLED, not DEADLINE_EXCEEDED).
     let deadline = timeout
         .and_then(seconds)
         .and_then(|d| tokio::time::Instant::now().checked_add(d));
-    Ok((req, deadline))
-}
-
-/// A received message as a TensorChunk (its `data` not copied).
-fn decode(m: Segments) -> Result<TensorChunk, Fail> {
-    TensorChunk::decode(m).map_err(|e| {
-        Fail::Chunk(ChunkError::Protocol(format!(
-            "response message is not a valid TensorChunk: {e}"
-        )))
-    })
+    Ok((headers, deadline))
 }
 
 /// A server-streaming call: iterate for its messages. `cancel()` may come
@@ -325,58 +326,29 @@ struct Call {
     deadline: Option<tokio::time::Instant>,
 }
 
-/// A call's response: its messages, and their reassembly once
-/// `next_batch` is used.
-struct Stream {
-    reader: MessageReader<tonic::body::Body>,
-    chunks: Option<tensor_chunks::Assembler>,
-}
-
-enum Fail {
-    Rpc(Status),
-    Chunk(ChunkError),
-}
-
-impl From<Status> for Fail {
-    fn from(st: Status) -> Self {
-        Fail::Rpc(st)
-    }
-}
-
-impl From<ChunkError> for Fail {
-    fn from(e: ChunkError) -> Self {
-        Fail::Chunk(e)
-    }
-}
-
-impl Fail {
-    /// `RpcError` for the call's status, `ChunkError(kind, message)` for a
-    /// stream that is not a valid minibatch.
-    fn into_py(self) -> PyErr {
-        match self {
-            Fail::Rpc(st) => rpc_error(&st),
-            Fail::Chunk(e) => {
-                let kind = match e {
-                    ChunkError::Checksum { .. } => "checksum",
-                    ChunkError::Protocol(_) => "protocol",
-                };
-                NativeChunkError::new_err((kind, e.to_string()))
-            }
-        }
-    }
+/// A call's response: raw messages until `next_batch` turns it into
+/// minibatches (with the bounds taken when the call started).
+enum Stream {
+    Messages {
+        reader: MessageReader<tonic::body::Body>,
+        expect: Result<Expect, ClientError>,
+    },
+    Batches(BatchStream),
 }
 
 impl Call {
-    /// The next message, waiting (GIL released by the caller) until it
-    /// comes, the deadline passes or `cancel()` is called.
-    fn receive(
+    /// Awaits `f`, waiting (GIL released by the caller) until it is done,
+    /// the deadline passes or `cancel()` is called.
+    fn wait<T>(
         &self,
-        reader: &mut MessageReader<tonic::body::Body>,
-    ) -> Result<Option<Segments>, Status> {
+        f: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
         self.rt.block_on(async {
             tokio::select! {
-                r = within(self.deadline, async { reader.message().await.transpose() }) => r,
-                _ = self.cancel.notified() => Err(Status::cancelled("call cancelled by the client")),
+                r = within(self.deadline, f) => r,
+                _ = self.cancel.notified() => {
+                    Err(Status::cancelled("call cancelled by the client").into())
+                }
             }
         })
     }
@@ -502,12 +474,17 @@ impl Call {
             let mut guard = self.stream.lock().unwrap_or_else(|e| e.into_inner());
             if self.cancelled.load(Ordering::Acquire) {
                 *guard = None;
-                return Err(Status::cancelled("call cancelled by the client"));
+                return Err(Status::cancelled("call cancelled by the client").into());
             }
-            let Some(stream) = guard.as_mut() else {
-                return Ok(None);
+            let r = match guard.as_mut() {
+                None => return Ok(None),
+                Some(Stream::Messages { reader, .. }) => {
+                    self.wait(async { reader.message().await.transpose().map_err(Into::into) })
+                }
+                Some(Stream::Batches(_)) => Err(ClientError::Config(
+                    "this call is read with next_batch(), not iterated".into(),
+                )),
             };
-            let r = self.receive(&mut stream.reader);
             if !matches!(r, Ok(Some(_))) {
                 *guard = None; // ended, failed or cancelled: free the stream
             }
@@ -518,7 +495,7 @@ impl Call {
                 parts,
                 joined: OnceLock::new(),
             })),
-            Err(st) => Err(rpc_error(&st)),
+            Err(e) => Err(py_error(e)),
         }
     }
 
@@ -526,41 +503,40 @@ impl Call {
     /// when the call ended OK: `(index, [(name, dtype, shape, scale_divisor,
     /// buffer), ...])` with each tensor's bytes in a writable buffer of its
     /// own (x, then y, then indices). Chunks are checked and reassembled by
-    /// `tensor_chunks` (the Rust client's rules) and copied once, from the
-    /// received frames into the buffer, with the GIL released. Raises
-    /// `RpcError` for the call's status, `ChunkError(kind, message)` (kind
-    /// "checksum" or "protocol") for a bad stream. Use either this or
-    /// iteration on one call, not both.
+    /// `tensor_chunks` (the Rust client's rules, bounded by the request)
+    /// and copied once, from the received frames into the buffer, with the
+    /// GIL released. Raises `RpcError` for the call's status,
+    /// `ChunkError(kind, message)` (kind "checksum" or "protocol") for a bad
+    /// stream. Use either this or iteration on one call, not both.
     #[pyo3(signature = (verify_crc = true))]
     fn next_batch(&self, py: Python<'_>, verify_crc: bool) -> PyResult<Option<Py<PyAny>>> {
         let got = py.detach(|| {
             let mut guard = self.stream.lock().unwrap_or_else(|e| e.into_inner());
             if self.cancelled.load(Ordering::Acquire) {
                 *guard = None;
-                return Err(Fail::Rpc(Status::cancelled("call cancelled by the client")));
+                return Err(Status::cancelled("call cancelled by the client").into());
             }
-            let Some(Stream { reader, chunks }) = guard.as_mut() else {
-                return Ok(None);
-            };
-            let chunks = chunks.get_or_insert_with(|| tensor_chunks::Assembler::new(verify_crc));
-            let r = loop {
-                let chunk = match self.receive(reader) {
-                    Ok(Some(m)) => decode(m),
-                    Ok(None) => break chunks.finish().map(|()| None).map_err(Fail::Chunk),
-                    Err(st) => break Err(Fail::Rpc(st)),
-                };
-                match chunk.and_then(|c| chunks.push(c).map_err(Fail::Chunk)) {
-                    Ok(None) => continue,
-                    Ok(Some(b)) => break Ok(Some(Received::copy(b))),
-                    Err(e) => break Err(e),
+            let stream = match guard.take() {
+                None => return Ok(None),
+                Some(Stream::Batches(s)) => s,
+                Some(Stream::Messages { reader, expect }) => {
+                    BatchStream::new(reader, expect?, verify_crc)
                 }
             };
-            if !matches!(r, Ok(Some(_))) {
-                *guard = None; // ended, failed or cancelled: free the stream
+            let stream = guard.insert(Stream::Batches(stream));
+            let Stream::Batches(batches) = stream else {
+                unreachable!("inserted above")
+            };
+            let r = self.wait(async { batches.next_batch().await.transpose() });
+            match r {
+                Ok(Some(b)) => Ok(Some(Received::copy(b))),
+                r => {
+                    *guard = None; // ended, failed or cancelled: free the stream
+                    r.map(|_| None)
+                }
             }
-            r
         });
-        match got.map_err(Fail::into_py)? {
+        match got.map_err(py_error)? {
             None => Ok(None),
             Some(b) => Ok(Some(b.into_python(py)?)),
         }
@@ -662,8 +638,6 @@ fn crc32c(py: Python<'_>, data: pyo3::buffer::PyBuffer<u8>) -> PyResult<u32> {
     })
 }
 
-use tensor_chunks::checksum;
-
 #[pymodule]
 fn minibatch_client_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Channel>()?;
@@ -673,6 +647,17 @@ fn minibatch_client_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ChunkError", m.py().get_type::<NativeChunkError>())?;
     m.add_function(wrap_pyfunction!(crc32c, m)?)?;
     m.add("RpcError", m.py().get_type::<RpcError>())?;
-    m.add("MAX_FRAME_SIZE", MAX_FRAME_SIZE)?;
+    m.add("MAX_FRAME_SIZE", minibatch_client_core::MAX_FRAME_SIZE)?;
+    m.add(
+        "MAX_MESSAGE_BYTES",
+        minibatch_client_core::DEFAULT_MAX_MESSAGE_BYTES,
+    )?;
+    m.add(
+        "MAX_EXAMPLE_BYTES",
+        minibatch_client_core::DEFAULT_MAX_EXAMPLE_BYTES,
+    )?;
+    m.add("WHOLE_MESSAGES", minibatch_client_core::WHOLE_MESSAGES)?;
+    m.add("GET_BATCH", minibatch_client_core::GET_BATCH)?;
+    m.add("STREAM_BATCHES", minibatch_client_core::STREAM_BATCHES)?;
     Ok(())
 }
