@@ -10,11 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("minibatch_descriptor.bin"), fds.encode_to_vec())?;
-    // No generated server: routes.rs serves BatchService itself (it frames
-    // tensor bytes without copying them); clients and tests use the client.
+    // routes.rs serves BatchService itself (it frames tensor bytes without
+    // copying them); the generated server is for tests' hostile servers.
+    // The messages themselves are crates/tensor-chunks' (one generated
+    // definition for the server and both clients); only the gRPC service
+    // code is generated here.
     tonic_prost_build::configure()
-        .build_server(false)
-        .bytes(".minibatch.v1.TensorChunk.data")
+        .extern_path(".minibatch.v1", "::tensor_chunks::proto")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -24,7 +24,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use minibatch_client_core::{proto as pb, BatchStream, ChunkError, Connection, Request};
-use prost::Message as _;
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 
@@ -92,17 +91,8 @@ fn dt(d: Option<DType>) -> i32 {
 }
 
 impl BatchRequest {
-    /// The order as the core's message (the same .proto, compiled there).
     fn order(&self) -> Option<pb::Order> {
-        let o = &self.order;
-        Some(pb::Order {
-            shuffle: o.shuffle,
-            seed: o.seed,
-            epoch: o.epoch,
-            rank: o.rank,
-            world_size: o.world_size,
-            drop_last: o.drop_last,
-        })
+        Some(self.order)
     }
 
     fn get_batch(&self) -> pb::GetBatchRequest {
@@ -233,11 +223,7 @@ impl Client {
             .get_info(self.request(proto::GetInfoRequest {}))
             .await?
             .into_inner();
-        // The same .proto compiled twice (the daemon's tonic build and the
-        // core's): one re-encoding, once per GetInfo.
-        let learned = pb::DatasetInfo::decode(info.encode_to_vec().as_slice())
-            .map_err(|e| ChunkError::Decode(e.to_string()))?;
-        self.conn.learn(learned);
+        self.conn.learn(info.clone());
         Ok(info)
     }
 

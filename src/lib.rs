@@ -55,6 +55,7 @@ pub mod store;
 
 /// Generated from `proto/minibatch/v1/minibatch.proto` at build time.
 pub mod proto {
+    pub use tensor_chunks::proto::*;
     tonic::include_proto!("minibatch.v1");
 
     /// Encoded descriptor set, for gRPC server reflection.

@@ -26,11 +26,10 @@ use crate::error::ServeError;
 use crate::proto;
 use crate::service::BatchService;
 
-/// The gRPC service name, as health and reflection know it.
-pub const SERVICE: &str = "minibatch.v1.BatchService";
-const GET_INFO: &str = "/minibatch.v1.BatchService/GetInfo";
-const GET_BATCH: &str = "/minibatch.v1.BatchService/GetBatch";
-const STREAM_BATCHES: &str = "/minibatch.v1.BatchService/StreamBatches";
+/// The gRPC service name and method paths, generated from the .proto
+/// (crates/tensor-chunks), as both clients use them.
+pub use tensor_chunks::BATCH_SERVICE as SERVICE;
+use tensor_chunks::{GET_BATCH, GET_INFO, STREAM_BATCHES};
 
 /// Largest request message: BatchService requests are a set name and a
 /// few integers (under 100 bytes in practice). 64 KiB leaves room for any
@@ -149,10 +148,11 @@ async fn read_request(
             buf.extend_from_slice(&data);
         }
         if want == PREFIX && buf.len() >= PREFIX {
-            if buf[0] != 0 {
+            let prefix = grpc_frames::Prefix::parse(buf[..PREFIX].try_into().unwrap());
+            if prefix.flag != 0 {
                 return Err(ServeError::Compressed);
             }
-            let len = u32::from_be_bytes(buf[1..PREFIX].try_into().unwrap()) as usize;
+            let len = prefix.len as usize;
             if len > MAX_REQUEST_BYTES {
                 return Err(ServeError::RequestTooLarge {
                     len,

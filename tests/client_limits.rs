@@ -130,7 +130,7 @@ fn tensor(index: u64, name: &str, dtype: Dtype, shape: Vec<u64>, last: bool) -> 
         dtype: dtype as i32,
         shape,
         offset: 0,
-        crc32c: minibatchd::crc::checksum(&data),
+        crc32c: minibatchd::batch::crc::checksum(&data),
         data,
         total_bytes: n,
         scale_divisor: 0,

@@ -14,11 +14,19 @@ use prost::Message;
 
 use crate::proto;
 
-/// gRPC's per-message prefix: a compression flag and a big-endian length.
-pub const PREFIX: usize = 5;
+use grpc_frames::Prefix;
+pub use grpc_frames::PREFIX;
 
 /// Room left in a message for the fields around `data` (name, shape, ...).
 pub const MESSAGE_OVERHEAD: usize = 1024;
+
+/// The prefix of an uncompressed message of `len` bytes. The server refuses
+/// message limits over u32::MAX at start-up, so every message fits.
+fn prefix(len: usize) -> [u8; PREFIX] {
+    Prefix::uncompressed(len)
+        .expect("messages stay under the validated limit")
+        .to_bytes()
+}
 
 /// One encoded message: `head` then `data` make the gRPC message.
 #[derive(Debug, Clone)]
@@ -31,8 +39,7 @@ pub struct Frame {
 pub fn message(m: &impl Message) -> Bytes {
     let len = m.encoded_len();
     let mut b = BytesMut::with_capacity(PREFIX + len);
-    b.put_u8(0);
-    b.put_u32(u32::try_from(len).expect("messages are far below 4 GiB"));
+    b.put_slice(&prefix(len));
     m.encode(&mut b)
         .expect("capacity reserved for the encoded length");
     b.freeze()
@@ -42,7 +49,7 @@ pub fn message(m: &impl Message) -> Bytes {
 /// fields, `data`'s key and length) and `data` itself, untouched.
 pub fn encode(mut chunk: proto::TensorChunk) -> Frame {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
-    const DATA_FIELD: u32 = 6;
+    use tensor_chunks::DATA_FIELD;
     let data = std::mem::take(&mut chunk.data);
     let data_len = if data.is_empty() {
         0
@@ -51,9 +58,7 @@ pub fn encode(mut chunk: proto::TensorChunk) -> Frame {
     };
     let len = chunk.encoded_len() + data_len;
     let mut head = BytesMut::with_capacity(PREFIX + len - data.len());
-    head.put_u8(0);
-    // The server refuses message limits over u32::MAX at start-up.
-    head.put_u32(u32::try_from(len).expect("messages stay under the validated limit"));
+    head.put_slice(&prefix(len));
     chunk
         .encode(&mut head)
         .expect("capacity reserved for the encoded length");
@@ -100,7 +105,7 @@ mod tests {
             msg.extend_from_slice(&d);
             assert_eq!(msg.len(), len, "prefix length covers header and data");
             assert_eq!(proto::TensorChunk::decode(&msg[..]).unwrap(), chunk);
-            // ... and so does the clients' hand-written mirror of the message.
+            // ... and so do the clients' (generated in crates/tensor-chunks).
             let mirror = tensor_chunks::TensorChunk::decode(&msg[..]).unwrap();
             assert_eq!(
                 (
