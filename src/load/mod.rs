@@ -9,6 +9,7 @@ pub mod gzip;
 pub mod idx;
 pub mod layout;
 pub mod pickle;
+pub mod work;
 
 use std::path::Path;
 use std::time::Instant;
@@ -16,6 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 pub use error::{At, LoadError, Stream};
+pub use work::Work;
 
 use crate::memory::{HostBuffer, PinState};
 use crate::store::{Dataset, Format, Set, Tensor};
@@ -106,30 +108,15 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
         });
     }
     let mut buf = buf;
-    let t1 = Instant::now();
-    let parsed = pickle::parse(buf.as_mut_slice()).map_err(|at| LoadError::Pickle {
-        path: path.into(),
-        stream,
-        at,
-    })?;
-    let planned = layout::plan(&parsed, buf.as_mut_slice()).map_err(|at| LoadError::Layout {
-        path: path.into(),
-        stream,
-        at,
-    })?;
-    tracing::debug!(
-        ms = t1.elapsed().as_millis() as u64,
-        protocol = parsed.protocol,
-        "pickle read and laid out"
-    );
-    drop(parsed);
+    let mut work = Work::for_input(buf.len());
+    let planned = read_pickle(path, buf.as_mut_slice(), stream, &mut work)?;
     let mut owned = Vec::new();
     let mut specs = Vec::new();
     for s in planned {
         let mut tensor = |t: layout::PlannedTensor| -> (crate::store::DType, Vec<usize>, Piece) {
-            let piece = match t.bytes {
-                layout::Bytes::Main(span) => Piece::Main(span.start, span.end),
-                layout::Bytes::Own(b) => {
+            let piece = match t.storage {
+                layout::Storage::Main(span) => Piece::Main(span.start, span.end),
+                layout::Storage::Own(b) => {
                     owned.push(b);
                     Piece::Own(owned.len() - 1)
                 }
@@ -175,6 +162,43 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
         "loaded"
     );
     Ok(ds)
+}
+
+/// The pickle passes of [`load_bytes`] on an already decompressed buffer:
+/// reads the pickle in place and plans its tensors, both passes counting
+/// their steps against `work` (a [`Work::for_input`] of the buffer's length
+/// when loading). `stream` says what the buffer's offsets count in errors.
+pub fn read_pickle(
+    path: &Path,
+    buf: &mut [u8],
+    stream: Stream,
+    work: &mut Work,
+) -> Result<Vec<layout::PlannedSet>, LoadError> {
+    let t0 = Instant::now();
+    let fail = |stage: &'static str, at: At, work: &Work| {
+        let path = path.into();
+        if work.exceeded() {
+            LoadError::WorkBudget {
+                path,
+                stage,
+                stream,
+                at,
+            }
+        } else if stage == "pickle" {
+            LoadError::Pickle { path, stream, at }
+        } else {
+            LoadError::Layout { path, stream, at }
+        }
+    };
+    let parsed = pickle::parse(buf, work).map_err(|at| fail("pickle", at, work))?;
+    let planned = layout::plan(&parsed, buf, work).map_err(|at| fail("layout", at, work))?;
+    tracing::debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        protocol = parsed.protocol,
+        work = work.used(),
+        "pickle read and laid out"
+    );
+    Ok(planned)
 }
 
 enum Piece {
