@@ -365,6 +365,50 @@ def accepted(out: Out):
 # hostile files
 # ---------------------------------------------------------------------------
 
+# Tiny files built to burn CPU: opcodes written by hand (as in
+# tests/fuzz_loader.rs, which checks the same streams in work units). Each
+# compresses to about 1.5 kB and once took minutes of CPU to reject.
+
+DTYPE_STATE = b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"
+RECONSTRUCT = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+
+
+def build_state_bomb(width: int, builds: int) -> bytes:
+    """numpy.dtype('f4') whose state tuple is padded (DUP) to `width` items,
+    memoized, then BUILT onto the dtype `builds` more times through BINGET:
+    3 bytes per BUILD, each of which once copied the whole tuple."""
+    return (b"\x80\x02cnumpy\ndtype\nq\x00U\x02f4\x89\x88\x87Rq\x01"
+            b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00" + b"2" * (width - 8)
+            + b"tq\x02b" + b"h\x02b" * builds + b".")
+
+
+def shape_bomb(dims: int, builds: int) -> bytes:
+    """An empty array whose memoized state (1, shape, dtype, False, b'')
+    nests a shape of `dims` 1s, BUILT `builds + 1` times: each BUILD once
+    copied and converted the whole shape."""
+    return (b"\x80\x02" + RECONSTRUCT + b"(K\x01(K\x01" + b"2" * (dims - 1)
+            + b"tcnumpy\ndtype\nU\x02u1\x89\x88\x87R" + DTYPE_STATE
+            + b"b\x89U\x00tq\x00b" + b"h\x00b" * builds + b".")
+
+
+def fortran_dims(dims: int, n: int) -> bytes:
+    """((x, None), (x, None), (x, None)) where x is a Fortran-order uint8
+    array of shape (1,) * (dims - 1) + (n,), through numpy's _reconstruct +
+    BUILD: transposing it once cost n * dims steps."""
+    return (b"\x80\x02" + RECONSTRUCT + b"(K\x01(K\x01" + b"2" * (dims - 2)
+            + b"M" + n.to_bytes(2, "little") + b"tcnumpy\ndtype\nU\x02u1\x89\x88\x87R"
+            + DTYPE_STATE + b"b\x88T" + n.to_bytes(4, "little") + bytes(i % 256 for i in range(n))
+            + b"tbN\x86q\x00h\x00h\x00\x87.")
+
+
+def set_copies(width: int, calls: int) -> bytes:
+    """set(l) called `calls` times on one memoized list of `width` ints:
+    each 6-byte REDUCE copies the whole list, under the memory cap; only
+    the loader's work budget stops it."""
+    return (b"\x80\x02c__builtin__\nset\nq\x000(K\x00" + b"2" * (width - 1)
+            + b"l\x85q\x010" + b"h\x00h\x01R0" * calls + b"N.")
+
+
 def hostile(out: Out):
     good = dataset(SEED + 1000, width=8)
     good_py2 = py2(good, 2)
@@ -435,6 +479,20 @@ def hostile(out: Out):
     nb = pickle.dumps(dataset(SEED + 1006), protocol=5, buffer_callback=lambda b: buffers.append(b) or False)
     assert b"\x97" in nb and buffers
     out.reject(h + "next-buffer.pkl", nb, "protocol 5 with out-of-band buffers (NEXT_BUFFER)", "not allowed")
+
+    # CPU bombs: the errors come after work linear in the decompressed size.
+    out.reject(h + "build-state-bomb.pkl.gz", gz(build_state_bomb(1_000_000, 100_000)),
+               "100,000 BUILDs of one memoized 1,000,008-item numpy.dtype state (BINGET); the root is that dtype",
+               "found numpy dtype")
+    out.reject(h + "shape-bomb.pkl.gz", gz(shape_bomb(1_000_000, 100_000)),
+               "100,000 BUILDs of one memoized array state nesting a shape of 1,000,000 dimensions",
+               "1000000 dimensions, more than numpy's limit of 64")
+    out.reject(h + "fortran-dims.pkl.gz", gz(fortran_dims(1_000_000, 2000)),
+               "train x: Fortran-order uint8 array (_reconstruct + BUILD) of shape (1,) * 999,999 + (2000,)",
+               "1000000 dimensions, more than numpy's limit of 64")
+    out.reject(h + "set-copies.pkl.gz", gz(set_copies(10_000, 400)),
+               "set(l) 400 times on one memoized list of 10,000 ints (4M values copied from 12 kB)",
+               "work budget")
 
 
 def main():

@@ -1,10 +1,17 @@
 //! Mutation fuzzing of the pickle, gzip and IDX readers, bounded in time for
-//! CI. Every mutated input must end in Ok or a LoadError: never a panic, a
-//! hang or an allocation beyond the input's size. `FUZZ_ITERS` raises the
-//! count (scripts/fuzz.sh runs a long session).
+//! CI, and the hostile inputs that once burned minutes of CPU. Every mutated
+//! input must end in a dataset that holds together or a LoadError that names
+//! the file and an offset inside it: never a panic, a hang or an allocation
+//! beyond the input's size. `FUZZ_ITERS` raises the count for a long session,
+//! e.g. `FUZZ_ITERS=200000 cargo test --release --test fuzz_loader`.
+//!
+//! The hostile inputs are checked in work units (`load::Work`), never by the
+//! clock: each must fail with its own error after work linear in its size.
 use std::path::Path;
 
-use minibatchd::load::{self, LoadOptions, PinPolicy};
+use minibatchd::load::pickle::MAX_DIMS;
+use minibatchd::load::{self, LoadError, LoadOptions, PinPolicy, Stream, Work};
+use minibatchd::store::{Dataset, Format};
 
 fn rng(seed: u64) -> impl FnMut() -> u64 {
     let mut s = seed | 1;
@@ -122,6 +129,66 @@ fn opts() -> LoadOptions {
     }
 }
 
+/// Checks what a load of `input` (named `name`) ended in: a dataset that
+/// holds together, or an error naming the file with an offset inside the
+/// stream it counts in.
+fn check_outcome(name: &str, input: &[u8], r: Result<Dataset, LoadError>) {
+    let e = match r {
+        Ok(ds) => {
+            let names: Vec<&str> = ds.sets.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["train", "valid", "test"]);
+            let gz = input.starts_with(&load::gzip::MAGIC);
+            assert_eq!(
+                ds.format,
+                if gz {
+                    Format::PickleGzip
+                } else {
+                    Format::Pickle
+                }
+            );
+            for s in &ds.sets {
+                assert_eq!(s.y.shape.len(), 1, "set {}: y is 1-D", s.name);
+                assert_eq!(
+                    s.x.shape[0], s.y.shape[0],
+                    "set {}: x and y examples",
+                    s.name
+                );
+                for t in [&s.x, &s.y] {
+                    let numel: usize = t.shape.iter().product();
+                    assert_eq!(t.data.len(), numel * t.dtype.size(), "set {}", s.name);
+                }
+            }
+            return;
+        }
+        Err(e) => e,
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!("{name}: ")),
+        "error names the file: {msg}"
+    );
+    let (stream, offset) = match &e {
+        LoadError::Gzip { at, .. } => (Stream::File, at.offset),
+        LoadError::Pickle { stream, at, .. }
+        | LoadError::Layout { stream, at, .. }
+        | LoadError::WorkBudget { stream, at, .. } => (*stream, at.offset),
+        // A mutation can make the data look like an IDX file, or a shape
+        // that does not fit its tensor.
+        LoadError::Format { .. } | LoadError::Dataset { .. } => return,
+        other => panic!("unexpected error for {name}: {other}"),
+    };
+    let len = match stream {
+        Stream::File => input.len(),
+        Stream::Decompressed => load::gzip::inflate(input, opts().max_bytes)
+            .expect("an error in the decompressed stream means it inflated")
+            .len(),
+    };
+    assert!(
+        offset <= len as u64,
+        "offset {offset} lies outside the {len} bytes it counts in: {msg}"
+    );
+}
+
 #[test]
 fn seeds_are_valid() {
     for seed in [py2_pickle(), py3_p5_pickle()] {
@@ -139,7 +206,8 @@ fn mutated_pickles_never_panic() {
     let (mut ok, mut err) = (0, 0);
     for i in 0..iters() {
         let input = mutate(&seeds[i % 2], &mut r);
-        match load::load_bytes(Path::new("fuzz"), &input, &opts()) {
+        let res = load::load_bytes(Path::new("fuzz"), &input, &opts());
+        match &res {
             Ok(_) => ok += 1,
             Err(e) => {
                 err += 1;
@@ -147,6 +215,7 @@ fn mutated_pickles_never_panic() {
                 assert!(msg.starts_with("fuzz: "), "error names the file: {msg}");
             }
         }
+        check_outcome("fuzz", &input, res);
     }
     assert!(
         err > ok,
@@ -154,25 +223,68 @@ fn mutated_pickles_never_panic() {
     );
 }
 
+/// A single-member gzip of `data` in stored (uncompressed) blocks.
+fn gzip_stored(data: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
+    let mut blocks = data.chunks(0xffff).peekable();
+    if blocks.peek().is_none() {
+        v.extend([1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(b) = blocks.next() {
+        v.push(blocks.peek().is_none() as u8); // BFINAL on the last, BTYPE=00
+        v.extend((b.len() as u16).to_le_bytes());
+        v.extend((!(b.len() as u16)).to_le_bytes());
+        v.extend(b);
+    }
+    v.extend(load::gzip::crc32(data).to_le_bytes());
+    v.extend((data.len() as u32).to_le_bytes());
+    v
+}
+
+/// gzip at libdeflate's strongest level: how a hostile file gets tiny.
+fn gzip_best(data: &[u8]) -> Vec<u8> {
+    // SAFETY: the compressor is checked for null and freed once; pointers
+    // and lengths describe live buffers.
+    unsafe {
+        let c = libdeflate_sys::libdeflate_alloc_compressor(12);
+        assert!(!c.is_null());
+        let mut out = vec![0u8; libdeflate_sys::libdeflate_gzip_compress_bound(c, data.len())];
+        let n = libdeflate_sys::libdeflate_gzip_compress(
+            c,
+            data.as_ptr() as *const _,
+            data.len(),
+            out.as_mut_ptr() as *mut _,
+            out.len(),
+        );
+        libdeflate_sys::libdeflate_free_compressor(c);
+        assert!(n > 0);
+        out.truncate(n);
+        out
+    }
+}
+
 #[test]
 fn mutated_gzip_never_panics() {
     let mut r = rng(0x9e37);
-    let gz = {
-        // stored-block gzip of the p5 pickle
-        let data = py3_p5_pickle();
-        let mut v = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1];
-        v.extend((data.len() as u16).to_le_bytes());
-        v.extend((!(data.len() as u16)).to_le_bytes());
-        v.extend(&data);
-        v.extend(minibatchd::load::gzip::crc32(&data).to_le_bytes());
-        v.extend((data.len() as u32).to_le_bytes());
-        v
-    };
+    // stored-block gzip of the p5 pickle
+    let gz = gzip_stored(&py3_p5_pickle());
     load::load_bytes(Path::new("seed.gz"), &gz, &opts()).unwrap();
+    let (mut ok, mut err) = (0, 0);
     for _ in 0..iters() {
         let input = mutate(&gz, &mut r);
-        let _ = load::load_bytes(Path::new("fuzz.gz"), &input, &opts());
+        let res = load::load_bytes(Path::new("fuzz.gz"), &input, &opts());
+        if res.is_ok() {
+            ok += 1
+        } else {
+            err += 1
+        }
+        check_outcome("fuzz.gz", &input, res);
     }
+    // The CRC-32 catches nearly every change to the data.
+    assert!(
+        err > 10 * ok,
+        "most mutations must be caught ({ok} ok, {err} errors)"
+    );
 }
 
 #[test]
@@ -186,5 +298,289 @@ fn mutated_idx_headers_never_panic() {
             let need: usize = h.shape.iter().product::<usize>() * h.dtype.size();
             assert_eq!(need, input.len() - h.data_start);
         }
+    }
+}
+
+// --- hostile inputs: tiny files built to burn CPU ---------------------------
+//
+// The same streams as scripts/make_fixtures.py's hostile corpus
+// (hostile/build-state-bomb.pkl.gz, shape-bomb, fortran-dims, set-copies),
+// at sizes that ran for minutes before the reader shared memoized tuples,
+// capped shapes at numpy's 64 dimensions and counted its work.
+
+/// The 8-item state numpy pickles a plain dtype with, `|` byte order.
+const DTYPE_STATE: &[u8] = b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t";
+
+/// `numpy.dtype('f4')` whose state tuple is padded (DUP) to `width` items,
+/// memoized, then BUILT onto the dtype `builds` more times through BINGET:
+/// 3 input bytes per BUILD, each of which once copied the whole tuple.
+fn build_state_bomb(width: usize, builds: usize) -> Vec<u8> {
+    let mut p = b"\x80\x02cnumpy\ndtype\nq\x00U\x02f4\x89\x88\x87Rq\x01".to_vec();
+    p.extend(b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00");
+    p.extend(std::iter::repeat_n(b'2', width - 8));
+    p.extend(b"tq\x02b");
+    p.extend(b"h\x02b".repeat(builds));
+    p.push(b'.');
+    p
+}
+
+/// An array whose memoized state nests a shape of `dims` 1s, BUILT
+/// `builds + 1` times: each BUILD once copied and converted the whole shape.
+fn shape_bomb(dims: usize, builds: usize) -> Vec<u8> {
+    let mut p =
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+            .to_vec();
+    p.extend(b"(K\x01(K\x01");
+    p.extend(std::iter::repeat_n(b'2', dims - 1));
+    p.extend(b"tcnumpy\ndtype\nU\x02u1\x89\x88\x87R");
+    p.extend(DTYPE_STATE);
+    p.extend(b"b\x89U\x00tq\x00b");
+    p.extend(b"h\x00b".repeat(builds));
+    p.push(b'.');
+    p
+}
+
+/// `((x, None), (x, None), (x, None))` where x is a Fortran-order uint8
+/// array of shape `(1,) * (dims - 1) + (n,)` through numpy's
+/// `_reconstruct` + BUILD: transposing it once cost n * dims steps.
+fn fortran_dims(dims: usize, n: u16) -> Vec<u8> {
+    let mut p =
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+            .to_vec();
+    p.extend(b"(K\x01(K\x01");
+    p.extend(std::iter::repeat_n(b'2', dims - 2));
+    p.push(b'M');
+    p.extend(n.to_le_bytes());
+    p.extend(b"tcnumpy\ndtype\nU\x02u1\x89\x88\x87R");
+    p.extend(DTYPE_STATE);
+    p.extend(b"b\x88T");
+    p.extend((n as u32).to_le_bytes());
+    p.extend((0..n).map(|i| i as u8));
+    p.extend(b"tbN\x86q\x00h\x00h\x00\x87.");
+    p
+}
+
+/// `set(l)` called `calls` times on one memoized list of `width` ints: each
+/// 6-byte REDUCE copies the whole list, so only the work budget (before the
+/// 4M-value memory cap) bounds it.
+fn set_copies(width: usize, calls: usize) -> Vec<u8> {
+    let mut p = b"\x80\x02c__builtin__\nset\nq\x000(K\x00".to_vec();
+    p.extend(std::iter::repeat_n(b'2', width - 1));
+    p.extend(b"l\x85q\x010");
+    p.extend(b"h\x00h\x01R0".repeat(calls));
+    p.extend(b"N.");
+    p
+}
+
+/// Offset of byte `k` of the last occurrence of `pat` in `p`.
+fn offset_of(p: &[u8], pat: &[u8], k: usize) -> u64 {
+    (p.windows(pat.len()).rposition(|w| w == pat).unwrap() + k) as u64
+}
+
+/// Runs the pickle passes of a load on `p` with a load's budget; returns
+/// the outcome and the work it took.
+fn read_counting(name: &str, p: &[u8]) -> (Result<(), LoadError>, u64) {
+    let mut buf = p.to_vec();
+    let mut work = Work::for_input(buf.len());
+    let r = load::read_pickle(Path::new(name), &mut buf, Stream::Decompressed, &mut work);
+    (r.map(drop), work.used())
+}
+
+#[test]
+fn repeated_build_of_a_shared_state_costs_constant_work() {
+    let p = build_state_bomb(1_000_000, 100_000);
+    let gz = gzip_best(&p);
+    assert!(gz.len() < 2048, "a tiny file: {} bytes", gz.len());
+    // 100,000 BUILDs of a 1,000,008-item state: a dtype, not a dataset.
+    let e = load::load_bytes(Path::new("build-bomb.pkl.gz"), &gz, &opts()).unwrap_err();
+    let LoadError::Layout { at, .. } = &e else {
+        panic!("expected the layout error, got {e}")
+    };
+    assert!(at.what.contains("found numpy dtype"), "{e}");
+    // Work: about 3 steps per DUP building the tuple and a handful per BUILD,
+    // however wide the state (a copy per BUILD would be 10^11).
+    let (_, used) = read_counting("build-bomb", &p);
+    assert!(
+        used < 4 * p.len() as u64,
+        "{used} steps for {} bytes",
+        p.len()
+    );
+    let (_, wider) = read_counting("w", &build_state_bomb(1_000_000, 200_000));
+    let per_build = (wider - used) / 100_000;
+    assert!(per_build <= 8, "{per_build} steps per BUILD");
+}
+
+#[test]
+fn shapes_beyond_numpys_limit_are_refused_at_their_build() {
+    let shapes = shape_bomb(1_000_000, 100_000);
+    let fortran = fortran_dims(1_000_000, 2000);
+    for (name, p, build) in [
+        // the array's first BUILD (after the state's BINPUT)
+        (
+            "shape-bomb.pkl.gz",
+            &shapes,
+            offset_of(&shapes, b"tq\x00b", 3),
+        ),
+        // the array's BUILD, after its payload
+        (
+            "fortran-dims.pkl.gz",
+            &fortran,
+            offset_of(&fortran, b"tbN", 1),
+        ),
+    ] {
+        let gz = gzip_best(p);
+        assert!(gz.len() < 2048, "{name}: a tiny file: {} bytes", gz.len());
+        let e = load::load_bytes(Path::new(name), &gz, &opts()).unwrap_err();
+        let LoadError::Pickle { stream, at, .. } = &e else {
+            panic!("{name}: expected the dimensions error, got {e}")
+        };
+        assert_eq!(*stream, Stream::Decompressed);
+        assert_eq!(
+            at.what,
+            format!("array shape has 1000000 dimensions, more than numpy's limit of {MAX_DIMS}")
+        );
+        assert_eq!(p[build as usize], b'b');
+        assert_eq!(at.offset, build, "{name}: {e}");
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{name}: pickle: decompressed byte {}", at.offset)));
+        let (_, used) = read_counting(name, p);
+        assert!(
+            used < 4 * p.len() as u64,
+            "{name}: {used} steps for {} bytes",
+            p.len()
+        );
+    }
+    // At the limit, 64 dimensions, the array is read and transposed: one
+    // step per element (the transposition is O(elements + dims)).
+    let p = fortran_dims(MAX_DIMS, 60_000);
+    let (r, used) = read_counting("fortran-64", &p);
+    let e = r.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("set train: y: expected a numpy array"),
+        "{e}"
+    );
+    assert!(
+        used < 4 * p.len() as u64,
+        "{used} steps for {} bytes",
+        p.len()
+    );
+    let (r, _) = read_counting("fortran-65", &fortran_dims(MAX_DIMS + 1, 10));
+    let e = r.unwrap_err();
+    assert!(
+        e.to_string().contains("array shape has 65 dimensions"),
+        "{e}"
+    );
+}
+
+#[test]
+fn work_budget_stops_repeated_copies_with_file_and_offset() {
+    // 400 copies of a 10,000-item list: 4M steps, over the budget of a
+    // 12 kB input (64 per byte + 2^20) and under the memory cap of 2^22
+    // values, so only the budget stops it.
+    let p = set_copies(10_000, 400);
+    let e = load::load_bytes(Path::new("set-copies.pkl"), &p, &opts()).unwrap_err();
+    let LoadError::WorkBudget {
+        stage, stream, at, ..
+    } = &e
+    else {
+        panic!("expected the work budget error, got {e}")
+    };
+    assert_eq!((*stage, *stream), ("pickle", Stream::File));
+    // At one of the REDUCEs, past the list.
+    assert!(at.offset > 10_000 && at.offset < p.len() as u64, "{e}");
+    assert_eq!(p[at.offset as usize], b'R', "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "set-copies.pkl: pickle: byte {}: work budget of ",
+            at.offset
+        )),
+        "{msg}"
+    );
+    // The budget also covers the layout pass: a valid file with a budget
+    // that its pickle pass just fits in stops in layout.
+    let seed = py2_pickle();
+    let mut parse_work = Work::for_input(seed.len());
+    load::pickle::parse(&mut seed.clone(), &mut parse_work).unwrap();
+    let mut work = Work::with_limit(parse_work.used());
+    let e = load::read_pickle(
+        Path::new("seed"),
+        &mut seed.clone(),
+        Stream::File,
+        &mut work,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LoadError::WorkBudget {
+                stage: "layout",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.offset().unwrap() < seed.len() as u64, "{e}");
+    // ... and with a load's budget it loads, in a few steps per byte.
+    let mut work = Work::for_input(seed.len());
+    load::read_pickle(
+        Path::new("seed"),
+        &mut seed.clone(),
+        Stream::File,
+        &mut work,
+    )
+    .unwrap();
+    assert!(work.used() < 4 * seed.len() as u64, "{} steps", work.used());
+}
+
+#[test]
+fn the_bundled_sample_needs_a_small_fraction_of_its_budget() {
+    let mut buf = load::gzip::inflate(minibatchd::BUNDLED_SAMPLE, opts().max_bytes)
+        .unwrap()
+        .as_slice()
+        .to_vec();
+    let mut work = Work::for_input(buf.len());
+    load::read_pickle(
+        Path::new("sample"),
+        &mut buf,
+        Stream::Decompressed,
+        &mut work,
+    )
+    .unwrap();
+    // WORK_PER_BYTE's doc comment quotes this: little-endian C-order
+    // payloads are served untouched, so the 15 MB take a few hundred steps.
+    assert!(
+        work.used() < buf.len() as u64 / 1000,
+        "{} steps for {} bytes",
+        work.used(),
+        buf.len()
+    );
+}
+
+#[test]
+fn mutated_hostile_pickles_stay_linear() {
+    // Small versions of the hostile streams, mutated: whatever a mutation
+    // makes of them ends as a load does, and never needs the work budget
+    // (reaching it would mean a mutation found work that grows faster than
+    // the input, which the budget stopped but the reader should not do).
+    let mut r = rng(0xb0b);
+    let seeds = [
+        build_state_bomb(2_000, 200),
+        shape_bomb(100, 20),
+        fortran_dims(100, 64),
+        fortran_dims(MAX_DIMS, 300),
+    ];
+    for i in 0..iters() {
+        let input = mutate(&seeds[i % seeds.len()], &mut r);
+        let res = load::load_bytes(Path::new("hostile"), &input, &opts());
+        if let Err(e @ LoadError::WorkBudget { .. }) = &res {
+            panic!(
+                "mutation {i} of seed {} needs the work budget: {e}",
+                i % seeds.len()
+            );
+        }
+        check_outcome("hostile", &input, res);
     }
 }

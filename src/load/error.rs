@@ -67,6 +67,16 @@ pub enum LoadError {
         stream: Stream,
         at: At,
     },
+    /// Reading the file took more steps than its size allows
+    /// ([`crate::load::work`]): a file built to burn CPU.
+    #[error("{path}: {stage}: {stream} {}: {}", at.offset, at.what)]
+    WorkBudget {
+        path: PathBuf,
+        /// "pickle" or "layout": the pass that ran out.
+        stage: &'static str,
+        stream: Stream,
+        at: At,
+    },
     #[error("{path}: {what}")]
     Dataset { path: PathBuf, what: String },
     #[error("cannot allocate {bytes} bytes of host memory: {source}")]
@@ -86,6 +96,7 @@ impl LoadError {
             LoadError::Gzip { at, .. }
             | LoadError::Pickle { at, .. }
             | LoadError::Layout { at, .. }
+            | LoadError::WorkBudget { at, .. }
             | LoadError::Idx { at, .. } => Some(at.offset),
             _ => None,
         }

@@ -9,16 +9,19 @@ pub mod gzip;
 pub mod idx;
 pub mod layout;
 pub mod pickle;
+pub mod work;
 
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bytes::Bytes;
 
 pub use error::{At, LoadError, Stream};
+pub use work::Work;
 
 use crate::memory::{HostBuffer, PinState};
-use crate::store::{Dataset, Format, Set, Tensor};
+use crate::store::{DType, Dataset, Format, Set, Tensor};
 
 /// What to do when the memory cannot be locked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -88,11 +91,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
 /// names it in messages and in GetInfo.
 pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, LoadError> {
     let t0 = Instant::now();
-    let (buf, format) = decode_container(path, raw, opts)?;
-    let stream = if format == Format::PickleGzip {
-        Stream::Decompressed
-    } else {
-        Stream::File
+    let (mut buf, container) = decode_container(path, raw, opts)?;
+    let format = match container {
+        Container::Gzip => Format::PickleGzip,
+        Container::Plain => Format::Pickle,
     };
     tracing::info!(path = %path.display(), format = format.name(), bytes = buf.len(), ms = t0.elapsed().as_millis() as u64, "read");
     if buf.as_slice().starts_with(&[0, 0])
@@ -105,71 +107,151 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
                 .into(),
         });
     }
-    let mut buf = buf;
-    let t1 = Instant::now();
-    let parsed = pickle::parse(buf.as_mut_slice()).map_err(|at| LoadError::Pickle {
-        path: path.into(),
-        stream,
-        at,
-    })?;
-    let planned = layout::plan(&parsed, buf.as_mut_slice()).map_err(|at| LoadError::Layout {
-        path: path.into(),
-        stream,
-        at,
-    })?;
-    tracing::debug!(
-        ms = t1.elapsed().as_millis() as u64,
-        protocol = parsed.protocol,
-        "pickle read and laid out"
-    );
-    drop(parsed);
-    let mut owned = Vec::new();
-    let mut specs = Vec::new();
+    let mut work = Work::for_input(buf.len());
+    let planned = read_pickle(path, buf.as_mut_slice(), container.stream(), &mut work)?;
+    // Buffer 0 is the decompressed stream; tensors that could not be served
+    // from it (transposed, stacked) follow in buffers of their own.
+    let mut bufs = vec![buf];
+    let mut sets = Vec::new();
     for s in planned {
-        let mut tensor = |t: layout::PlannedTensor| -> (crate::store::DType, Vec<usize>, Piece) {
-            let piece = match t.bytes {
-                layout::Bytes::Main(span) => Piece::Main(span.start, span.end),
-                layout::Bytes::Own(b) => {
-                    owned.push(b);
-                    Piece::Own(owned.len() - 1)
+        let mut tensor = |t: layout::PlannedTensor| {
+            let (buf, range) = match t.storage {
+                layout::Storage::Main(span) => (0, span.start..span.end),
+                layout::Storage::Own(b) => {
+                    let len = b.len();
+                    bufs.push(b);
+                    (bufs.len() - 1, 0..len)
                 }
             };
-            (t.dtype, t.shape, piece)
+            TensorSpec {
+                dtype: t.dtype,
+                shape: t.shape,
+                buf,
+                range,
+                scale_divisor: None,
+                file: path.into(),
+            }
         };
-        let x = tensor(s.x);
-        let y = tensor(s.y);
-        specs.push((s.name.to_string(), x, y));
-    }
-    let pin = pin_all(std::iter::once(&mut buf).chain(owned.iter_mut()), opts.pin)?;
-    let memory_bytes = buf.capacity() + owned.iter().map(|b| b.capacity()).sum::<usize>();
-    let main = Bytes::from_owner(buf);
-    let owned: Vec<Bytes> = owned.into_iter().map(Bytes::from_owner).collect();
-    let bytes_of = |p: &Piece| match *p {
-        Piece::Main(a, b) => main.slice(a..b),
-        Piece::Own(i) => owned[i].clone(),
-    };
-    let mut sets = Vec::new();
-    for (name, (xd, xs, xp), (yd, ys, yp)) in specs {
-        let mk = |d, s, p: &Piece| {
-            Tensor::new(d, s, bytes_of(p)).map_err(|what| LoadError::Dataset {
-                path: path.into(),
-                what,
-            })
-        };
-        sets.push(Set {
-            name,
-            x: mk(xd, xs, &xp)?,
-            y: mk(yd, ys, &yp)?,
+        let (x, y) = (tensor(s.x), tensor(s.y));
+        sets.push(SetSpec {
+            name: s.name.to_string(),
+            x,
+            y,
         });
     }
+    assemble(path, format, bufs, sets, opts.pin, t0)
+}
+
+/// The pickle passes of [`load_bytes`] on an already decompressed buffer:
+/// reads the pickle in place and plans its tensors, both passes counting
+/// their steps against `work` (a [`Work::for_input`] of the buffer's length
+/// when loading). `stream` says what the buffer's offsets count in errors.
+pub fn read_pickle(
+    path: &Path,
+    buf: &mut [u8],
+    stream: Stream,
+    work: &mut Work,
+) -> Result<Vec<layout::PlannedSet>, LoadError> {
+    let t0 = Instant::now();
+    let fail = |stage: &'static str, at: At, work: &Work| {
+        let path = path.into();
+        if work.exceeded() {
+            LoadError::WorkBudget {
+                path,
+                stage,
+                stream,
+                at,
+            }
+        } else if stage == "pickle" {
+            LoadError::Pickle { path, stream, at }
+        } else {
+            LoadError::Layout { path, stream, at }
+        }
+    };
+    let parsed = pickle::parse(buf, work).map_err(|at| fail("pickle", at, work))?;
+    let planned = layout::plan(&parsed, buf, work).map_err(|at| fail("layout", at, work))?;
+    tracing::debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        protocol = parsed.protocol,
+        work = work.used(),
+        "pickle read and laid out"
+    );
+    Ok(planned)
+}
+
+/// How a file's bytes were stored: told apart by content (gzip magic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Container {
+    Plain,
+    Gzip,
+}
+
+impl Container {
+    /// What a decoding error's offset counts in.
+    fn stream(self) -> Stream {
+        match self {
+            Container::Gzip => Stream::Decompressed,
+            Container::Plain => Stream::File,
+        }
+    }
+}
+
+/// A tensor to cut out of one of a load's buffers.
+struct TensorSpec {
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Index of the buffer, and the tensor's bytes in it.
+    buf: usize,
+    range: Range<usize>,
+    scale_divisor: Option<u32>,
+    /// The file named if the tensor does not fit its shape.
+    file: PathBuf,
+}
+
+struct SetSpec {
+    name: String,
+    x: TensorSpec,
+    y: TensorSpec,
+}
+
+/// The end of every load: pins the buffers, freezes them, cuts the tensors
+/// out of them (zero-copy) and describes the dataset.
+fn assemble(
+    source: &Path,
+    format: Format,
+    mut bufs: Vec<HostBuffer>,
+    sets: Vec<SetSpec>,
+    pin: PinPolicy,
+    t0: Instant,
+) -> Result<Dataset, LoadError> {
+    let pin = pin_all(bufs.iter_mut(), pin)?;
+    let memory_bytes = bufs.iter().map(|b| b.capacity()).sum();
+    let frozen: Vec<Bytes> = bufs.into_iter().map(Bytes::from_owner).collect();
+    let tensor = |t: TensorSpec| -> Result<Tensor, LoadError> {
+        let mut tensor = Tensor::new(t.dtype, t.shape, frozen[t.buf].slice(t.range))
+            .map_err(|what| LoadError::Dataset { path: t.file, what })?;
+        tensor.scale_divisor = t.scale_divisor;
+        Ok(tensor)
+    };
+    let sets = sets
+        .into_iter()
+        .map(|s| {
+            Ok(Set {
+                name: s.name,
+                x: tensor(s.x)?,
+                y: tensor(s.y)?,
+            })
+        })
+        .collect::<Result<Vec<_>, LoadError>>()?;
     let ds = Dataset {
-        source: path.display().to_string(),
+        source: source.display().to_string(),
         format,
         sets,
         memory_bytes,
         pin,
     };
     tracing::info!(
+        format = format.name(),
         ms = t0.elapsed().as_millis() as u64,
         tensor_bytes = ds.tensor_bytes(),
         "loaded"
@@ -177,32 +259,18 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
     Ok(ds)
 }
 
-enum Piece {
-    Main(usize, usize),
-    Own(usize),
-}
-
-/// Reads a file whole into a host buffer, inflating it if it is gzip.
-fn read_maybe_gzip(path: &Path, opts: &LoadOptions) -> Result<(HostBuffer, Format), LoadError> {
-    let raw = std::fs::read(path).map_err(|source| LoadError::Io {
-        path: path.into(),
-        source,
-    })?;
-    decode_container(path, &raw, opts)
-}
-
 /// The file's bytes in a host buffer: inflated if gzip, else copied.
 fn decode_container(
     path: &Path,
     raw: &[u8],
     opts: &LoadOptions,
-) -> Result<(HostBuffer, Format), LoadError> {
+) -> Result<(HostBuffer, Container), LoadError> {
     if raw.starts_with(&gzip::MAGIC) {
         let buf = gzip::inflate(raw, opts.max_bytes).map_err(|at| LoadError::Gzip {
             path: path.into(),
             at,
         })?;
-        Ok((buf, Format::PickleGzip))
+        Ok((buf, Container::Gzip))
     } else {
         if raw.len() > opts.max_bytes {
             return Err(LoadError::Dataset {
@@ -218,7 +286,7 @@ fn decode_container(
             bytes: raw.len(),
             source,
         })?;
-        Ok((buf, Format::Pickle))
+        Ok((buf, Container::Plain))
     }
 }
 
@@ -250,6 +318,69 @@ fn pin_all<'a>(
     }
 }
 
+/// One IDX file, read (inflated if gzip'd) and little-endian.
+struct IdxPart {
+    buf: HostBuffer,
+    dtype: DType,
+    /// Images: [n, pixels per image]; labels: [n].
+    shape: Vec<usize>,
+    /// Where the data starts in `buf`.
+    start: usize,
+}
+
+/// Reads one IDX file. Labels must be 1-D; uint8 / int8 labels are widened
+/// to int64, and every label array gets a buffer of its own.
+fn read_idx(path: &Path, labels: bool, opts: &LoadOptions) -> Result<IdxPart, LoadError> {
+    let raw = std::fs::read(path).map_err(|source| LoadError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let (mut buf, container) = decode_container(path, &raw, opts)?;
+    drop(raw);
+    let idx_err = |at: At| LoadError::Idx {
+        path: path.into(),
+        stream: container.stream(),
+        at,
+    };
+    let h = idx::header(buf.as_slice()).map_err(idx_err)?;
+    idx::to_little_endian(&mut buf.as_mut_slice()[h.data_start..], h.dtype);
+    if !labels {
+        let row = h.shape[1..].iter().product();
+        return Ok(IdxPart {
+            buf,
+            dtype: h.dtype,
+            shape: vec![h.shape[0], row],
+            start: h.data_start,
+        });
+    }
+    if h.shape.len() != 1 {
+        return Err(idx_err(At::new(
+            3,
+            format!("labels must be 1-D, found shape {:?}", h.shape),
+        )));
+    }
+    let data = &buf.as_slice()[h.data_start..];
+    let (own, dtype) = if matches!(h.dtype, DType::U8 | DType::I8) {
+        let w = idx::widen_labels(data, h.dtype).map_err(|source| LoadError::Memory {
+            bytes: h.shape[0] * 8,
+            source,
+        })?;
+        (w, DType::I64)
+    } else {
+        let b = HostBuffer::from_slice(data).map_err(|source| LoadError::Memory {
+            bytes: buf.len(),
+            source,
+        })?;
+        (b, h.dtype)
+    };
+    Ok(IdxPart {
+        buf: own,
+        dtype,
+        shape: h.shape,
+        start: 0,
+    })
+}
+
 /// Loads the four MNIST IDX files from a directory.
 fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
     let t0 = Instant::now();
@@ -262,100 +393,23 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
             ),
         })
     };
-    let read = |p: &Path| -> Result<(HostBuffer, idx::Header, Stream), LoadError> {
-        let (mut buf, format) = read_maybe_gzip(p, opts)?;
-        let stream = if format == Format::PickleGzip {
-            Stream::Decompressed
-        } else {
-            Stream::File
-        };
-        let h = idx::header(buf.as_slice()).map_err(|at| LoadError::Idx {
-            path: p.into(),
-            stream,
-            at,
-        })?;
-        idx::to_little_endian(&mut buf.as_mut_slice()[h.data_start..], h.dtype);
-        Ok((buf, h, stream))
-    };
     let paths = [
         file(&idx::TRAIN_IMAGES)?,
         file(&idx::TRAIN_LABELS)?,
         file(&idx::TEST_IMAGES)?,
         file(&idx::TEST_LABELS)?,
     ];
+    // Buffer k holds file k: train images, train labels, test images, test labels.
     let mut parts = Vec::new();
-    for p in &paths {
-        parts.push(read(p)?);
+    for (k, p) in paths.iter().enumerate() {
+        parts.push(read_idx(p, k % 2 == 1, opts)?);
     }
-    // Labels: widen uint8 to int64 in their own small buffers.
-    let mut bufs: Vec<HostBuffer> = Vec::new();
-    let mut tensors = Vec::new();
-    for (i, (buf, h, stream)) in parts.into_iter().enumerate() {
-        let p = &paths[i];
-        let images = i % 2 == 0;
-        if images {
-            let n = h.shape[0];
-            let row: usize = h.shape[1..].iter().product();
-            tensors.push((h.dtype, vec![n, row], h.data_start, bufs.len()));
-            bufs.push(buf);
-        } else {
-            if h.shape.len() != 1 {
-                return Err(LoadError::Idx {
-                    path: p.into(),
-                    stream,
-                    at: At::new(3, format!("labels must be 1-D, found shape {:?}", h.shape)),
-                });
-            }
-            let (buf, dtype) =
-                if matches!(h.dtype, crate::store::DType::U8 | crate::store::DType::I8) {
-                    let w = idx::widen_labels(&buf.as_slice()[h.data_start..], h.dtype).map_err(
-                        |source| LoadError::Memory {
-                            bytes: h.shape[0] * 8,
-                            source,
-                        },
-                    )?;
-                    (w, crate::store::DType::I64)
-                } else {
-                    let b = HostBuffer::from_slice(&buf.as_slice()[h.data_start..]).map_err(
-                        |source| LoadError::Memory {
-                            bytes: buf.len(),
-                            source,
-                        },
-                    )?;
-                    (b, h.dtype)
-                };
-            tensors.push((dtype, vec![h.shape[0]], 0, bufs.len()));
-            bufs.push(buf);
-        }
-    }
-    let pin = pin_all(bufs.iter_mut(), opts.pin)?;
-    let memory_bytes = bufs.iter().map(|b| b.capacity()).sum();
-    let frozen: Vec<Bytes> = bufs.into_iter().map(Bytes::from_owner).collect();
-    let mk = |k: usize, from: usize, to: usize| -> Result<Tensor, LoadError> {
-        let (dtype, shape, start, b) = &tensors[k];
-        let row = shape[1..].iter().product::<usize>() * dtype.size();
-        let mut s = shape.clone();
-        s[0] = to - from;
-        let mut t = Tensor::new(
-            *dtype,
-            s,
-            frozen[*b].slice(start + from * row..start + to * row),
-        )
-        .map_err(|what| LoadError::Dataset {
-            path: paths[k].clone(),
-            what,
-        })?;
-        if *dtype == crate::store::DType::U8 && k.is_multiple_of(2) {
-            t.scale_divisor = Some(idx::PIXEL_DIVISOR);
-        }
-        Ok(t)
-    };
-    let n_train = tensors[0].1[0];
-    for (k, want) in [(1usize, n_train), (3, tensors[2].1[0])] {
-        if tensors[k].1[0] != want {
+    let n_train = parts[0].shape[0];
+    for (k, want) in [(1usize, n_train), (3, parts[2].shape[0])] {
+        if parts[k].shape[0] != want {
             return Err(LoadError::Dataset {
                 path: paths[k].clone(),
-                what: format!("{} labels for {} images", tensors[k].1[0], want),
+                what: format!("{} labels for {} images", parts[k].shape[0], want),
             });
         }
     }
@@ -368,36 +422,96 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
             ),
         });
     }
+    // Examples [from, to) of file k.
+    let slice = |k: usize, from: usize, to: usize| {
+        let IdxPart {
+            dtype,
+            shape,
+            start,
+            ..
+        } = &parts[k];
+        let row = shape[1..].iter().product::<usize>() * dtype.size();
+        let mut s = shape.clone();
+        s[0] = to - from;
+        let images = k.is_multiple_of(2);
+        TensorSpec {
+            dtype: *dtype,
+            shape: s,
+            buf: k,
+            range: start + from * row..start + to * row,
+            scale_divisor: (images && *dtype == DType::U8).then_some(idx::PIXEL_DIVISOR),
+            file: paths[k].clone(),
+        }
+    };
     let cut = n_train - opts.valid_split;
-    let n_test = tensors[2].1[0];
-    let mut sets = vec![Set {
+    let n_test = parts[2].shape[0];
+    let mut sets = vec![SetSpec {
         name: "train".into(),
-        x: mk(0, 0, cut)?,
-        y: mk(1, 0, cut)?,
+        x: slice(0, 0, cut),
+        y: slice(1, 0, cut),
     }];
     if opts.valid_split > 0 {
-        sets.push(Set {
+        sets.push(SetSpec {
             name: "valid".into(),
-            x: mk(0, cut, n_train)?,
-            y: mk(1, cut, n_train)?,
+            x: slice(0, cut, n_train),
+            y: slice(1, cut, n_train),
         });
     }
-    sets.push(Set {
+    sets.push(SetSpec {
         name: "test".into(),
-        x: mk(2, 0, n_test)?,
-        y: mk(3, 0, n_test)?,
+        x: slice(2, 0, n_test),
+        y: slice(3, 0, n_test),
     });
-    let ds = Dataset {
-        source: dir.display().to_string(),
-        format: Format::Idx,
-        sets,
-        memory_bytes,
-        pin,
-    };
-    tracing::info!(
-        ms = t0.elapsed().as_millis() as u64,
-        tensor_bytes = ds.tensor_bytes(),
-        "loaded IDX directory"
-    );
-    Ok(ds)
+    let bufs = parts.into_iter().map(|p| p.buf).collect();
+    assemble(dir, Format::Idx, bufs, sets, opts.pin, t0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A gzip member of `data` in one stored block.
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1];
+        v.extend((data.len() as u16).to_le_bytes());
+        v.extend((!(data.len() as u16)).to_le_bytes());
+        v.extend(data);
+        v.extend(gzip::crc32(data).to_le_bytes());
+        v.extend((data.len() as u32).to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn idx_errors_count_in_the_stream_the_file_holds() {
+        // train images with a payload one byte short of their shape
+        let mut short = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2];
+        short.extend([0u8; 7]);
+        let opts = LoadOptions {
+            pin: PinPolicy::Off,
+            ..Default::default()
+        };
+        for (zipped, stream) in [(false, Stream::File), (true, Stream::Decompressed)] {
+            let dir = tempfile::tempdir().unwrap();
+            for n in [
+                idx::TRAIN_IMAGES[0],
+                idx::TRAIN_LABELS[0],
+                idx::TEST_IMAGES[0],
+                idx::TEST_LABELS[0],
+            ] {
+                let (name, data) = if zipped {
+                    (format!("{n}.gz"), gz(&short))
+                } else {
+                    (n.to_string(), short.clone())
+                };
+                std::fs::write(dir.path().join(name), data).unwrap();
+            }
+            match load(dir.path(), &opts).unwrap_err() {
+                LoadError::Idx { stream: s, at, .. } => {
+                    assert_eq!(s, stream);
+                    assert_eq!(at.offset, 16);
+                }
+                e => panic!("expected an IDX error, got {e}"),
+            }
+        }
+    }
 }

@@ -13,9 +13,16 @@
 //! Objects (containers, arrays, dtypes) live in a flat arena and are named by
 //! index, so cycles and shared references cost nothing and dropping a deeply
 //! nested structure cannot overflow the stack.
+//!
+//! Costs are bounded as well as memory: REDUCE and BUILD read the argument
+//! or state tuple where it lies (a memoized tuple used a million times is
+//! never copied), shapes beyond numpy's [`MAX_DIMS`] and names beyond
+//! [`MAX_NAME`] are refused before they are walked, and every step is
+//! counted against the load's [`Work`] budget.
 use std::collections::HashMap;
 
 use crate::load::error::At;
+use crate::load::work::Work;
 
 /// Most marks open at once. Real datasets nest a handful deep.
 pub const MAX_MARK_DEPTH: usize = 256;
@@ -28,6 +35,17 @@ pub const MAX_MEMO: usize = 1 << 20;
 /// so this caps the reader's own memory near 100 MiB whatever the input says,
 /// while a list of every MNIST image and label (140,000 values) fits easily.
 pub const MAX_SLOTS: usize = 1 << 22;
+
+/// Most dimensions an array may have: numpy's own limit (`NPY_MAXDIMS`, 64
+/// since numpy 2.0, 32 before), so every array numpy can unpickle is read,
+/// while a shape numpy itself refuses (a tuple of a million 1s costs two
+/// bytes per dimension and compresses to nothing) is refused at its opcode,
+/// before anything walks it.
+pub const MAX_DIMS: usize = 64;
+/// Longest text read as a name (module, attribute, type code, encoding, byte
+/// order). numpy's longest type codes and module names are a few dozen bytes;
+/// a longer one is refused instead of copied.
+pub const MAX_NAME: usize = 256;
 
 /// A byte range of the input buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,10 +287,12 @@ fn op_name(op: u8) -> &'static str {
 
 /// Reads one pickle from `buf`, which it may rewrite in place (escapes are
 /// decoded where they stand). Bytes after STOP are an error: a dataset file
-/// holds one pickle.
-pub fn parse(buf: &mut [u8]) -> Result<Parsed, At> {
+/// holds one pickle. Every step is counted against `work`; once that budget
+/// is spent the read stops with an error at the opcode it had reached.
+pub fn parse(buf: &mut [u8], work: &mut Work) -> Result<Parsed, At> {
     let mut r = Reader {
         buf,
+        work,
         pos: 0,
         op_at: 0,
         stack: Vec::new(),
@@ -302,6 +322,7 @@ pub fn parse(buf: &mut [u8]) -> Result<Parsed, At> {
 
 struct Reader<'a> {
     buf: &'a mut [u8],
+    work: &'a mut Work,
     pos: usize,
     /// Offset of the opcode being executed, for errors.
     op_at: usize,
@@ -316,9 +337,35 @@ struct Reader<'a> {
     protocol: u8,
 }
 
+/// The length and first `N` items of a tuple, copied out. Values are `Copy`,
+/// so this costs the same however long the tuple is: a memoized tuple that
+/// many REDUCEs or BUILDs name is never copied whole (every callable and
+/// every state the reader knows reads at most its first five items).
+struct Head<const N: usize> {
+    len: usize,
+    items: [Value; N],
+}
+
+impl<const N: usize> Head<N> {
+    /// Item `i`, if the tuple has it.
+    fn get(&self, i: usize) -> Option<Value> {
+        (i < self.len.min(N)).then(|| self.items[i])
+    }
+
+    /// Item `i`, or None (Python's) if the tuple is shorter.
+    fn arg(&self, i: usize) -> Value {
+        self.get(i).unwrap_or(Value::None)
+    }
+}
+
 impl Reader<'_> {
     fn err(&self, what: impl Into<String>) -> At {
         At::new(self.op_at, what)
+    }
+
+    /// Counts `n` steps of work at the current opcode.
+    fn step(&mut self, n: usize) -> Result<(), At> {
+        self.work.charge(n, self.op_at)
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<Span, At> {
@@ -354,6 +401,7 @@ impl Reader<'_> {
     fn line(&mut self) -> Result<Span, At> {
         match self.buf[self.pos..].iter().position(|&b| b == b'\n') {
             Some(n) => {
+                self.step(n)?;
                 let s = Span {
                     start: self.pos,
                     end: self.pos + n,
@@ -417,10 +465,14 @@ impl Reader<'_> {
                 op_name(self.buf[self.op_at])
             ))
         })?;
+        self.step(self.stack.len() - m)?;
         Ok(self.stack.split_off(m))
     }
 
+    /// Counts `n` values stored in containers and objects, against both the
+    /// memory limit and the work budget.
     fn charge(&mut self, n: usize) -> Result<(), At> {
+        self.step(n)?;
         self.slots += n;
         if self.slots > MAX_SLOTS {
             return Err(self.err(format!(
@@ -459,34 +511,55 @@ impl Reader<'_> {
         self.push(v)
     }
 
-    fn text(&self, v: &Value) -> Option<String> {
-        match *v {
-            Value::Bytes(s) => Some(
-                self.buf[s.start..s.end]
-                    .iter()
-                    .map(|&b| b as char)
-                    .collect(),
-            ),
-            Value::Str(s, TextEnc::Utf8) => std::str::from_utf8(&self.buf[s.start..s.end])
-                .ok()
-                .map(str::to_owned),
-            Value::Str(s, TextEnc::RawUnicodeEscape) => {
-                let mut out = self.buf[s.start..s.end].to_vec();
-                let n = decode_raw_unicode_escape(&mut out, false).ok()?;
-                std::str::from_utf8(&out[..n]).ok().map(str::to_owned)
-            }
-            _ => None,
+    /// A short text value (type code, module or attribute name, encoding,
+    /// byte order) as a String; None if `v` is not text. Text longer than
+    /// [`MAX_NAME`] is refused rather than copied: a memoized megabyte str
+    /// named by many REDUCEs would otherwise be copied by each.
+    fn text(&mut self, v: Value) -> Result<Option<String>, At> {
+        let (Value::Bytes(s) | Value::Str(s, _)) = v else {
+            return Ok(None);
+        };
+        if s.len() > MAX_NAME {
+            return Err(self.err(format!(
+                "{}: text of {} bytes where a type code or name is expected (at most {MAX_NAME})",
+                op_name(self.buf[self.op_at]),
+                s.len()
+            )));
         }
+        self.step(s.len())?;
+        let b = &self.buf[s.start..s.end];
+        Ok(match v {
+            Value::Str(_, TextEnc::Utf8) => std::str::from_utf8(b).ok().map(str::to_owned),
+            Value::Str(_, TextEnc::RawUnicodeEscape) => {
+                let mut out = b.to_vec();
+                decode_raw_unicode_escape(&mut out, false)
+                    .ok()
+                    .and_then(|n| std::str::from_utf8(&out[..n]).ok().map(str::to_owned))
+            }
+            _ => Some(b.iter().map(|&c| c as char).collect()),
+        })
     }
 
-    fn tuple_items(&self, v: Value, what: &str) -> Result<Vec<Value>, At> {
+    /// The items of a tuple, borrowed from the arena (never copied).
+    fn tuple_ref(&self, v: Value, what: &str) -> Result<&[Value], At> {
         match v {
             Value::Obj(id) => match &self.objects[id as usize].0 {
-                Object::Tuple(items) => Ok(items.clone()),
+                Object::Tuple(items) => Ok(items),
                 o => Err(self.err(format!("{what}: expected a tuple, found a {}", o.kind()))),
             },
             other => Err(self.err(format!("{what}: expected a tuple, found {other:?}"))),
         }
+    }
+
+    fn tuple_head<const N: usize>(&self, v: Value, what: &str) -> Result<Head<N>, At> {
+        let items = self.tuple_ref(v, what)?;
+        let mut head = Head {
+            len: items.len(),
+            items: [Value::None; N],
+        };
+        let k = items.len().min(N);
+        head.items[..k].copy_from_slice(&items[..k]);
+        Ok(head)
     }
 
     fn int(&self, v: Value, what: &str) -> Result<i64, At> {
@@ -497,11 +570,19 @@ impl Reader<'_> {
         }
     }
 
-    fn shape(&self, v: Value) -> Result<Vec<usize>, At> {
-        let items = self.tuple_items(v, "array shape")?;
-        items
-            .into_iter()
-            .map(|d| {
+    /// An array shape: a tuple of at most [`MAX_DIMS`] non-negative ints. The
+    /// count is checked before any dimension is read.
+    fn shape(&mut self, v: Value) -> Result<Vec<usize>, At> {
+        let nd = self.tuple_ref(v, "array shape")?.len();
+        if nd > MAX_DIMS {
+            return Err(self.err(format!(
+                "array shape has {nd} dimensions, more than numpy's limit of {MAX_DIMS}"
+            )));
+        }
+        self.step(nd)?;
+        self.tuple_ref(v, "array shape")?
+            .iter()
+            .map(|&d| {
                 let d = self.int(d, "array shape")?;
                 usize::try_from(d).map_err(|_| self.err(format!("negative dimension {d} in shape")))
             })
@@ -529,6 +610,7 @@ impl Reader<'_> {
         if let Some(done) = self.encoded.get(&span.start) {
             return Ok(Value::Bytes(*done));
         }
+        self.step(span.len())?;
         let region = &mut self.buf[span.start..span.end];
         let n = match enc {
             TextEnc::Utf8 => utf8_to_latin1_in_place(region),
@@ -543,114 +625,150 @@ impl Reader<'_> {
         Ok(Value::Bytes(out))
     }
 
+    /// Bytes from a bytes value, or from a str through latin1 (what Python 3
+    /// writes for Python 2 `str` payloads).
+    fn payload(&mut self, v: Value) -> Option<Result<Span, At>> {
+        match v {
+            Value::Bytes(s) => Some(Ok(s)),
+            Value::Str(..) => Some(self.encode_latin1(v).map(|b| match b {
+                Value::Bytes(s) => s,
+                _ => unreachable!("encode_latin1 returns bytes"),
+            })),
+            _ => None,
+        }
+    }
+
+    // --- REDUCE: the allowlisted callables ---------------------------------
+
     fn call(&mut self, f: Global, args: Value) -> Result<Value, At> {
-        let a = self.tuple_items(args, "REDUCE arguments")?;
+        // No callable the reader knows takes more than 4 arguments.
+        let a = self.tuple_head::<4>(args, "REDUCE arguments")?;
         match f {
-            Global::Reconstruct => {
-                if a.first() != Some(&Value::Global(Global::NdArray)) {
-                    return Err(self.err(
-                        "_reconstruct of something other than numpy.ndarray (subclasses are not supported)",
-                    ));
-                }
-                self.new_obj(Object::Array(ArrayObj {
-                    dtype: None,
-                    shape: Vec::new(),
-                    fortran: false,
-                    data: None,
-                }))
-            }
-            Global::DType => {
-                let code = a
-                    .first()
-                    .and_then(|v| self.text(v))
-                    .ok_or_else(|| self.err("numpy.dtype expects a type code string"))?;
-                let (byteorder, code) = match code.as_bytes().first() {
-                    Some(&b @ (b'<' | b'>' | b'|' | b'=')) => (b, code[1..].to_string()),
-                    _ => (b'=', code),
-                };
-                self.new_obj(Object::DType(DTypeObj { code, byteorder }))
-            }
-            Global::FromBuffer => {
-                if a.len() != 4 {
-                    return Err(self.err(format!(
-                        "_frombuffer expects (buffer, dtype, shape, order), got {} arguments",
-                        a.len()
-                    )));
-                }
-                let data = match a[0] {
-                    Value::Bytes(s) => s,
-                    other => {
-                        return Err(self.err(format!(
-                            "_frombuffer expects an in-band buffer, found {other:?}"
-                        )))
-                    }
-                };
-                let dtype = self.dtype_of(a[1])?;
-                let shape = self.shape(a[2])?;
-                let order = self.text(&a[3]).unwrap_or_default();
-                let fortran = match order.as_str() {
-                    "C" => false,
-                    "F" => true,
-                    o => {
-                        return Err(
-                            self.err(format!("_frombuffer order must be 'C' or 'F', found {o:?}"))
-                        )
-                    }
-                };
-                self.new_obj(Object::Array(ArrayObj {
-                    dtype: Some(dtype),
-                    shape,
-                    fortran,
-                    data: Some(data),
-                }))
-            }
-            Global::Scalar => {
-                let dtype = self.dtype_of(*a.first().unwrap_or(&Value::None))?;
-                let data = match a.get(1) {
-                    Some(&Value::Bytes(s)) => s,
-                    Some(&v @ Value::Str(..)) => match self.encode_latin1(v)? {
-                        Value::Bytes(s) => s,
-                        _ => unreachable!(),
-                    },
-                    _ => return Err(self.err("numpy scalar expects (dtype, bytes)")),
-                };
-                self.new_obj(Object::Scalar(dtype, data))
-            }
-            Global::CodecsEncode => {
-                let enc = a.get(1).and_then(|v| self.text(v)).unwrap_or_default();
-                if !matches!(
-                    enc.to_ascii_lowercase().as_str(),
-                    "latin1" | "latin-1" | "iso-8859-1" | "iso8859-1"
-                ) {
-                    return Err(self.err(format!(
-                        "_codecs.encode with encoding {enc:?}: only latin1 is understood"
-                    )));
-                }
-                self.encode_latin1(*a.first().unwrap_or(&Value::None))
-            }
-            Global::Set => {
-                let items = match a.first() {
-                    None => Vec::new(),
-                    Some(Value::Obj(id)) => match &self.objects[*id as usize].0 {
-                        Object::List(v) | Object::Tuple(v) | Object::Set(v) => v.clone(),
-                        o => return Err(self.err(format!("set() of a {}", o.kind()))),
-                    },
-                    Some(v) => return Err(self.err(format!("set() of {v:?}"))),
-                };
-                self.new_obj(Object::Set(items))
-            }
-            Global::ByteArray => match a.first() {
-                None => Ok(Value::Bytes(Span {
-                    start: self.op_at,
-                    end: self.op_at,
-                })),
-                Some(&Value::Bytes(s)) => Ok(Value::Bytes(s)),
-                Some(&v @ Value::Str(..)) => self.encode_latin1(v),
-                Some(v) => Err(self.err(format!("bytearray() of {v:?}"))),
-            },
+            Global::Reconstruct => self.call_reconstruct(&a),
+            Global::DType => self.call_dtype(&a),
+            Global::FromBuffer => self.call_frombuffer(&a),
+            Global::Scalar => self.call_scalar(&a),
+            Global::CodecsEncode => self.call_codecs_encode(&a),
+            Global::Set => self.call_set(&a),
+            Global::ByteArray => self.call_bytearray(&a),
             Global::NdArray => Err(self.err("calling numpy.ndarray directly is not supported")),
         }
     }
+
+    /// `_reconstruct(ndarray, (0,), b'b')`: an empty array that BUILD fills.
+    fn call_reconstruct(&mut self, a: &Head<4>) -> Result<Value, At> {
+        if a.get(0) != Some(Value::Global(Global::NdArray)) {
+            return Err(self.err(
+                "_reconstruct of something other than numpy.ndarray (subclasses are not supported)",
+            ));
+        }
+        self.new_obj(Object::Array(ArrayObj {
+            dtype: None,
+            shape: Vec::new(),
+            fortran: false,
+            data: None,
+        }))
+    }
+
+    /// `numpy.dtype(code, align, copy)`.
+    fn call_dtype(&mut self, a: &Head<4>) -> Result<Value, At> {
+        let code = self
+            .text(a.arg(0))?
+            .ok_or_else(|| self.err("numpy.dtype expects a type code string"))?;
+        let (byteorder, code) = match code.as_bytes().first() {
+            Some(&b @ (b'<' | b'>' | b'|' | b'=')) => (b, code[1..].to_string()),
+            _ => (b'=', code),
+        };
+        self.new_obj(Object::DType(DTypeObj { code, byteorder }))
+    }
+
+    /// `_frombuffer(buffer, dtype, shape, order)` (protocol 5).
+    fn call_frombuffer(&mut self, a: &Head<4>) -> Result<Value, At> {
+        if a.len != 4 {
+            return Err(self.err(format!(
+                "_frombuffer expects (buffer, dtype, shape, order), got {} arguments",
+                a.len
+            )));
+        }
+        let data = match a.arg(0) {
+            Value::Bytes(s) => s,
+            other => {
+                return Err(self.err(format!(
+                    "_frombuffer expects an in-band buffer, found {other:?}"
+                )))
+            }
+        };
+        let dtype = self.dtype_of(a.arg(1))?;
+        let shape = self.shape(a.arg(2))?;
+        let order = self.text(a.arg(3))?.unwrap_or_default();
+        let fortran = match order.as_str() {
+            "C" => false,
+            "F" => true,
+            o => return Err(self.err(format!("_frombuffer order must be 'C' or 'F', found {o:?}"))),
+        };
+        self.new_obj(Object::Array(ArrayObj {
+            dtype: Some(dtype),
+            shape,
+            fortran,
+            data: Some(data),
+        }))
+    }
+
+    /// `numpy.core.multiarray.scalar(dtype, bytes)`.
+    fn call_scalar(&mut self, a: &Head<4>) -> Result<Value, At> {
+        let dtype = self.dtype_of(a.arg(0))?;
+        let data = match a.get(1).and_then(|v| self.payload(v)) {
+            Some(s) => s?,
+            None => return Err(self.err("numpy scalar expects (dtype, bytes)")),
+        };
+        self.new_obj(Object::Scalar(dtype, data))
+    }
+
+    /// `_codecs.encode(str, 'latin1')`.
+    fn call_codecs_encode(&mut self, a: &Head<4>) -> Result<Value, At> {
+        let enc = match a.get(1) {
+            Some(v) => self.text(v)?.unwrap_or_default(),
+            None => String::new(),
+        };
+        if !matches!(
+            enc.to_ascii_lowercase().as_str(),
+            "latin1" | "latin-1" | "iso-8859-1" | "iso8859-1"
+        ) {
+            return Err(self.err(format!(
+                "_codecs.encode with encoding {enc:?}: only latin1 is understood"
+            )));
+        }
+        self.encode_latin1(a.arg(0))
+    }
+
+    /// `set(list)` / `frozenset(list)`: the one callable that copies a
+    /// container; `new_obj` charges every item of the copy.
+    fn call_set(&mut self, a: &Head<4>) -> Result<Value, At> {
+        let items = match a.get(0) {
+            None => Vec::new(),
+            Some(Value::Obj(id)) => match &self.objects[id as usize].0 {
+                Object::List(v) | Object::Tuple(v) | Object::Set(v) => v.clone(),
+                o => return Err(self.err(format!("set() of a {}", o.kind()))),
+            },
+            Some(v) => return Err(self.err(format!("set() of {v:?}"))),
+        };
+        self.new_obj(Object::Set(items))
+    }
+
+    /// `bytearray()` / `bytearray(bytes)` / `bytearray(str, 'latin-1')`.
+    fn call_bytearray(&mut self, a: &Head<4>) -> Result<Value, At> {
+        match a.get(0) {
+            None => Ok(Value::Bytes(Span {
+                start: self.op_at,
+                end: self.op_at,
+            })),
+            Some(Value::Bytes(s)) => Ok(Value::Bytes(s)),
+            Some(v @ Value::Str(..)) => self.encode_latin1(v),
+            Some(v) => Err(self.err(format!("bytearray() of {v:?}"))),
+        }
+    }
+
+    // --- BUILD: state of numpy dtypes and arrays ----------------------------
 
     fn build(&mut self, target: Value, state: Value) -> Result<(), At> {
         let id = match target {
@@ -661,78 +779,77 @@ impl Reader<'_> {
                 )))
             }
         };
-        let st = self.tuple_items(state, "BUILD state")?;
+        // Both states are read from their first five items (or fewer).
+        let st = self.tuple_head::<5>(state, "BUILD state")?;
         match &self.objects[id].0 {
-            Object::DType(_) => {
-                // (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
-                if st.len() < 5 {
-                    return Err(self.err(format!(
-                        "numpy dtype state has {} items, expected 8 or 9",
-                        st.len()
-                    )));
-                }
-                let order = self
-                    .text(&st[1])
-                    .ok_or_else(|| self.err("numpy dtype state: byte order is not a string"))?;
-                if st[2] != Value::None || st[3] != Value::None || st[4] != Value::None {
-                    return Err(self.err("structured or sub-array numpy dtypes are not supported"));
-                }
-                let b = match order.as_bytes() {
-                    [b @ (b'<' | b'>' | b'|' | b'=')] => *b,
-                    _ => return Err(self.err(format!("numpy dtype byte order {order:?}"))),
-                };
-                if let Object::DType(d) = &mut self.objects[id].0 {
-                    d.byteorder = b;
-                }
-                Ok(())
-            }
-            Object::Array(_) => {
-                // (version, shape, dtype, is_fortran, data) or, from old numpy, without version.
-                let st = match st.len() {
-                    5 => &st[1..],
-                    4 => &st[..],
-                    n => {
-                        return Err(self.err(format!("numpy array state has {n} items, expected 5")))
-                    }
-                };
-                let shape = self.shape(st[0])?;
-                let dtype = self.dtype_of(st[1])?;
-                let fortran = match st[2] {
-                    Value::Bool(b) => b,
-                    Value::Int(i) => i != 0,
-                    other => {
-                        return Err(self.err(format!("numpy array state: is_fortran is {other:?}")))
-                    }
-                };
-                let data = match st[3] {
-                    Value::Bytes(s) => s,
-                    v @ Value::Str(..) => match self.encode_latin1(v)? {
-                        Value::Bytes(s) => s,
-                        _ => unreachable!(),
-                    },
-                    Value::Obj(_) => {
-                        return Err(self.err(format!(
-                            "numpy array of dtype {:?} holds Python objects (dtype=object is not supported)",
-                            dtype.code
-                        )))
-                    }
-                    other => return Err(self.err(format!("numpy array state: data is {other:?}"))),
-                };
-                if let Object::Array(a) = &mut self.objects[id].0 {
-                    *a = ArrayObj {
-                        dtype: Some(dtype),
-                        shape,
-                        fortran,
-                        data: Some(data),
-                    };
-                }
-                Ok(())
-            }
+            Object::DType(_) => self.build_dtype(id, &st),
+            Object::Array(_) => self.build_array(id, &st),
             o => Err(self.err(format!(
                 "BUILD on a {}: only numpy arrays and dtypes take state",
                 o.kind()
             ))),
         }
+    }
+
+    /// numpy dtype state: (version, byteorder, subarray, names, fields,
+    /// elsize, alignment, flags[, metadata]); only the byte order matters.
+    fn build_dtype(&mut self, id: usize, st: &Head<5>) -> Result<(), At> {
+        if st.len < 5 {
+            return Err(self.err(format!(
+                "numpy dtype state has {} items, expected 8 or 9",
+                st.len
+            )));
+        }
+        let order = self
+            .text(st.arg(1))?
+            .ok_or_else(|| self.err("numpy dtype state: byte order is not a string"))?;
+        if st.arg(2) != Value::None || st.arg(3) != Value::None || st.arg(4) != Value::None {
+            return Err(self.err("structured or sub-array numpy dtypes are not supported"));
+        }
+        let b = match order.as_bytes() {
+            [b @ (b'<' | b'>' | b'|' | b'=')] => *b,
+            _ => return Err(self.err(format!("numpy dtype byte order {order:?}"))),
+        };
+        if let Object::DType(d) = &mut self.objects[id].0 {
+            d.byteorder = b;
+        }
+        Ok(())
+    }
+
+    /// numpy array state: (version, shape, dtype, is_fortran, data) or, from
+    /// old numpy, the same without the version.
+    fn build_array(&mut self, id: usize, st: &Head<5>) -> Result<(), At> {
+        let first = match st.len {
+            5 => 1,
+            4 => 0,
+            n => return Err(self.err(format!("numpy array state has {n} items, expected 5"))),
+        };
+        let shape = self.shape(st.arg(first))?;
+        let dtype = self.dtype_of(st.arg(first + 1))?;
+        let fortran = match st.arg(first + 2) {
+            Value::Bool(b) => b,
+            Value::Int(i) => i != 0,
+            other => return Err(self.err(format!("numpy array state: is_fortran is {other:?}"))),
+        };
+        let data = match st.arg(first + 3) {
+            v @ (Value::Bytes(_) | Value::Str(..)) => self.payload(v).unwrap()?,
+            Value::Obj(_) => {
+                return Err(self.err(format!(
+                "numpy array of dtype {:?} holds Python objects (dtype=object is not supported)",
+                dtype.code
+            )))
+            }
+            other => return Err(self.err(format!("numpy array state: data is {other:?}"))),
+        };
+        if let Object::Array(a) = &mut self.objects[id].0 {
+            *a = ArrayObj {
+                dtype: Some(dtype),
+                shape,
+                fortran,
+                data: Some(data),
+            };
+        }
+        Ok(())
     }
 
     fn container_mut(&mut self, v: Value) -> Result<&mut Object, At> {
@@ -785,6 +902,10 @@ impl Reader<'_> {
             })
     }
 
+    // --- the opcode loop -----------------------------------------------------
+
+    /// Executes opcodes until STOP. One arm per opcode family; each family's
+    /// argument decoding lives in its `op_*` method.
     fn run(&mut self) -> Result<Value, At> {
         loop {
             self.op_at = self.pos;
@@ -795,46 +916,13 @@ impl Reader<'_> {
                 ));
             };
             self.pos += 1;
+            self.step(1)?;
             match op {
-                0x80 => {
-                    let [v] = self.fixed::<1>("protocol version")?;
-                    if v > 5 {
-                        return Err(self.err(format!("pickle protocol {v} is newer than 5")));
-                    }
-                    self.protocol = v;
-                }
-                0x95 => {
-                    let n = u64::from_le_bytes(self.fixed::<8>("frame length")?);
-                    let avail = (self.buf.len() - self.pos) as u64;
-                    if n > avail {
-                        return Err(self.err(format!(
-                            "FRAME declares {n} bytes, but only {avail} remain (truncated)"
-                        )));
-                    }
-                }
-                b'.' => {
-                    let v = self.pop()?;
-                    if !self.marks.is_empty() {
-                        return Err(self.err("STOP with a MARK still open"));
-                    }
-                    return Ok(v);
-                }
-                b'(' => {
-                    if self.marks.len() >= MAX_MARK_DEPTH {
-                        return Err(self.err(format!("more than {MAX_MARK_DEPTH} nested MARKs")));
-                    }
-                    self.marks.push(self.stack.len());
-                }
-                b'0' => {
-                    // POP discards the top item, or the topmost mark if the
-                    // stack is empty above it.
-                    let floor = self.marks.last().copied();
-                    if floor == Some(self.stack.len()) {
-                        self.marks.pop();
-                    } else {
-                        self.pop()?;
-                    }
-                }
+                0x80 => self.op_proto()?,
+                0x95 => self.op_frame()?,
+                b'.' => return self.op_stop(),
+                b'(' => self.op_mark()?,
+                b'0' => self.op_pop()?,
                 b'1' => {
                     self.pop_mark()?;
                 }
@@ -845,254 +933,19 @@ impl Reader<'_> {
                 b'N' => self.push(Value::None)?,
                 0x88 => self.push(Value::Bool(true))?,
                 0x89 => self.push(Value::Bool(false))?,
-                b'I' => {
-                    let t = self.line_str()?;
-                    let v = match t.as_str() {
-                        "01" => Value::Bool(true),
-                        "00" => Value::Bool(false),
-                        _ => Value::Int(t.parse().map_err(|_| {
-                            self.err(format!("INT argument {t:?} is not a 64-bit integer"))
-                        })?),
-                    };
-                    self.push(v)?;
+                b'I' | b'L' | b'J' | b'K' | b'M' | 0x8a | 0x8b => self.op_int(op)?,
+                b'F' | b'G' => self.op_float(op)?,
+                b'S' | b'T' | b'U' | b'C' | b'B' | 0x8e | 0x96 => self.op_bytes(op)?,
+                0x98 => self.op_readonly_buffer()?,
+                b'V' | b'X' | 0x8c | 0x8d => self.op_text(op)?,
+                b')' | 0x85..=0x87 | b't' | b']' | b'l' | b'}' | b'd' | 0x8f | 0x91 => {
+                    self.op_new_container(op)?
                 }
-                b'L' => {
-                    let t = self.line_str()?;
-                    let t2 = t.strip_suffix('L').unwrap_or(&t);
-                    let v = t2.parse().map_err(|_| {
-                        self.err(format!("LONG argument {t:?} is not a 64-bit integer"))
-                    })?;
-                    self.push(Value::Int(v))?;
-                }
-                b'J' => {
-                    let v = i32::from_le_bytes(self.fixed::<4>("int")?);
-                    self.push(Value::Int(v as i64))?;
-                }
-                b'K' => {
-                    let [v] = self.fixed::<1>("int")?;
-                    self.push(Value::Int(v as i64))?;
-                }
-                b'M' => {
-                    let v = u16::from_le_bytes(self.fixed::<2>("int")?);
-                    self.push(Value::Int(v as i64))?;
-                }
-                0x8a | 0x8b => {
-                    let n = if op == 0x8a {
-                        self.fixed::<1>("length")?[0] as u64
-                    } else {
-                        let n = i32::from_le_bytes(self.fixed::<4>("length")?);
-                        u64::try_from(n).map_err(|_| self.err("LONG4 with a negative length"))?
-                    };
-                    let s = self.len_u64(n, "integer")?;
-                    if s.len() > 8 {
-                        return Err(
-                            self.err(format!("integer of {} bytes does not fit 64 bits", s.len()))
-                        );
-                    }
-                    let b = &self.buf[s.start..s.end];
-                    let mut full = if b.last().is_some_and(|&x| x & 0x80 != 0) {
-                        [0xffu8; 8]
-                    } else {
-                        [0u8; 8]
-                    };
-                    full[..b.len()].copy_from_slice(b);
-                    self.push(Value::Int(i64::from_le_bytes(full)))?;
-                }
-                b'F' => {
-                    let t = self.line_str()?;
-                    let v = t
-                        .trim()
-                        .parse::<f64>()
-                        .map_err(|_| self.err(format!("FLOAT argument {t:?} is not a number")))?;
-                    self.push(Value::Float(v))?;
-                }
-                b'G' => {
-                    let v = f64::from_be_bytes(self.fixed::<8>("float")?);
-                    self.push(Value::Float(v))?;
-                }
-                b'S' => {
-                    let s = self.line()?;
-                    let n = unescape_string_in_place(&mut self.buf[s.start..s.end])
-                        .map_err(|(at, what)| At::new(s.start + at, what))?;
-                    self.push(Value::Bytes(Span {
-                        start: s.start,
-                        end: s.start + n,
-                    }))?;
-                }
-                b'T' => {
-                    let n = i32::from_le_bytes(self.fixed::<4>("length")?);
-                    let n = u64::try_from(n)
-                        .map_err(|_| self.err("BINSTRING with a negative length"))?;
-                    let s = self.len_u64(n, "string")?;
-                    self.push(Value::Bytes(s))?;
-                }
-                b'U' | b'C' => {
-                    let [n] = self.fixed::<1>("length")?;
-                    let s = self.take(n as usize, "bytes")?;
-                    self.push(Value::Bytes(s))?;
-                }
-                b'B' => {
-                    let n = u32::from_le_bytes(self.fixed::<4>("length")?);
-                    let s = self.len_u64(n as u64, "bytes")?;
-                    self.push(Value::Bytes(s))?;
-                }
-                0x8e | 0x96 => {
-                    let n = u64::from_le_bytes(self.fixed::<8>("length")?);
-                    let s = self.len_u64(n, "bytes")?;
-                    self.push(Value::Bytes(s))?;
-                }
-                b'V' => {
-                    let s = self.line()?;
-                    self.push(Value::Str(s, TextEnc::RawUnicodeEscape))?;
-                }
-                b'X' => {
-                    let n = u32::from_le_bytes(self.fixed::<4>("length")?);
-                    let s = self.len_u64(n as u64, "text")?;
-                    self.push(Value::Str(s, TextEnc::Utf8))?;
-                }
-                0x8c => {
-                    let [n] = self.fixed::<1>("length")?;
-                    let s = self.take(n as usize, "text")?;
-                    self.push(Value::Str(s, TextEnc::Utf8))?;
-                }
-                0x8d => {
-                    let n = u64::from_le_bytes(self.fixed::<8>("length")?);
-                    let s = self.len_u64(n, "text")?;
-                    self.push(Value::Str(s, TextEnc::Utf8))?;
-                }
-                0x98 => {
-                    // READONLY_BUFFER: only marks the top buffer read-only.
-                    match self.top()? {
-                        Value::Bytes(_) => {}
-                        other => return Err(self.err(format!("READONLY_BUFFER on {other:?}"))),
-                    }
-                }
-                b')' => {
-                    let v = self.new_obj(Object::Tuple(Vec::new()))?;
-                    self.push(v)?;
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    let floor = self.marks.last().copied().unwrap_or(0);
-                    if self.stack.len() < floor + n {
-                        return Err(
-                            self.err(format!("{} needs {n} values on the stack", op_name(op)))
-                        );
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    let v = self.new_obj(Object::Tuple(items))?;
-                    self.push(v)?;
-                }
-                b't' => {
-                    let items = self.pop_mark()?;
-                    let v = self.new_obj(Object::Tuple(items))?;
-                    self.push(v)?;
-                }
-                b']' => {
-                    let v = self.new_obj(Object::List(Vec::new()))?;
-                    self.push(v)?;
-                }
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    let v = self.new_obj(Object::List(items))?;
-                    self.push(v)?;
-                }
-                b'}' => {
-                    let v = self.new_obj(Object::Dict(Vec::new()))?;
-                    self.push(v)?;
-                }
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    let v = self.new_obj(Object::Dict(Vec::new()))?;
-                    self.set_items(v, items)?;
-                    self.push(v)?;
-                }
-                0x8f => {
-                    let v = self.new_obj(Object::Set(Vec::new()))?;
-                    self.push(v)?;
-                }
-                0x91 => {
-                    let items = self.pop_mark()?;
-                    let v = self.new_obj(Object::Set(items))?;
-                    self.push(v)?;
-                }
-                b'a' => {
-                    let item = self.pop()?;
-                    let list = self.top()?;
-                    self.extend(list, vec![item])?;
-                }
-                b'e' | 0x90 => {
-                    let items = self.pop_mark()?;
-                    let list = self.top()?;
-                    self.extend(list, items)?;
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    let d = self.top()?;
-                    self.set_items(d, vec![k, v])?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    let d = self.top()?;
-                    self.set_items(d, items)?;
-                }
-                b'p' => {
-                    let t = self.line_str()?;
-                    let k = t.parse().map_err(|_| self.err(format!("PUT key {t:?}")))?;
-                    self.memo_put(k)?;
-                }
-                b'q' => {
-                    let [k] = self.fixed::<1>("memo key")?;
-                    self.memo_put(k as u64)?;
-                }
-                b'r' => {
-                    let k = u32::from_le_bytes(self.fixed::<4>("memo key")?);
-                    self.memo_put(k as u64)?;
-                }
-                0x94 => {
-                    let k = self.memo.len() as u64;
-                    self.memo_put(k)?;
-                }
-                b'g' => {
-                    let t = self.line_str()?;
-                    let k = t.parse().map_err(|_| self.err(format!("GET key {t:?}")))?;
-                    self.memo_get(k)?;
-                }
-                b'h' => {
-                    let [k] = self.fixed::<1>("memo key")?;
-                    self.memo_get(k as u64)?;
-                }
-                b'j' => {
-                    let k = u32::from_le_bytes(self.fixed::<4>("memo key")?);
-                    self.memo_get(k as u64)?;
-                }
-                b'c' => {
-                    let module = self.line_str()?;
-                    let name = self.line_str()?;
-                    let v = self.global(&module, &name)?;
-                    self.push(v)?;
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    let (Some(module), Some(name)) = (self.text(&module), self.text(&name)) else {
-                        return Err(self.err("STACK_GLOBAL expects two strings"));
-                    };
-                    let v = self.global(&module, &name)?;
-                    self.push(v)?;
-                }
-                b'R' => {
-                    let args = self.pop()?;
-                    let f = match self.pop()? {
-                        Value::Global(g) => g,
-                        other => {
-                            return Err(self.err(format!("REDUCE on {other:?}: not a callable")))
-                        }
-                    };
-                    let v = self.call(f, args)?;
-                    self.push(v)?;
-                }
+                b'a' | b'e' | 0x90 | b's' | b'u' => self.op_add_items(op)?,
+                b'p' | b'q' | b'r' | 0x94 => self.op_memo_put(op)?,
+                b'g' | b'h' | b'j' => self.op_memo_get(op)?,
+                b'c' | 0x93 => self.op_global(op)?,
+                b'R' => self.op_reduce()?,
                 b'b' => {
                     let state = self.pop()?;
                     let target = self.top()?;
@@ -1112,6 +965,298 @@ impl Reader<'_> {
                 }
             }
         }
+    }
+
+    /// PROTO
+    fn op_proto(&mut self) -> Result<(), At> {
+        let [v] = self.fixed::<1>("protocol version")?;
+        if v > 5 {
+            return Err(self.err(format!("pickle protocol {v} is newer than 5")));
+        }
+        self.protocol = v;
+        Ok(())
+    }
+
+    /// FRAME: only checked; frames need no buffering when the whole pickle
+    /// is in memory.
+    fn op_frame(&mut self) -> Result<(), At> {
+        let n = u64::from_le_bytes(self.fixed::<8>("frame length")?);
+        let avail = (self.buf.len() - self.pos) as u64;
+        if n > avail {
+            return Err(self.err(format!(
+                "FRAME declares {n} bytes, but only {avail} remain (truncated)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// STOP: the value on top is the pickle's.
+    fn op_stop(&mut self) -> Result<Value, At> {
+        let v = self.pop()?;
+        if !self.marks.is_empty() {
+            return Err(self.err("STOP with a MARK still open"));
+        }
+        Ok(v)
+    }
+
+    /// MARK
+    fn op_mark(&mut self) -> Result<(), At> {
+        if self.marks.len() >= MAX_MARK_DEPTH {
+            return Err(self.err(format!("more than {MAX_MARK_DEPTH} nested MARKs")));
+        }
+        self.marks.push(self.stack.len());
+        Ok(())
+    }
+
+    /// POP discards the top item, or the topmost mark if the stack is empty
+    /// above it.
+    fn op_pop(&mut self) -> Result<(), At> {
+        let floor = self.marks.last().copied();
+        if floor == Some(self.stack.len()) {
+            self.marks.pop();
+        } else {
+            self.pop()?;
+        }
+        Ok(())
+    }
+
+    /// INT, LONG (protocol 0 text), BININT, BININT1, BININT2, LONG1, LONG4.
+    fn op_int(&mut self, op: u8) -> Result<(), At> {
+        let v = match op {
+            b'I' => {
+                let t = self.line_str()?;
+                match t.as_str() {
+                    "01" => Value::Bool(true),
+                    "00" => Value::Bool(false),
+                    _ => Value::Int(t.parse().map_err(|_| {
+                        self.err(format!("INT argument {t:?} is not a 64-bit integer"))
+                    })?),
+                }
+            }
+            b'L' => {
+                let t = self.line_str()?;
+                let t2 = t.strip_suffix('L').unwrap_or(&t);
+                Value::Int(t2.parse().map_err(|_| {
+                    self.err(format!("LONG argument {t:?} is not a 64-bit integer"))
+                })?)
+            }
+            b'J' => Value::Int(i32::from_le_bytes(self.fixed::<4>("int")?) as i64),
+            b'K' => Value::Int(self.fixed::<1>("int")?[0] as i64),
+            b'M' => Value::Int(u16::from_le_bytes(self.fixed::<2>("int")?) as i64),
+            _ => Value::Int(self.long_binary(op)?),
+        };
+        self.push(v)
+    }
+
+    /// LONG1 / LONG4: little-endian two's complement of a declared length.
+    fn long_binary(&mut self, op: u8) -> Result<i64, At> {
+        let n = if op == 0x8a {
+            self.fixed::<1>("length")?[0] as u64
+        } else {
+            let n = i32::from_le_bytes(self.fixed::<4>("length")?);
+            u64::try_from(n).map_err(|_| self.err("LONG4 with a negative length"))?
+        };
+        let s = self.len_u64(n, "integer")?;
+        if s.len() > 8 {
+            return Err(self.err(format!("integer of {} bytes does not fit 64 bits", s.len())));
+        }
+        let b = &self.buf[s.start..s.end];
+        let mut full = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+            [0xffu8; 8]
+        } else {
+            [0u8; 8]
+        };
+        full[..b.len()].copy_from_slice(b);
+        Ok(i64::from_le_bytes(full))
+    }
+
+    /// FLOAT (protocol 0 text), BINFLOAT.
+    fn op_float(&mut self, op: u8) -> Result<(), At> {
+        let v = if op == b'F' {
+            let t = self.line_str()?;
+            t.trim()
+                .parse::<f64>()
+                .map_err(|_| self.err(format!("FLOAT argument {t:?} is not a number")))?
+        } else {
+            f64::from_be_bytes(self.fixed::<8>("float")?)
+        };
+        self.push(Value::Float(v))
+    }
+
+    /// STRING (protocol 0, escapes decoded in place), BINSTRING,
+    /// SHORT_BINSTRING, SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8.
+    fn op_bytes(&mut self, op: u8) -> Result<(), At> {
+        let s = match op {
+            b'S' => {
+                let s = self.line()?;
+                let n = unescape_string_in_place(&mut self.buf[s.start..s.end])
+                    .map_err(|(at, what)| At::new(s.start + at, what))?;
+                Span {
+                    start: s.start,
+                    end: s.start + n,
+                }
+            }
+            b'T' => {
+                let n = i32::from_le_bytes(self.fixed::<4>("length")?);
+                let n =
+                    u64::try_from(n).map_err(|_| self.err("BINSTRING with a negative length"))?;
+                self.len_u64(n, "string")?
+            }
+            b'U' | b'C' => {
+                let [n] = self.fixed::<1>("length")?;
+                self.take(n as usize, "bytes")?
+            }
+            b'B' => {
+                let n = u32::from_le_bytes(self.fixed::<4>("length")?);
+                self.len_u64(n as u64, "bytes")?
+            }
+            _ => {
+                let n = u64::from_le_bytes(self.fixed::<8>("length")?);
+                self.len_u64(n, "bytes")?
+            }
+        };
+        self.push(Value::Bytes(s))
+    }
+
+    /// READONLY_BUFFER: only marks the top buffer read-only.
+    fn op_readonly_buffer(&mut self) -> Result<(), At> {
+        match self.top()? {
+            Value::Bytes(_) => Ok(()),
+            other => Err(self.err(format!("READONLY_BUFFER on {other:?}"))),
+        }
+    }
+
+    /// UNICODE (protocol 0, raw-unicode-escape), BINUNICODE,
+    /// SHORT_BINUNICODE, BINUNICODE8.
+    fn op_text(&mut self, op: u8) -> Result<(), At> {
+        let v = match op {
+            b'V' => Value::Str(self.line()?, TextEnc::RawUnicodeEscape),
+            b'X' => {
+                let n = u32::from_le_bytes(self.fixed::<4>("length")?);
+                Value::Str(self.len_u64(n as u64, "text")?, TextEnc::Utf8)
+            }
+            0x8c => {
+                let [n] = self.fixed::<1>("length")?;
+                Value::Str(self.take(n as usize, "text")?, TextEnc::Utf8)
+            }
+            _ => {
+                let n = u64::from_le_bytes(self.fixed::<8>("length")?);
+                Value::Str(self.len_u64(n, "text")?, TextEnc::Utf8)
+            }
+        };
+        self.push(v)
+    }
+
+    /// EMPTY_TUPLE, TUPLE1-3, TUPLE, EMPTY_LIST, LIST, EMPTY_DICT, DICT,
+    /// EMPTY_SET, FROZENSET.
+    fn op_new_container(&mut self, op: u8) -> Result<(), At> {
+        let obj = match op {
+            b')' => Object::Tuple(Vec::new()),
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                let floor = self.marks.last().copied().unwrap_or(0);
+                if self.stack.len() < floor + n {
+                    return Err(self.err(format!("{} needs {n} values on the stack", op_name(op))));
+                }
+                Object::Tuple(self.stack.split_off(self.stack.len() - n))
+            }
+            b't' => Object::Tuple(self.pop_mark()?),
+            b']' => Object::List(Vec::new()),
+            b'l' => Object::List(self.pop_mark()?),
+            b'}' => Object::Dict(Vec::new()),
+            b'd' => {
+                let items = self.pop_mark()?;
+                let v = self.new_obj(Object::Dict(Vec::new()))?;
+                self.set_items(v, items)?;
+                return self.push(v);
+            }
+            0x8f => Object::Set(Vec::new()),
+            _ => Object::Set(self.pop_mark()?),
+        };
+        let v = self.new_obj(obj)?;
+        self.push(v)
+    }
+
+    /// APPEND, APPENDS, ADDITEMS, SETITEM, SETITEMS.
+    fn op_add_items(&mut self, op: u8) -> Result<(), At> {
+        match op {
+            b'a' => {
+                let item = self.pop()?;
+                let list = self.top()?;
+                self.extend(list, vec![item])
+            }
+            b'e' | 0x90 => {
+                let items = self.pop_mark()?;
+                let list = self.top()?;
+                self.extend(list, items)
+            }
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                let d = self.top()?;
+                self.set_items(d, vec![k, v])
+            }
+            _ => {
+                let items = self.pop_mark()?;
+                let d = self.top()?;
+                self.set_items(d, items)
+            }
+        }
+    }
+
+    /// PUT, BINPUT, LONG_BINPUT, MEMOIZE.
+    fn op_memo_put(&mut self, op: u8) -> Result<(), At> {
+        let k = match op {
+            b'p' => {
+                let t = self.line_str()?;
+                t.parse().map_err(|_| self.err(format!("PUT key {t:?}")))?
+            }
+            b'q' => self.fixed::<1>("memo key")?[0] as u64,
+            b'r' => u32::from_le_bytes(self.fixed::<4>("memo key")?) as u64,
+            _ => self.memo.len() as u64,
+        };
+        self.memo_put(k)
+    }
+
+    /// GET, BINGET, LONG_BINGET: the stored value is shared, not copied.
+    fn op_memo_get(&mut self, op: u8) -> Result<(), At> {
+        let k = match op {
+            b'g' => {
+                let t = self.line_str()?;
+                t.parse().map_err(|_| self.err(format!("GET key {t:?}")))?
+            }
+            b'h' => self.fixed::<1>("memo key")?[0] as u64,
+            _ => u32::from_le_bytes(self.fixed::<4>("memo key")?) as u64,
+        };
+        self.memo_get(k)
+    }
+
+    /// GLOBAL (protocol 0-3, names on lines), STACK_GLOBAL (4-5, names on
+    /// the stack): only allowlisted names resolve.
+    fn op_global(&mut self, op: u8) -> Result<(), At> {
+        let (module, name) = if op == b'c' {
+            (self.line_str()?, self.line_str()?)
+        } else {
+            let name = self.pop()?;
+            let module = self.pop()?;
+            let (Some(module), Some(name)) = (self.text(module)?, self.text(name)?) else {
+                return Err(self.err("STACK_GLOBAL expects two strings"));
+            };
+            (module, name)
+        };
+        let v = self.global(&module, &name)?;
+        self.push(v)
+    }
+
+    /// REDUCE: calls an allowlisted global on an argument tuple.
+    fn op_reduce(&mut self) -> Result<(), At> {
+        let args = self.pop()?;
+        let f = match self.pop()? {
+            Value::Global(g) => g,
+            other => return Err(self.err(format!("REDUCE on {other:?}: not a callable"))),
+        };
+        let v = self.call(f, args)?;
+        self.push(v)
     }
 }
 
@@ -1294,6 +1439,11 @@ fn utf8_to_latin1_in_place(b: &mut [u8]) -> Result<usize, (usize, String)> {
 mod tests {
     use super::*;
 
+    /// Parses with the budget a load would give this input.
+    fn read(p: &mut [u8]) -> Result<Parsed, At> {
+        parse(p, &mut Work::for_input(p.len()))
+    }
+
     #[test]
     fn string_escapes_decode_in_place() {
         let mut s = br"'a\x00\\\'b\n\101'".to_vec();
@@ -1318,18 +1468,18 @@ mod tests {
     #[test]
     fn refuses_foreign_globals_with_offset() {
         let mut p = b"\x80\x02cos\nsystem\nq\x00.".to_vec();
-        let e = parse(&mut p).unwrap_err();
+        let e = read(&mut p).unwrap_err();
         assert_eq!(e.offset, 2);
         assert!(e.what.contains("os.system"), "{}", e.what);
         let mut p = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93.".to_vec();
-        let e = parse(&mut p).unwrap_err();
+        let e = read(&mut p).unwrap_err();
         assert!(e.what.contains("builtins.eval"), "{}", e.what);
     }
 
     #[test]
     fn huge_declared_length_fails_without_allocating() {
         let mut p = b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\x7f.".to_vec();
-        let e = parse(&mut p).unwrap_err();
+        let e = read(&mut p).unwrap_err();
         assert_eq!(e.offset, 11);
         assert!(e.what.contains("only 1 remain"), "{}", e.what);
     }
@@ -1338,7 +1488,7 @@ mod tests {
     fn memo_reference_shares_payload() {
         // ((b'xyz', b'xyz'),) where the second is BINGET of the first
         let mut p = b"\x80\x03C\x03xyzq\x00h\x00\x86q\x01.".to_vec();
-        let parsed = parse(&mut p).unwrap();
+        let parsed = read(&mut p).unwrap();
         let Value::Obj(id) = parsed.root else {
             panic!()
         };
@@ -1351,19 +1501,129 @@ mod tests {
     #[test]
     fn deep_marks_are_bounded() {
         let mut p = vec![b'('; MAX_MARK_DEPTH + 1];
-        let e = parse(&mut p).unwrap_err();
+        let e = read(&mut p).unwrap_err();
         assert!(e.what.contains("nested MARKs"), "{}", e.what);
+    }
+
+    /// An empty uint8 array through `_reconstruct` + BUILD whose shape is
+    /// `nd` dimensions of 1 (DUPs), then `tail` (the array stays on top).
+    fn array_with_dims(nd: usize, tail: &[u8]) -> Vec<u8> {
+        let mut p =
+            b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+                .to_vec();
+        p.extend(b"(K\x01(K\x01");
+        p.extend(std::iter::repeat_n(b'2', nd - 1));
+        p.extend(b"tcnumpy\ndtype\nU\x02u1\x89\x88\x87R");
+        p.extend(b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb");
+        p.extend(b"\x89U\x01\x00tq\x00b");
+        p.extend(tail);
+        p
+    }
+
+    #[test]
+    fn shapes_are_capped_at_numpys_dimension_limit() {
+        let mut p = array_with_dims(MAX_DIMS, b".");
+        let parsed = read(&mut p).unwrap();
+        let Value::Obj(id) = parsed.root else {
+            panic!()
+        };
+        let Object::Array(a) = parsed.obj(id) else {
+            panic!()
+        };
+        assert_eq!(a.shape, vec![1; MAX_DIMS]);
+
+        let mut p = array_with_dims(MAX_DIMS + 1, b".");
+        let build = p.len() - 2;
+        assert_eq!(p[build], b'b');
+        let e = read(&mut p).unwrap_err();
+        assert_eq!(e.offset, build as u64);
+        assert_eq!(
+            e.what,
+            "array shape has 65 dimensions, more than numpy's limit of 64"
+        );
+    }
+
+    #[test]
+    fn shared_tuples_cost_the_same_however_often_they_are_used() {
+        // The steps of `uses` more BUILDs (or REDUCEs) of one memoized tuple
+        // of `width` items, per use.
+        fn per_use(stream: impl Fn(usize) -> Vec<u8>, uses: usize) -> u64 {
+            let steps = |n| {
+                let mut p = stream(n);
+                let mut work = Work::for_input(p.len());
+                parse(&mut p, &mut work).unwrap();
+                work.used()
+            };
+            (steps(2 * uses) - steps(uses)) / uses as u64
+        }
+        let width = 100_000;
+        // dtype BUILD with a state padded to `width` items
+        let build = |uses: usize| {
+            let mut p = b"\x80\x02cnumpy\ndtype\nU\x02f4\x89\x88\x87R".to_vec();
+            p.extend(b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00");
+            p.extend(std::iter::repeat_n(b'2', width - 8));
+            p.extend(b"tq\x00b");
+            p.extend(b"h\x00b".repeat(uses));
+            p.push(b'.');
+            p
+        };
+        assert!(per_use(build, 1000) <= 4);
+        // numpy.dtype REDUCE with arguments padded to `width` items
+        let reduce = |uses: usize| {
+            let mut p = b"\x80\x02cnumpy\ndtype\nq\x00(U\x02f4\x89".to_vec();
+            p.extend(std::iter::repeat_n(b'2', width - 2));
+            p.extend(b"tq\x01R");
+            p.extend(b"0h\x00h\x01R".repeat(uses));
+            p.push(b'.');
+            p
+        };
+        assert!(per_use(reduce, 1000) <= 8);
+        // an array BUILD whose shared state nests its shape: BUILD again
+        let array = |uses: usize| {
+            array_with_dims(MAX_DIMS, &[b"h\x00b".repeat(uses), b".".to_vec()].concat())
+        };
+        assert!(per_use(array, 1000) <= 4 + MAX_DIMS as u64);
+    }
+
+    #[test]
+    fn names_longer_than_max_name_are_refused() {
+        let mut p = b"\x80\x02cnumpy\ndtype\nX".to_vec();
+        p.extend(300u32.to_le_bytes());
+        p.extend([b'f'; 300]);
+        p.extend(b"\x85R.");
+        let reduce = p.len() - 2;
+        let e = read(&mut p).unwrap_err();
+        assert_eq!(e.offset, reduce as u64);
+        assert!(e.what.contains("text of 300 bytes"), "{}", e.what);
+    }
+
+    #[test]
+    fn work_budget_stops_at_the_opcode_that_exceeds_it() {
+        // PROTO, MARK and three BININT1 take 5 steps; TUPLE is the 6th.
+        let mut p = b"\x80\x02(K\x01K\x02K\x03t.".to_vec();
+        let mut work = Work::with_limit(5);
+        let e = parse(&mut p, &mut work).unwrap_err();
+        assert_eq!(e.offset, 9);
+        assert!(
+            e.what.contains("work budget of 5 steps exceeded"),
+            "{}",
+            e.what
+        );
+        assert!(work.exceeded());
+        let mut work = Work::with_limit(100);
+        parse(&mut p, &mut work).unwrap();
+        assert!(!work.exceeded());
     }
 
     #[test]
     fn trailing_bytes_and_missing_stop() {
         let mut p = b"N.x".to_vec();
-        assert!(parse(&mut p)
+        assert!(read(&mut p)
             .unwrap_err()
             .what
             .contains("after the pickle's STOP"));
         let mut p = b"\x80\x02N".to_vec();
-        let e = parse(&mut p).unwrap_err();
+        let e = read(&mut p).unwrap_err();
         assert!(e.what.contains("without a STOP"), "{}", e.what);
     }
 }

@@ -95,7 +95,7 @@ def assert_sets_match(got: dict, want_sets: list[dict], what: str) -> None:
 
 def test_manifest_is_complete(fixtures):
     m = generated()[1]
-    assert len(m["files"]) >= 60 and len(m["hostile"]) >= 15
+    assert len(m["files"]) >= 60 and len(m["hostile"]) >= 25
     total = 0
     for e in m["files"] + m["hostile"]:
         p = fixtures / e["file"]
@@ -108,6 +108,16 @@ def test_manifest_is_complete(fixtures):
             assert s["x"]["shape"][0] == s["y"]["shape"][0] == s["examples"]
     for e in m["hostile"]:
         assert e["error_any"] and all(isinstance(s, str) and s for s in e["error_any"])
+
+
+def test_cpu_bombs_are_tiny(fixtures):
+    """The hostile files that once took minutes of CPU to reject are a few kB
+    (test_rejects then checks each fails with its own error, within the
+    inspect timeout)."""
+    for name in ("build-state-bomb.pkl.gz", "shape-bomb.pkl.gz", "fortran-dims.pkl.gz", "set-copies.pkl.gz"):
+        size = (fixtures / "hostile" / name).stat().st_size
+        assert size < 4096, f"{name}: {size} bytes"
+        assert len(gzip.decompress((fixtures / "hostile" / name).read_bytes())) > 10_000
 
 
 def test_numpy_reads_py2_pickles_as_written(fixtures):
