@@ -66,8 +66,8 @@ impl BearerAuth {
 }
 
 impl BearerAuth {
-    /// The check itself, on raw HTTP/2 headers: the hand-framed streaming
-    /// routes ([`crate::routes`]) and the tonic interceptor share it.
+    /// The check itself, on raw HTTP/2 headers, made by the BatchService's
+    /// routes ([`crate::routes`]) before a request is read.
     pub fn authorize(&self, headers: &http::HeaderMap) -> Result<(), Status> {
         let Some(v) = headers.get("authorization") else {
             return Err(Status::unauthenticated(

@@ -26,8 +26,10 @@ pub struct TensorStats {
     pub multiple_of_1_256: bool,
     /// Likewise for k/255.
     pub multiple_of_1_255: bool,
-    /// Divisor d such that every value is float32(byte)/d for a byte
-    /// (256 preferred), or the stored pixel divisor of uint8 data.
+    /// The `scale_divisor` a uint8 wire form of this tensor carries: d such
+    /// that every value is float32(byte)/d for a byte (256 preferred), or
+    /// the stored pixel divisor of uint8 data. (Named for the uint8 form in
+    /// `inspect --json`, which reports it.)
     pub uint8_divisor: Option<u32>,
     pub float16_exact: bool,
     pub bfloat16_exact: bool,

@@ -209,12 +209,12 @@ pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
     p
 }
 
-/// Recently used permutations. Trainers fetch the same epoch's order many
-/// times (once per minibatch with GetBatch), and a 50,000-entry shuffle costs
-/// more than serving a small minibatch.
 /// (examples, seed, epoch)
 type PermKey = (usize, u64, u64);
 
+/// Recently used permutations. Trainers fetch the same epoch's order many
+/// times (once per minibatch with GetBatch), and a 50,000-entry shuffle costs
+/// more than serving a small minibatch.
 #[derive(Debug, Default)]
 pub struct PermCache {
     entries: Mutex<VecDeque<(PermKey, Arc<Vec<u32>>)>>,

@@ -11,8 +11,8 @@ use crate::store::{DType, Tensor};
 pub struct Conversion {
     pub from: DType,
     pub to: DType,
-    /// For uint8 standing for floats: value = float32(byte) / divisor.
-    pub divisor: u32,
+    /// For uint8 standing for floats: value = float32(byte) / scale_divisor.
+    pub scale_divisor: u32,
 }
 
 impl Conversion {
@@ -20,7 +20,7 @@ impl Conversion {
         Self {
             from: t.dtype,
             to: t.dtype,
-            divisor: t.scale_divisor.unwrap_or(0),
+            scale_divisor: t.scale_divisor.unwrap_or(0),
         }
     }
 
@@ -44,7 +44,7 @@ pub fn convert_into(src: &[u8], conv: &Conversion, out: &mut [u8]) {
             o.copy_from_slice(&f(c.try_into().unwrap()));
         }
     }
-    let d = conv.divisor as f32;
+    let d = conv.scale_divisor as f32;
     match (conv.from, conv.to) {
         // Values are k/d (checked), so v*d is within rounding of k in
         // 0..=255. Adding 2^23 rounds it to the nearest integer and leaves
@@ -77,11 +77,11 @@ pub fn conversion(t: &Tensor, stats: &TensorStats, to: DType) -> Result<Conversi
     if to == t.dtype {
         return Ok(Conversion::identity(t));
     }
-    let ok = |divisor| {
+    let ok = |scale_divisor| {
         Ok(Conversion {
             from: t.dtype,
             to,
-            divisor,
+            scale_divisor,
         })
     };
     match (t.dtype, to) {

@@ -146,7 +146,7 @@ pub(crate) mod tests {
         let c = Conversion {
             from: DType::F32,
             to: DType::U8,
-            divisor: 256,
+            scale_divisor: 256,
         };
         let rows = Rows::Tensor {
             tensor: t.clone(),
@@ -158,7 +158,7 @@ pub(crate) mod tests {
         let c = Conversion {
             from: DType::F32,
             to: DType::BF16,
-            divisor: 0,
+            scale_divisor: 0,
         };
         let b = gather_all(&t, &Selection::Range(0, 1), &c);
         assert_eq!(&b[..], &[0, 0, 0, 0x3f]);
@@ -174,7 +174,7 @@ pub(crate) mod tests {
             let c = Conversion {
                 from: DType::F32,
                 to: DType::U8,
-                divisor: d,
+                scale_divisor: d,
             };
             let b = gather_all(&t, &Selection::Range(0, 256), &c);
             assert_eq!(&b[..], &(0..=255u8).collect::<Vec<_>>()[..], "divisor {d}");
@@ -192,7 +192,7 @@ pub(crate) mod tests {
         let narrow = Conversion {
             from: DType::F32,
             to: DType::U8,
-            divisor: 256,
+            scale_divisor: 256,
         };
         for conv in [Conversion::identity(&t), narrow] {
             for sel in [Selection::Range(1, 6), Selection::Indices(vec![6, 0, 3, 3])] {

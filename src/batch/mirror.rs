@@ -42,7 +42,7 @@ impl Mirror {
         }
         let mut tensor = Tensor::new(conv.to, t.shape.clone(), Bytes::from_owner(buf))
             .map_err(std::io::Error::other)?;
-        tensor.scale_divisor = (conv.divisor != 0).then_some(conv.divisor);
+        tensor.scale_divisor = (conv.scale_divisor != 0).then_some(conv.scale_divisor);
         let crcs = Arc::new(RowCrcs::new(&tensor));
         Ok(Self { conv, tensor, crcs })
     }
@@ -140,7 +140,7 @@ mod tests {
         let conv = Conversion {
             from: DType::F32,
             to: DType::U8,
-            divisor: 256,
+            scale_divisor: 256,
         };
         let m = Mirror::build(&t, conv, false).unwrap();
         assert_eq!(m.tensor.scale_divisor, Some(256));

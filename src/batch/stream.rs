@@ -43,7 +43,7 @@ struct Part {
     name: &'static str,
     source: Source,
     dtype: DType,
-    divisor: u32,
+    scale_divisor: u32,
     shape: Vec<u64>,
     total: usize,
     /// Bytes per chunk: whole rows when a row fits (so CRCs fold from row
@@ -73,8 +73,8 @@ impl Part {
         Self {
             name,
             dtype: wire.to,
-            divisor: if wire.to == DType::U8 {
-                wire.divisor
+            scale_divisor: if wire.to == DType::U8 {
+                wire.scale_divisor
             } else {
                 0
             },
@@ -197,7 +197,7 @@ impl BatchStream {
             let wire = Conversion {
                 from: DType::I64,
                 to: DType::I64,
-                divisor: 0,
+                scale_divisor: 0,
             };
             parts.push(Part::new("indices", indices, wire, &sel, chunk));
         }
@@ -251,7 +251,7 @@ impl BatchStream {
             crc32c: p.crc(&cur.sel, off..end, &data),
             data,
             total_bytes: p.total as u64,
-            scale_divisor: p.divisor,
+            scale_divisor: p.scale_divisor,
             last: cur.part == last_part && end == p.total,
         };
         if end < p.total {
