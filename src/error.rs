@@ -37,6 +37,8 @@ pub enum ServeError {
     Budget(#[from] BudgetError),
     #[error("request message of {len} bytes exceeds the limit of {limit} bytes")]
     RequestTooLarge { len: usize, limit: usize },
+    #[error("this connection is already reading {limit} bytes of requests; wait for them or use another connection")]
+    ConnectionRequests { limit: usize },
     #[error("compressed request messages are not supported: send them uncompressed")]
     Compressed,
     #[error("{0}")]
@@ -73,7 +75,9 @@ impl From<ServeError> for Status {
             }
             ServeError::Conversion { .. } => Status::failed_precondition(msg),
             ServeError::Stats(_) => Status::internal(msg),
-            ServeError::Budget(_) => Status::resource_exhausted(msg),
+            ServeError::Budget(_) | ServeError::ConnectionRequests { .. } => {
+                Status::resource_exhausted(msg)
+            }
             ServeError::Compressed => Status::unimplemented(msg),
             ServeError::RequestTimeout(_) => Status::deadline_exceeded(msg),
             ServeError::Transport(_) => Status::cancelled(msg),
@@ -141,6 +145,10 @@ mod tests {
             (
                 ServeError::RequestTooLarge { len: 9, limit: 8 },
                 Code::OutOfRange,
+            ),
+            (
+                ServeError::ConnectionRequests { limit: 9 },
+                Code::ResourceExhausted,
             ),
             (ServeError::Compressed, Code::Unimplemented),
             (

@@ -136,6 +136,10 @@ struct ServeArgs {
     /// slices of the dataset and take none.
     #[arg(long, env = "MINIBATCHD_MEMORY_BUDGET_BYTES", default_value_t = minibatchd::batch::budget::DEFAULT_BUDGET_BYTES)]
     memory_budget_bytes: usize,
+    /// Seconds a lease of memory budget may stay unsent while other streams
+    /// wait for budget before its connection is closed (never-read streams).
+    #[arg(long, env = "MINIBATCHD_BUDGET_STALL_SECS", default_value_t = minibatchd::batch::budget::DEFAULT_STALL.as_secs_f64())]
+    budget_stall_secs: f64,
     /// Seconds a chunk may wait for memory budget before its stream is refused.
     #[arg(long, env = "MINIBATCHD_BUDGET_WAIT_SECS", default_value_t = minibatchd::batch::budget::DEFAULT_BUDGET_WAIT.as_secs_f64())]
     budget_wait_secs: f64,
@@ -372,6 +376,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             chunk_bytes: a.chunk_bytes,
             budget_bytes: a.memory_budget_bytes,
             budget_wait: seconds("--budget-wait-secs", a.budget_wait_secs)?,
+            budget_stall: seconds("--budget-stall-secs", a.budget_stall_secs)?,
             request_timeout: seconds("--request-timeout-secs", a.request_timeout_secs)?,
         },
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace_secs.max(0.0)),

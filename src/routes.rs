@@ -9,7 +9,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::Frame as BodyFrame;
@@ -19,7 +18,11 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::Status;
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use crate::access::BearerAuth;
+use crate::batch::budget::{Holder, MAX_CONNECTION_REQUEST_BYTES};
 use crate::batch::frame::{self, PREFIX};
 use crate::batch::stream::BatchStream;
 use crate::error::ServeError;
@@ -86,11 +89,19 @@ impl BatchRoutes {
                 path.rsplit('/').next().unwrap_or_default()
             )));
         }
-        let p = self.svc.prepared();
-        let (budget, limit) = (p.budget.clone(), p.limits.request_timeout);
-        let msg = tokio::time::timeout(limit, read_request(req.into_body(), budget))
+        // The connection, as the server registered it (see `server`).
+        let holder = req.extensions().get::<Arc<Holder>>().cloned();
+        let t0 = Instant::now();
+        let limit = self.svc.prepared().limits.request_timeout;
+        let msg = tokio::time::timeout(limit, read_request(req.into_body(), holder.as_ref()))
             .await
-            .map_err(|_| ServeError::RequestTimeout(limit))??;
+            .map_err(|_| ServeError::RequestTimeout(limit))
+            .and_then(|r| r)
+            .inspect_err(|e| {
+                // Refused before the service saw it: counted here.
+                let method = path.rsplit('/').next().unwrap_or_default();
+                self.svc.record(method, t0, Some(e));
+            })?;
         let bad = |e: prost::DecodeError| {
             ServeError::BadRequest(format!("request message is not valid protobuf: {e}"))
         };
@@ -102,11 +113,12 @@ impl BatchRoutes {
             }
             GET_BATCH => {
                 let r = proto::GetBatchRequest::decode(msg).map_err(bad)?;
-                Body::new(ChunkBody::stream(self.svc.get_batch(r).await?))
+                Body::new(ChunkBody::stream(self.svc.get_batch(r, holder).await?))
             }
             _ => {
                 let r = proto::StreamBatchesRequest::decode(msg).map_err(bad)?;
-                Body::new(ChunkBody::stream(self.svc.stream_batches(r).await?))
+                let s = self.svc.stream_batches(r, holder).await?;
+                Body::new(ChunkBody::stream(s))
             }
         };
         Ok(http::Response::builder()
@@ -119,11 +131,8 @@ impl BatchRoutes {
 
 /// Reads the one request message of a unary-request call: refuses a
 /// declared length over [`MAX_REQUEST_BYTES`] before buffering it, and
-/// holds the buffer against the server's memory budget.
-async fn read_request(
-    mut body: Body,
-    budget: crate::batch::budget::Budget,
-) -> Result<Bytes, ServeError> {
+/// holds the buffer against the connection's request allowance.
+async fn read_request(mut body: Body, holder: Option<&Arc<Holder>>) -> Result<Bytes, ServeError> {
     let mut buf = BytesMut::new();
     let mut want = PREFIX;
     let mut _lease = None;
@@ -160,12 +169,11 @@ async fn read_request(
                 });
             }
             want = PREFIX + len;
-            _lease = budget.try_take(want)?.map(Some).ok_or(
-                crate::batch::budget::BudgetError::Exhausted {
-                    budget: budget.bytes(),
-                    waited: Duration::ZERO,
-                },
-            )?;
+            if let Some(h) = holder {
+                _lease = Some(h.take_request(want).ok_or(ServeError::ConnectionRequests {
+                    limit: MAX_CONNECTION_REQUEST_BYTES,
+                })?);
+            }
         }
         buf.truncate(want);
     }
@@ -250,7 +258,6 @@ impl http_body::Body for ChunkBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::budget::Budget;
 
     fn body(parts: Vec<&'static [u8]>) -> Body {
         let frames = parts
@@ -259,15 +266,11 @@ mod tests {
         Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
     }
 
-    fn budget(bytes: usize) -> Budget {
-        Budget::new(bytes, Duration::from_millis(10))
-    }
-
     #[tokio::test]
     async fn reads_a_message_split_across_frames_and_drops_extra_bytes() {
         let msg = read_request(
             body(vec![b"\x00\x00\x00", b"\x00\x03ab", b"cTRAILING"]),
-            budget(1 << 20),
+            None,
         )
         .await
         .unwrap();
@@ -283,15 +286,21 @@ mod tests {
             (vec![b"\x00\x7f\xff\xff\xff"], "exceeds the limit of 65536"),
         ];
         for (parts, text) in cases {
-            let e = read_request(body(parts), budget(1 << 20))
-                .await
-                .unwrap_err();
+            let e = read_request(body(parts), None).await.unwrap_err();
             assert!(e.to_string().contains(text), "{e} lacks {text:?}");
         }
-        // A request that does not fit the memory budget is refused, not buffered.
-        let e = read_request(body(vec![b"\x00\x00\x00\x00\x10"]), budget(8))
+        // Past the connection's allowance for requests being read: refused,
+        // not buffered.
+        let h = Arc::new(Holder::default());
+        let held = h.take_request(MAX_CONNECTION_REQUEST_BYTES - 8).unwrap();
+        let e = read_request(body(vec![b"\x00\x00\x00\x00\x10"]), Some(&h))
             .await
             .unwrap_err();
-        assert!(matches!(e, ServeError::Budget(_)), "{e}");
+        assert!(matches!(e, ServeError::ConnectionRequests { .. }), "{e}");
+        drop(held);
+        let msg = read_request(body(vec![b"\x00\x00\x00\x00\x01", b"z"]), Some(&h))
+            .await
+            .unwrap();
+        assert_eq!(&msg[..], b"z");
     }
 }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::batch::budget::Holder;
 use crate::batch::convert::{self, Conversion};
 use crate::batch::prepared::{Prepared, PreparedSet};
 use crate::batch::stream::{BatchStream, Encoding};
@@ -69,10 +70,15 @@ impl BatchService {
         r
     }
 
-    /// GetBatch: minibatch `index` of the request's order.
-    pub async fn get_batch(&self, r: proto::GetBatchRequest) -> Result<BatchStream, ServeError> {
+    /// GetBatch: minibatch `index` of the request's order, for a stream of
+    /// connection `holder`.
+    pub async fn get_batch(
+        &self,
+        r: proto::GetBatchRequest,
+        holder: Option<Arc<Holder>>,
+    ) -> Result<BatchStream, ServeError> {
         let index = r.index;
-        self.open("GetBatch", stream_spec!(r), |plan| {
+        self.open("GetBatch", stream_spec!(r), holder, |plan| {
             plan.batch(index)?;
             Ok(index..index + 1)
         })
@@ -84,9 +90,10 @@ impl BatchService {
     pub async fn stream_batches(
         &self,
         r: proto::StreamBatchesRequest,
+        holder: Option<Arc<Holder>>,
     ) -> Result<BatchStream, ServeError> {
         let (start, count) = (r.start, r.count);
-        self.open("StreamBatches", stream_spec!(r), |plan| {
+        self.open("StreamBatches", stream_spec!(r), holder, |plan| {
             let batches = plan.batches();
             if start >= batches && !(start == 0 && batches == 0) {
                 return Err(ServeError::StartPastEnd { start, batches });
@@ -106,6 +113,7 @@ impl BatchService {
         &self,
         method: &'static str,
         spec: StreamSpec<'_>,
+        holder: Option<Arc<Holder>>,
         range: impl FnOnce(&Plan) -> Result<std::ops::Range<u64>, ServeError>,
     ) -> Result<BatchStream, ServeError> {
         let t0 = Instant::now();
@@ -129,6 +137,7 @@ impl BatchService {
                 plan,
                 enc,
                 range,
+                holder,
                 t0,
             ))
         }
@@ -140,8 +149,9 @@ impl BatchService {
     }
 
     /// Counts a refused request (an opened stream counts itself when it
-    /// ends) or an answered GetInfo.
-    fn record(&self, method: &'static str, t0: Instant, e: Option<&ServeError>) {
+    /// ends) or an answered GetInfo. The transport calls it too, for
+    /// requests it refused before they reached the service.
+    pub fn record(&self, method: &str, t0: Instant, e: Option<&ServeError>) {
         let code = match e {
             None => tonic::Code::Ok,
             Some(e) => {

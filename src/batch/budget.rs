@@ -14,13 +14,26 @@
 //! stream holds one or two chunks, and this budget bounds the sum.
 //!
 //! A chunk that cannot get budget waits (backpressure; the tokio semaphore
-//! is fair, first come first served) for at most [`Budget::wait`], then its
-//! stream ends with RESOURCE_EXHAUSTED, which clients treat as "try again or
-//! elsewhere".
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+//! is fair, first come first served) for at most the budget's wait, then
+//! its stream ends with RESOURCE_EXHAUSTED, which clients treat as "try
+//! again or elsewhere".
+//!
+//! Stalled holders are evicted. A client that opens streams and never reads
+//! them would otherwise keep its share of the budget forever and starve
+//! everyone else: the bytes sit in HTTP/2 send buffers, where only closing
+//! the connection frees them. So each lease records the connection
+//! ([`Holder`]) whose stream took it; while someone waits for budget, every
+//! connection holding a lease older than the stall time is closed. A
+//! reading client's chunks leave in milliseconds and never get that old.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Waker;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -37,14 +50,95 @@ pub const DEFAULT_BUDGET_BYTES: usize = 128 << 20;
 /// are still healthy.
 pub const DEFAULT_BUDGET_WAIT: Duration = Duration::from_secs(10);
 
+/// Default age at which a lease counts as stalled when others wait: a
+/// thousand times what a chunk takes to leave on a live loopback
+/// connection, and well inside the default budget wait, so a waiter is
+/// served by eviction before it gives up.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(2);
+
+/// How often a waiter looks for stalled holders again.
+const STALL_CHECK: Duration = Duration::from_millis(250);
+
+/// Request bytes one connection may buffer at once: four requests at the
+/// 64 KiB request limit, far above what BatchService requests (under 100
+/// bytes each) need even with all 64 streams opening together. An audit
+/// held 640 MB with 2 connections × 64 streams × 4 MiB partial requests.
+pub const MAX_CONNECTION_REQUEST_BYTES: usize = 256 << 10;
+
+/// A connection as the budget sees it: something it can close. The server
+/// makes one per connection and closes the connection when asked (its
+/// reads fail, so its streams and their leases drop). It also counts the
+/// request bytes the connection's streams are buffering: requests have
+/// their own small per-connection allowance instead of the shared budget,
+/// so a queue of large gathers never stalls the reading of requests.
+#[derive(Debug, Default)]
+pub struct Holder {
+    closed: AtomicBool,
+    waker: AtomicWaker,
+    request_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// Request bytes a connection is buffering; returned when dropped.
+#[derive(Debug)]
+pub struct RequestLease {
+    holder: Arc<Holder>,
+    bytes: usize,
+}
+
+impl Drop for RequestLease {
+    fn drop(&mut self) {
+        self.holder
+            .request_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Holder {
+    /// `n` request bytes of this connection's allowance, if left.
+    pub fn take_request(self: &Arc<Self>, n: usize) -> Option<RequestLease> {
+        self.request_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n)
+                    .filter(|&t| t <= MAX_CONNECTION_REQUEST_BYTES)
+            })
+            .ok()?;
+        Some(RequestLease {
+            holder: self.clone(),
+            bytes: n,
+        })
+    }
+
+    /// Asks the connection to close.
+    pub fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    /// Whether [`Holder::close`] was called; registers `w` to be woken
+    /// when it is.
+    pub fn closed(&self, w: &Waker) -> bool {
+        self.waker.register(w);
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Leases taken on behalf of a holder: when, and by whom.
+type Registry = Mutex<HashMap<u64, (Instant, Weak<Holder>)>>;
+
 /// The shared budget (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Budget {
     sem: Arc<Semaphore>,
     bytes: usize,
     wait: Duration,
+    stall: Duration,
     /// Bytes leased now (for metrics).
     held: Arc<AtomicU64>,
+    /// Connections closed for holding stalled leases (for metrics).
+    evictions: Arc<AtomicU64>,
+    leases: Arc<Registry>,
+    next_id: Arc<AtomicU64>,
 }
 
 /// Bytes taken from the budget; returned when dropped.
@@ -53,11 +147,16 @@ pub struct Lease {
     _permit: OwnedSemaphorePermit,
     bytes: u64,
     held: Arc<AtomicU64>,
+    /// This lease's entry in the registry, when a holder took it.
+    registered: Option<(u64, Arc<Registry>)>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some((id, reg)) = &self.registered {
+            reg.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        }
     }
 }
 
@@ -71,15 +170,47 @@ pub enum BudgetError {
 }
 
 impl Budget {
-    /// A budget of `bytes`; takers wait at most `wait`.
-    pub fn new(bytes: usize, wait: Duration) -> Self {
+    /// A budget of `bytes`; takers wait at most `wait`, and leases older
+    /// than `stall` get their holders evicted while someone waits.
+    pub fn new(bytes: usize, wait: Duration, stall: Duration) -> Self {
         // A tokio semaphore counts at most usize::MAX >> 3 permits.
         let bytes = bytes.min(Semaphore::MAX_PERMITS);
         Self {
             sem: Arc::new(Semaphore::new(bytes)),
             bytes,
             wait,
+            stall,
             held: Arc::default(),
+            evictions: Arc::default(),
+            leases: Arc::default(),
+            next_id: Arc::default(),
+        }
+    }
+
+    /// Connections closed so far for holding stalled leases.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Closes every holder of a lease older than the stall time.
+    fn evict_stalled(&self) {
+        let now = Instant::now();
+        let stalled: Vec<Arc<Holder>> = {
+            let reg = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            reg.values()
+                .filter(|(since, _)| now.duration_since(*since) >= self.stall)
+                .filter_map(|(_, h)| h.upgrade())
+                .collect()
+        };
+        for h in stalled {
+            if !h.closed.load(Ordering::Acquire) {
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    stall_s = self.stall.as_secs_f64(),
+                    "closing a connection whose streams hold memory budget unread while others wait"
+                );
+                h.close();
+            }
         }
     }
 
@@ -93,12 +224,21 @@ impl Budget {
         self.held.load(Ordering::Relaxed)
     }
 
-    fn lease(&self, permit: OwnedSemaphorePermit, n: usize) -> Lease {
+    fn lease(&self, permit: OwnedSemaphorePermit, n: usize, holder: Option<&Arc<Holder>>) -> Lease {
         self.held.fetch_add(n as u64, Ordering::Relaxed);
+        let registered = holder.map(|h| {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            self.leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, (Instant::now(), Arc::downgrade(h)));
+            (id, self.leases.clone())
+        });
         Lease {
             _permit: permit,
             bytes: n as u64,
             held: self.held.clone(),
+            registered,
         }
     }
 
@@ -112,27 +252,42 @@ impl Budget {
         }
     }
 
-    /// `n` bytes now, if free (no allocation, no waiting: the common case).
-    pub fn try_take(&self, n: usize) -> Result<Option<Lease>, BudgetError> {
+    /// `n` bytes now, if free (no waiting: the common case), for `holder`.
+    pub fn try_take(
+        &self,
+        n: usize,
+        holder: Option<&Arc<Holder>>,
+    ) -> Result<Option<Lease>, BudgetError> {
         let p = self.permits(n)?;
         Ok(self
             .sem
             .clone()
             .try_acquire_many_owned(p)
             .ok()
-            .map(|permit| self.lease(permit, n)))
+            .map(|permit| self.lease(permit, n, holder)))
     }
 
-    /// `n` bytes, waiting for them at most [`Budget::wait`].
-    pub async fn take(self, n: usize) -> Result<Lease, BudgetError> {
+    /// `n` bytes for `holder`, waiting for them at most the budget's wait
+    /// and evicting stalled holders meanwhile.
+    pub async fn take(self, n: usize, holder: Option<Arc<Holder>>) -> Result<Lease, BudgetError> {
         let p = self.permits(n)?;
-        match tokio::time::timeout(self.wait, self.sem.clone().acquire_many_owned(p)).await {
-            Ok(Ok(permit)) => Ok(self.lease(permit, n)),
-            // The semaphore is never closed; treat it like a timeout anyway.
-            Ok(Err(_)) | Err(_) => Err(BudgetError::Exhausted {
-                budget: self.bytes,
-                waited: self.wait,
-            }),
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let acquire = self.sem.clone().acquire_many_owned(p);
+        tokio::pin!(acquire);
+        loop {
+            self.evict_stalled();
+            let slice = (tokio::time::Instant::now() + STALL_CHECK).min(deadline);
+            match tokio::time::timeout_at(slice, &mut acquire).await {
+                Ok(Ok(permit)) => return Ok(self.lease(permit, n, holder.as_ref())),
+                Err(_) if slice < deadline => continue,
+                // Out of time (the semaphore is never closed).
+                Ok(Err(_)) | Err(_) => {
+                    return Err(BudgetError::Exhausted {
+                        budget: self.bytes,
+                        waited: self.wait,
+                    })
+                }
+            }
         }
     }
 }
@@ -162,10 +317,10 @@ mod tests {
 
     #[tokio::test]
     async fn leases_return_when_the_last_bytes_drop() {
-        let b = Budget::new(100, Duration::from_millis(10));
-        let l = b.try_take(60).unwrap().unwrap();
+        let b = Budget::new(100, Duration::from_millis(10), DEFAULT_STALL);
+        let l = b.try_take(60, None).unwrap().unwrap();
         assert_eq!(b.held(), 60);
-        assert!(b.try_take(50).unwrap().is_none(), "only 40 left");
+        assert!(b.try_take(50, None).unwrap().is_none(), "only 40 left");
         let bytes = filled(l, 60, |v| v.resize(60, 7));
         let part = bytes.slice(10..20);
         drop(bytes);
@@ -173,32 +328,73 @@ mod tests {
         assert_eq!(&part[..], &[7; 10]);
         drop(part);
         assert_eq!(b.held(), 0);
-        assert!(b.try_take(100).unwrap().is_some());
+        assert!(b.try_take(100, None).unwrap().is_some());
     }
 
     #[tokio::test]
     async fn waits_then_refuses_and_never_grants_more_than_the_budget() {
-        let b = Budget::new(100, Duration::from_millis(30));
+        let b = Budget::new(100, Duration::from_millis(30), DEFAULT_STALL);
         assert_eq!(
-            b.try_take(101).unwrap_err(),
+            b.try_take(101, None).unwrap_err(),
             BudgetError::TooLarge {
                 want: 101,
                 budget: 100
             }
         );
-        let l = b.clone().take(80).await.unwrap();
-        let err = b.clone().take(30).await.unwrap_err();
+        let l = b.clone().take(80, None).await.unwrap();
+        let err = b.clone().take(30, None).await.unwrap_err();
         assert!(matches!(err, BudgetError::Exhausted { budget: 100, .. }));
         drop(l);
         // A waiter is served as soon as bytes return.
-        let b = Budget::new(100, Duration::from_secs(60));
-        let l = b.clone().take(80).await.unwrap();
-        let waiter = tokio::spawn(b.clone().take(30));
+        let b = Budget::new(100, Duration::from_secs(60), DEFAULT_STALL);
+        let l = b.clone().take(80, None).await.unwrap();
+        let waiter = tokio::spawn(b.clone().take(30, None));
         tokio::task::yield_now().await;
         drop(l);
         let got = waiter.await.unwrap().unwrap();
         assert_eq!(b.held(), 30);
         drop(got);
         assert_eq!(b.held(), 0);
+    }
+
+    /// A holder whose lease outlives the stall time while someone waits is
+    /// closed; one whose lease is young, or that nobody waits behind, is not.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_evicts_holders_of_stalled_leases() {
+        let stall = Duration::from_secs(2);
+        let b = Budget::new(100, Duration::from_secs(10), stall);
+        let (old, young) = (Arc::new(Holder::default()), Arc::new(Holder::default()));
+        let waker = futures_waker();
+        let old_lease = b.try_take(60, Some(&old)).unwrap().unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!old.closed(&waker), "nobody waits: no eviction");
+        let young_lease = b.try_take(40, Some(&young)).unwrap().unwrap();
+        // A waiter: the old holder is closed at once, the young one is not.
+        let waiter = tokio::spawn(b.clone().take(50, None));
+        tokio::task::yield_now().await;
+        assert!(old.closed(&waker));
+        assert!(!young.closed(&waker));
+        assert_eq!(b.evictions(), 1);
+        // The server drops the closed connection's streams: the waiter is served.
+        drop(old_lease);
+        let got = waiter.await.unwrap().unwrap();
+        assert_eq!(b.held(), 90);
+        drop((got, young_lease));
+        assert!(b.leases.lock().unwrap().is_empty(), "leases unregister");
+    }
+
+    #[test]
+    fn a_connection_buffers_requests_up_to_its_allowance() {
+        let h = Arc::new(Holder::default());
+        let a = h.take_request(MAX_CONNECTION_REQUEST_BYTES - 10).unwrap();
+        assert!(h.take_request(11).is_none());
+        let b = h.take_request(10).unwrap();
+        drop(a);
+        assert!(h.take_request(1000).is_some());
+        drop(b);
+    }
+
+    fn futures_waker() -> Waker {
+        std::task::Waker::noop().clone()
     }
 }

@@ -33,6 +33,9 @@ pub struct Limits {
     pub budget_bytes: usize,
     /// Longest wait for budget before a stream is refused.
     pub budget_wait: Duration,
+    /// Age at which a lease counts as stalled while others wait for
+    /// budget: its connection is closed ([`budget`]).
+    pub budget_stall: Duration,
     /// How long a request message may take to arrive after its headers.
     pub request_timeout: Duration,
 }
@@ -63,6 +66,7 @@ impl Default for Limits {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             budget_bytes: budget::DEFAULT_BUDGET_BYTES,
             budget_wait: budget::DEFAULT_BUDGET_WAIT,
+            budget_stall: budget::DEFAULT_STALL,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
@@ -206,7 +210,7 @@ impl Prepared {
             0
         };
         metrics.pinned_bytes.store(pinned, Ordering::Relaxed);
-        let budget = Budget::new(limits.budget_bytes, limits.budget_wait);
+        let budget = Budget::new(limits.budget_bytes, limits.budget_wait, limits.budget_stall);
         metrics.set_budget(budget.clone());
         let sets = dataset
             .sets

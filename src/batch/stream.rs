@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use tokio_stream::Stream;
 
-use super::budget::{self, BudgetError, Lease};
+use super::budget::{self, BudgetError, Holder, Lease};
 use super::convert::Conversion;
 use super::crc::{checksum, RowCrcs};
 use super::frame::{self, Frame};
@@ -138,6 +138,8 @@ pub struct BatchStream {
     cur: Option<Current>,
     /// Budget granted for the step that asked for it.
     lease: Option<Lease>,
+    /// The connection the stream serves (leases are taken on its behalf).
+    holder: Option<Arc<Holder>>,
     waiting: Option<Wait>,
     started: Instant,
     /// How the stream ended, once it has (for metrics).
@@ -154,6 +156,7 @@ impl BatchStream {
         plan: Plan,
         enc: Encoding,
         range: std::ops::Range<u64>,
+        holder: Option<Arc<Holder>>,
         started: Instant,
     ) -> Self {
         prepared
@@ -170,6 +173,7 @@ impl BatchStream {
             end: range.end,
             cur: None,
             lease: None,
+            holder,
             waiting: None,
             started,
             outcome: None,
@@ -304,14 +308,15 @@ impl Stream for BatchStream {
                     this.outcome = Some(tonic::Code::Ok);
                     return Poll::Ready(None);
                 }
-                Step::Budget(n) => match this.prepared.budget.try_take(n) {
+                Step::Budget(n) => match this.prepared.budget.try_take(n, this.holder.as_ref()) {
                     Ok(Some(l)) => this.lease = Some(l),
                     Ok(None) => {
                         this.prepared
                             .metrics
                             .budget_waits
                             .fetch_add(1, Ordering::Relaxed);
-                        this.waiting = Some(Box::pin(this.prepared.budget.clone().take(n)));
+                        let take = this.prepared.budget.clone().take(n, this.holder.clone());
+                        this.waiting = Some(Box::pin(take));
                     }
                     Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
                 },
