@@ -136,9 +136,14 @@ struct ServeArgs {
     /// Seconds in-flight streams may continue after SIGTERM/SIGINT.
     #[arg(long, env = "MINIBATCHD_SHUTDOWN_GRACE_SECS", default_value_t = 30.0)]
     shutdown_grace_secs: f64,
-    /// Connections served at once; more are closed at accept.
+    /// Connections served at once; more are closed at accept, unless one has
+    /// not completed its handshake: the oldest such is closed instead.
     #[arg(long, env = "MINIBATCHD_MAX_CONNECTIONS", default_value_t = minibatchd::server::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Seconds from accept to the HTTP/2 preface (TLS handshake included);
+    /// slower connections are closed and free their slot.
+    #[arg(long, env = "MINIBATCHD_HANDSHAKE_TIMEOUT_SECS", default_value = "5", value_parser = secs)]
+    handshake_timeout_secs: Duration,
     /// RPCs one connection may have in flight (HTTP/2 max concurrent streams).
     #[arg(long, env = "MINIBATCHD_MAX_CONCURRENT_STREAMS", default_value_t = minibatchd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
@@ -339,6 +344,29 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Parses a number of seconds for a duration flag: finite, not negative,
+/// at most [`minibatchd::server::MAX_DURATION`] (`Duration::from_secs_f64`
+/// panics on infinity and on overflow, and `1e30` seconds is a typo).
+fn secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let max = minibatchd::server::MAX_DURATION;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!(
+            "{s} is not a finite, non-negative number of seconds"
+        ));
+    }
+    if v > max.as_secs_f64() {
+        return Err(format!(
+            "{s} s is more than the {} s (a day) allowed",
+            max.as_secs()
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
 fn init_tracing(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -382,6 +410,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         io_threads: a.io_threads,
         keepalive_interval: Duration::from_secs_f64(a.keepalive_secs.max(1.0)),
         keepalive_timeout: Duration::from_secs(10),
+        handshake_timeout: a.handshake_timeout_secs,
         auth_token: match (&a.auth_token_file, &a.auth_token) {
             (Some(f), _) => Some(minibatchd::access::read_token_file(f)?),
             (None, t) => t.clone(),

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub pinned_bytes: AtomicU64,
     /// Host bytes of x mirrors in narrower wire dtypes (see `mirror`).
     pub mirror_bytes: AtomicU64,
+    /// Connection slots and handshakes (see `server`).
+    pub conns: ConnMetrics,
 }
 
 impl Metrics {
@@ -149,7 +151,52 @@ impl Metrics {
             "Host bytes of x mirrors in a narrower wire dtype (uint8), built on first demand.",
             self.mirror_bytes.load(Ordering::Relaxed),
         );
+        self.conns.render(&mut o);
         o
+    }
+}
+
+/// What happened to gRPC connections before they were served: the counts
+/// behind the server's rate-limited log lines.
+#[derive(Debug, Default)]
+pub struct ConnMetrics {
+    /// Connection slots held (pending or established).
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    /// Closed at accept: every slot held by an established connection.
+    pub refused: AtomicU64,
+    /// Closed before their handshake ended, for a newer connection.
+    pub evicted: AtomicU64,
+    /// Closed for sending no HTTP/2 preface within the handshake timeout.
+    pub handshake_timeouts: AtomicU64,
+    /// Closed for a failed TLS handshake or bytes that are not HTTP/2.
+    pub handshake_failures: AtomicU64,
+    /// Failed accepts (out of file descriptors, ...).
+    pub accept_errors: AtomicU64,
+}
+
+impl ConnMetrics {
+    fn render(&self, o: &mut String) {
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = write!(
+            o,
+            "# HELP minibatchd_connections_open gRPC connection slots held (before and after the handshake).\n# TYPE minibatchd_connections_open gauge\nminibatchd_connections_open {}\n",
+            v(&self.open)
+        );
+        for (name, help, a) in [
+            ("accepted", "gRPC connections accepted.", &self.accepted),
+            ("refused", "gRPC connections closed at accept: every slot held by an established connection.", &self.refused),
+            ("evicted", "gRPC connections closed before their handshake ended to give the slot to a newer one.", &self.evicted),
+            ("handshake_timeouts", "gRPC connections closed for sending no HTTP/2 preface within the handshake timeout.", &self.handshake_timeouts),
+            ("handshake_failures", "gRPC connections closed for a failed TLS handshake or bytes that are not HTTP/2.", &self.handshake_failures),
+            ("accept_errors", "Failed accepts on the gRPC listener (e.g. out of file descriptors).", &self.accept_errors),
+        ] {
+            let _ = write!(
+                o,
+                "# HELP minibatchd_connections_{name}_total {help}\n# TYPE minibatchd_connections_{name}_total counter\nminibatchd_connections_{name}_total {}\n",
+                v(a)
+            );
+        }
     }
 }
 

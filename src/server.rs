@@ -1,18 +1,27 @@
 //! `run(listener, ...)`: the gRPC server with health, reflection and limits,
 //! plus the metrics endpoint, on already-bound listeners so tests can bind
 //! port 0 and get a real server in one line.
+//!
+//! Connections: the accept loop takes one of `max_connections` slots per
+//! connection and hands it to a serving thread, which runs the TLS
+//! handshake and waits for the HTTP/2 client preface under
+//! `handshake_timeout` before tonic serves it. A connection holds its slot
+//! until it closes; one that has not sent its preface yet may lose it to a
+//! newcomer when all slots are taken, so idle sockets cannot lock real
+//! clients out.
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 use tonic::transport::server::Router;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::Server;
 
 use crate::metrics::Metrics;
@@ -26,6 +35,24 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default RPCs in flight per connection: a trainer with a prefetching data
 /// loader keeps a handful; each open stream can hold one minibatch.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Default time from accept to the HTTP/2 client preface (TLS handshake
+/// included). Clients send the preface as soon as TCP (and TLS) is up: on
+/// loopback the whole TLS handshake plus preface takes about 2 ms here, and
+/// across a region a few round trips of 100 ms or less; 5 s leaves room
+/// for a client stalled by its own start-up (a Python trainer importing
+/// torch while its connection opens) while an idle socket gives its slot
+/// back within seconds, not at the 30 s + 10 s keepalive that applies only
+/// once HTTP/2 runs. (gRPC-Go and gRPC C++ wait 120 s, without a cap that
+/// idle sockets can fill.)
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest duration any option may hold (shutdown grace, keepalive,
+/// handshake): no deployment waits a day for any of them, and the bound
+/// keeps `Instant + duration` arithmetic far from overflowing (it panics).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The HTTP/2 client preface (RFC 9113 section 3.4): the first bytes of
+/// every HTTP/2 connection, so their arrival marks a connection as a real
+/// client.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How often the shutdown drain looks at the number of open streams.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -35,7 +62,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 pub struct ServerOptions {
     pub limits: Limits,
     /// Connections served at once; more are closed at accept (the client
-    /// sees UNAVAILABLE and can try a replica).
+    /// sees UNAVAILABLE and can try a replica), unless one of the open ones
+    /// has not completed its handshake: the oldest such is closed instead.
     pub max_connections: usize,
     /// HTTP/2 streams (RPCs) one connection may have open at once.
     pub max_concurrent_streams: u32,
@@ -43,6 +71,10 @@ pub struct ServerOptions {
     /// `keepalive_timeout` is dropped, freeing its streams.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Time from accept to the HTTP/2 client preface, TLS handshake
+    /// included (see [`DEFAULT_HANDSHAKE_TIMEOUT`]); a connection that takes
+    /// longer is closed and frees its slot.
+    pub handshake_timeout: Duration,
     /// Bearer token every BatchService call must carry (health stays open).
     pub auth_token: Option<String>,
     pub tls: Option<crate::access::TlsFiles>,
@@ -64,6 +96,7 @@ impl Default for ServerOptions {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             auth_token: None,
             tls: None,
             shutdown_grace: Duration::from_secs(30),
@@ -165,13 +198,22 @@ pub async fn run(
     if !addr.ip().is_loopback() && opts.auth_token.is_none() && opts.tls.is_none() {
         tracing::warn!(%addr, "listening beyond loopback with neither TLS nor a bearer token: anyone who can reach this port can read the dataset");
     }
-    let mut builder = Server::builder();
-    if let Some(tls) = &opts.tls {
-        builder = builder.tls_config(tls.server_config()?)?;
-        tracing::info!(mtls = tls.client_ca.is_some(), "TLS on");
-    }
-    let router = builder
-        .tcp_nodelay(true)
+    // TLS is not tonic's to do: the serving threads run the handshake under
+    // the handshake deadline and hand tonic the established stream.
+    let tls = match &opts.tls {
+        Some(t) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(t.server_config()?);
+            tracing::info!(mtls = t.client_ca.is_some(), "TLS on");
+            Some(acceptor)
+        }
+        None => None,
+    };
+    let handshake = Arc::new(Handshake {
+        tls,
+        timeout: opts.handshake_timeout,
+        metrics: metrics.clone(),
+    });
+    let router = Server::builder()
         .max_concurrent_streams(opts.max_concurrent_streams)
         .http2_keepalive_interval(Some(opts.keepalive_interval))
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
@@ -185,7 +227,7 @@ pub async fn run(
     };
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Serving);
     let (shards, mut done): (Vec<Shard>, Vec<_>) = (0..threads)
-        .map(|i| Shard::start(i, router.clone(), phase_rx.clone()))
+        .map(|i| Shard::start(i, router.clone(), handshake.clone(), phase_rx.clone()))
         .collect::<std::io::Result<Vec<_>>>()?
         .into_iter()
         .unzip();
@@ -193,7 +235,8 @@ pub async fn run(
 
     // Boxed, not pinned on the stack, so that dropping it below really ends
     // it (and closes the listening socket).
-    let mut accept = Box::pin(accept(listener, opts.max_connections, &shards));
+    let slots = Arc::new(Slots::new(opts.max_connections, metrics.clone()));
+    let mut accept = Box::pin(accept(listener, slots, &shards, &metrics));
     tracing::info!(%addr, io_threads = threads, "serving gRPC");
     tokio::select! {
         _ = &mut accept => unreachable!("the accept loop runs until dropped"),
@@ -277,6 +320,7 @@ impl Shard {
     fn start(
         i: usize,
         router: Router,
+        handshake: Arc<Handshake>,
         phase: tokio::sync::watch::Receiver<Phase>,
     ) -> std::io::Result<(Self, Done)> {
         let (conns, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -288,7 +332,7 @@ impl Shard {
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(serve_shard(router, rx, phase)));
+                    .and_then(|rt| rt.block_on(serve_shard(router, handshake, rx, phase)));
                 let _ = done_tx.send(r);
             })?;
         Ok((
@@ -301,26 +345,31 @@ impl Shard {
     }
 }
 
-/// A serving thread's server: connections come from the accept loop and
-/// are registered with this thread's runtime.
+/// A serving thread's server: connections come from the accept loop, are
+/// registered with this thread's runtime, go through [`handshake`] each on
+/// its own task, and reach tonic once their HTTP/2 preface has arrived.
+/// Handshakes still running when the thread ends are dropped with its
+/// runtime.
 async fn serve_shard(
     router: Router,
-    conns: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, ConnSlot)>,
+    handshake: Arc<Handshake>,
+    mut conns: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, ConnSlot)>,
     mut phase: tokio::sync::watch::Receiver<Phase>,
 ) -> anyhow::Result<()> {
-    let incoming =
-        tokio_stream::wrappers::UnboundedReceiverStream::new(conns).filter_map(|(std, slot)| {
-            match TcpStream::from_std(std) {
-                Ok(stream) => Some(Ok::<_, std::io::Error>(LimitedConn {
-                    stream,
-                    _slot: slot,
-                })),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot serve an accepted connection");
-                    None
+    let (ready_tx, ready_rx) = tokio::sync::mpsc::unbounded_channel::<LimitedConn>();
+    tokio::spawn(async move {
+        while let Some((std, slot)) = conns.recv().await {
+            let (hs, ready) = (handshake.clone(), ready_tx.clone());
+            tokio::spawn(async move {
+                if let Some(conn) = hs.run(std, slot).await {
+                    // Fails only once the server is closing.
+                    let _ = ready.send(conn);
                 }
-            }
-        });
+            });
+        }
+    });
+    let incoming =
+        tokio_stream::wrappers::UnboundedReceiverStream::new(ready_rx).map(Ok::<_, std::io::Error>);
     let mut closing = phase.clone();
     let serve = router.serve_with_incoming_shutdown(incoming, async move {
         // Closing or Abort; a dropped sender (run() dropped) too.
@@ -332,31 +381,32 @@ async fn serve_shard(
     }
 }
 
-/// Accepts connections, at most `max` open at once (more are closed at
-/// accept: the client sees UNAVAILABLE and can try a replica), and hands
-/// each to the serving thread with the fewest. Runs until dropped.
-async fn accept(listener: TcpListener, max: usize, shards: &[Shard]) {
-    let slots = Arc::new(Semaphore::new(max));
-    // Nodelay is set here: without it small minibatches stall 40 ms on
-    // delayed ACKs.
-    let mut incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    while let Some(conn) = incoming.next().await {
-        let stream = match conn {
-            Ok(s) => s,
+/// Accepts connections and hands each, with a slot (see [`Slots`]), to the
+/// serving thread with the fewest; refused connections are closed at once
+/// (the client sees UNAVAILABLE and can try a replica). Runs until dropped.
+async fn accept(listener: TcpListener, slots: Arc<Slots>, shards: &[Shard], metrics: &Metrics) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
             Err(e) => {
+                metrics.conns.accept_errors.fetch_add(1, Ordering::Relaxed);
                 // Accept errors (EMFILE, a reset before accept) must not end the server.
                 tracing::warn!(error = %e, "accept failed");
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(peer = ?stream.peer_addr().ok(), max, "connection refused: --max-connections reached");
+        metrics.conns.accepted.fetch_add(1, Ordering::Relaxed);
+        // Without nodelay small minibatches stall 40 ms on delayed ACKs.
+        let _ = stream.set_nodelay(true);
+        let Some(slot) = slots.take() else {
+            metrics.conns.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, max = slots.max, "connection refused: --max-connections reached, all of them past their handshake");
             continue;
         };
         let Some(shard) = shards.iter().min_by_key(|s| s.open.load(Ordering::Relaxed)) else {
             return;
         };
-        let slot = ConnSlot::new(permit, shard.open.clone());
+        let slot = ConnSlot::new(slot, shard.open.clone());
         match stream.into_std() {
             Ok(std) => {
                 // Fails only once the thread is gone (shutting down).
@@ -392,20 +442,121 @@ fn shard_ended(r: anyhow::Result<()>) -> anyhow::Error {
     }
 }
 
-/// One of the `max_connections` slots, and a place in its serving thread's
-/// count, held until the connection closes.
+/// The `max_connections` connection slots. A connection takes one at
+/// accept and gives it back when it closes. Until its HTTP/2 preface
+/// arrives it is *pending*, and when all slots are taken a newcomer takes
+/// the slot of the oldest pending one, which is closed: idle sockets (a
+/// port scanner, a half-open load balancer probe, a flood) can then delay
+/// real clients by no more than a handshake, instead of locking them out
+/// until the handshake deadline (16 idle sockets against 16 slots held
+/// them for 300 s before there was one).
+struct Slots {
+    max: usize,
+    state: Mutex<SlotState>,
+    metrics: Arc<Metrics>,
+}
+
+struct SlotState {
+    /// Slots held, pending or established.
+    taken: usize,
+    /// The pending holders by age (accept order), each with the signal
+    /// that closes it.
+    pending: BTreeMap<u64, Arc<Notify>>,
+    next_id: u64,
+}
+
+impl Slots {
+    fn new(max: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            max,
+            state: Mutex::new(SlotState {
+                taken: 0,
+                pending: BTreeMap::new(),
+                next_id: 0,
+            }),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for a new connection: a free one, or the oldest pending
+    /// connection's (which is told to close); `None` when every slot is
+    /// held by an established connection.
+    fn take(self: &Arc<Self>) -> Option<Slot> {
+        let mut s = self.lock();
+        if s.taken < self.max {
+            s.taken += 1;
+        } else if let Some((_, evict)) = s.pending.pop_first() {
+            // Its slot passes to the newcomer: `taken` stays.
+            evict.notify_one();
+            self.metrics.conns.evicted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            return None;
+        }
+        let id = s.next_id;
+        s.next_id += 1;
+        let evicted = Arc::new(Notify::new());
+        s.pending.insert(id, evicted.clone());
+        self.metrics
+            .conns
+            .open
+            .store(s.taken as u64, Ordering::Relaxed);
+        Some(Slot {
+            slots: self.clone(),
+            id,
+            evicted,
+            established: false,
+        })
+    }
+}
+
+/// One connection's hold on a slot (see [`Slots`]).
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    /// Notified when a newcomer took this slot.
+    evicted: Arc<Notify>,
+    established: bool,
+}
+
+impl Slot {
+    /// Marks the connection established (no longer evictable); false when
+    /// it was evicted first and must close.
+    fn establish(&mut self) -> bool {
+        self.established = self.slots.lock().pending.remove(&self.id).is_some();
+        self.established
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock();
+        // An evicted connection's slot already belongs to its evictor.
+        if self.established || s.pending.remove(&self.id).is_some() {
+            s.taken -= 1;
+            self.slots
+                .metrics
+                .conns
+                .open
+                .store(s.taken as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A [`Slot`], and a place in its serving thread's count, held until the
+/// connection closes.
 struct ConnSlot {
-    _permit: OwnedSemaphorePermit,
+    slot: Slot,
     open: Arc<AtomicUsize>,
 }
 
 impl ConnSlot {
-    fn new(permit: OwnedSemaphorePermit, open: Arc<AtomicUsize>) -> Self {
+    fn new(slot: Slot, open: Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
-        Self {
-            _permit: permit,
-            open,
-        }
+        Self { slot, open }
     }
 }
 
@@ -415,16 +566,178 @@ impl Drop for ConnSlot {
     }
 }
 
-/// A connection that holds its [`ConnSlot`] until closed.
+/// Why a connection was closed before tonic saw it.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("no HTTP/2 preface within {0:?} of accept")]
+    Timeout(Duration),
+    #[error("closed for a newer connection: all slots were taken")]
+    Evicted,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("the first bytes are not the HTTP/2 client preface")]
+    NotHttp2,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How serving threads establish connections: TLS (if on), then the
+/// HTTP/2 preface, all within `timeout` of the connection's arrival.
+struct Handshake {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Handshake {
+    /// The established connection, or `None` (logged, counted) when it
+    /// failed, timed out or was evicted.
+    async fn run(&self, std: std::net::TcpStream, slot: ConnSlot) -> Option<LimitedConn> {
+        let peer = std.peer_addr().ok();
+        match self.establish(std, slot).await {
+            Ok(c) => Some(c),
+            Err(HandshakeError::Timeout(t)) => {
+                self.metrics
+                    .conns
+                    .handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = ?peer, timeout_s = t.as_secs_f64(), "closed a connection that sent no HTTP/2 preface in time (--handshake-timeout-secs)");
+                None
+            }
+            // Counted where it happened; the newcomer's arrival is the news.
+            Err(HandshakeError::Evicted) => None,
+            Err(e) => {
+                self.metrics
+                    .conns
+                    .handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = ?peer, error = %e, "connection closed during its handshake");
+                None
+            }
+        }
+    }
+
+    async fn establish(
+        &self,
+        std: std::net::TcpStream,
+        mut slot: ConnSlot,
+    ) -> Result<LimitedConn, HandshakeError> {
+        let stream = TcpStream::from_std(std)?;
+        let info = stream.connect_info();
+        let evicted = slot.slot.evicted.clone();
+        let work = async {
+            let mut io = match &self.tls {
+                Some(acceptor) => Io::Tls(Box::new(
+                    acceptor.accept(stream).await.map_err(HandshakeError::Tls)?,
+                )),
+                None => Io::Plain(stream),
+            };
+            let mut preface = [0u8; PREFACE.len()];
+            io.read_exact(&mut preface).await?;
+            if &preface != PREFACE {
+                return Err(HandshakeError::NotHttp2);
+            }
+            Ok(io)
+        };
+        let io = tokio::select! {
+            r = tokio::time::timeout(self.timeout, work) => {
+                r.map_err(|_| HandshakeError::Timeout(self.timeout))??
+            }
+            _ = evicted.notified() => return Err(HandshakeError::Evicted),
+        };
+        if !slot.slot.establish() {
+            return Err(HandshakeError::Evicted);
+        }
+        Ok(LimitedConn {
+            io,
+            replayed: 0,
+            info,
+            _slot: slot,
+        })
+    }
+}
+
+/// The transport under HTTP/2.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! io_delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Plain($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            Io::Tls($s) => {
+                let $s = std::pin::Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        io_delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        io_delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// An established connection, as tonic serves it: holds its [`ConnSlot`]
+/// until closed, and hands hyper the preface that [`Handshake`] read
+/// before the rest of the stream.
 pub struct LimitedConn {
-    stream: TcpStream,
+    io: Io,
+    /// Bytes of [`PREFACE`] already handed to hyper.
+    replayed: usize,
+    info: TcpConnectInfo,
     _slot: ConnSlot,
 }
 
 impl Connected for LimitedConn {
     type ConnectInfo = TcpConnectInfo;
     fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
 }
 
@@ -434,7 +747,14 @@ impl AsyncRead for LimitedConn {
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        if self.replayed < PREFACE.len() {
+            let rest = &PREFACE[self.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.replayed += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -444,28 +764,58 @@ impl AsyncWrite for LimitedConn {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.io.is_write_vectored()
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_newcomer_takes_the_oldest_pending_slot_never_an_established_one() {
+        let slots = Arc::new(Slots::new(2, Arc::new(Metrics::default())));
+        let mut a = slots.take().unwrap();
+        let b = slots.take().unwrap();
+        assert!(a.establish());
+        // Full: c evicts b (the only pending one), not a.
+        let c = slots.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), b.evicted.notified())
+            .await
+            .expect("b is told to close");
+        let mut b = b;
+        assert!(!b.establish(), "an evicted connection cannot establish");
+        drop(b);
+        // Still full (a established, c pending): d evicts c.
+        let d = slots.take().unwrap();
+        drop(c);
+        let mut d = d;
+        assert!(d.establish());
+        assert!(slots.take().is_none(), "all established: refused");
+        drop(a);
+        assert!(slots.take().is_some(), "a closed: its slot is free");
+        assert_eq!(slots.lock().taken, 1, "d's, once the last taker left");
     }
 }
