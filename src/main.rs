@@ -144,6 +144,9 @@ struct ServeArgs {
     /// slower connections are closed and free their slot.
     #[arg(long, env = "MINIBATCHD_HANDSHAKE_TIMEOUT_SECS", default_value = "5", value_parser = secs)]
     handshake_timeout_secs: Duration,
+    /// Metrics connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "MINIBATCHD_METRICS_MAX_CONNECTIONS", default_value_t = minibatchd::metrics::DEFAULT_METRICS_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    metrics_max_connections: usize,
     /// RPCs one connection may have in flight (HTTP/2 max concurrent streams).
     #[arg(long, env = "MINIBATCHD_MAX_CONCURRENT_STREAMS", default_value_t = minibatchd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
@@ -426,6 +429,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             }),
     };
     minibatchd::server::validate(&opts).map_err(anyhow::Error::msg)?;
+    let metrics_conns = if a.metrics_addr == "off" || a.metrics_addr.is_empty() {
+        0
+    } else {
+        a.metrics_max_connections
+    };
+    minibatchd::server::make_room_for_fds(minibatchd::server::fds_needed(&opts, metrics_conns));
     let ds = Arc::new(a.load.load(pin)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -445,6 +454,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(minibatchd::metrics::serve(
                 ml,
                 metrics.clone(),
+                a.metrics_max_connections,
                 async move {
                     let _ = rx.changed().await;
                 },

@@ -200,27 +200,49 @@ impl ConnMetrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Default cap on metrics connections served at once. A scrape takes
+/// milliseconds and comes from one or two Prometheus servers; 32 leaves
+/// room for those and people with curl. Without a cap, 1,100 connections
+/// held 1,100 descriptors and starved the gRPC listener.
+pub const DEFAULT_METRICS_MAX_CONNECTIONS: usize = 32;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves, at most
+/// `max_connections` at once: further connections wait in the listen
+/// backlog (they hold no descriptor of ours there) until one ends, which
+/// each does within the 5 s request timeout.
 pub async fn serve(
     listener: TcpListener,
     metrics: std::sync::Arc<Metrics>,
+    max_connections: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let mut errors = crate::server::AcceptErrors::new("metrics");
     loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // never closed
+            },
+        };
         let (mut sock, _) = tokio::select! {
             _ = &mut shutdown => return,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    errors.ok();
+                    x
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    errors.failed(&e).await;
                     continue;
                 }
             },
         };
         let m = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut head = Vec::with_capacity(512);
             let mut buf = [0u8; 1024];
             let read = tokio::time::timeout(Duration::from_secs(5), async {
