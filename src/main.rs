@@ -144,6 +144,10 @@ struct ServeArgs {
     /// slower connections are closed and free their slot.
     #[arg(long, env = "MINIBATCHD_HANDSHAKE_TIMEOUT_SECS", default_value = "5", value_parser = secs)]
     handshake_timeout_secs: Duration,
+    /// Listen backlog of the gRPC socket: connections queued before accept
+    /// (the kernel caps it at net.core.somaxconn).
+    #[arg(long, env = "MINIBATCHD_LISTEN_BACKLOG", default_value_t = minibatchd::server::DEFAULT_LISTEN_BACKLOG, value_parser = clap::value_parser!(u32).range(1..))]
+    listen_backlog: u32,
     /// Metrics connections served at once; more wait in the listen backlog.
     #[arg(long, env = "MINIBATCHD_METRICS_MAX_CONNECTIONS", default_value_t = minibatchd::metrics::DEFAULT_METRICS_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     metrics_max_connections: usize,
@@ -440,7 +444,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&a.addr)
+        let listener = minibatchd::server::bind(&a.addr, a.listen_backlog)
             .await
             .with_context(|| format!("cannot listen on {}", a.addr))?;
         let metrics = Arc::new(minibatchd::metrics::Metrics::default());

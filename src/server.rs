@@ -46,6 +46,14 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 64;
 /// once HTTP/2 runs. (gRPC-Go and gRPC C++ wait 120 s, without a cap that
 /// idle sockets can fill.)
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default listen backlog: connections the kernel completes and queues
+/// before `accept`. The previous 128 (tokio's and Rust's default) made a
+/// 256-rank job connecting at once see SYN retransmits (1 s, then 3 s of
+/// stall per dropped SYN); 4096 leaves room for 256 ranks with a dozen
+/// data-loader connections each, costs nothing until used (a queue bound,
+/// not memory), and equals Linux's default `net.core.somaxconn` since 5.4,
+/// which caps it silently (see [`bind`]).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 /// Longest duration any option may hold (shutdown grace, keepalive,
 /// handshake): no deployment waits a day for any of them, and the bound
 /// keeps `Instant + duration` arithmetic far from overflowing (it panics).
@@ -157,6 +165,45 @@ pub fn validate(o: &ServerOptions) -> Result<(), String> {
         return Err("the auth token is empty".into());
     }
     Ok(())
+}
+
+/// Binds a listening socket on `addr` (the first of its addresses that
+/// binds) with a listen backlog of `backlog` (see
+/// [`DEFAULT_LISTEN_BACKLOG`]); SO_REUSEADDR as tokio's own `bind` sets it.
+/// The kernel silently caps the backlog at `net.core.somaxconn`: this warns
+/// when it will.
+pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    if let Some(max) = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    {
+        if backlog > max {
+            tracing::warn!(
+                backlog,
+                somaxconn = max,
+                "the kernel caps the listen backlog at net.core.somaxconn; raise it (sysctl) for the backlog asked for"
+            );
+        }
+    }
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(backlog)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
 }
 
 /// File descriptors a server with `opts` needs when full, with

@@ -1,6 +1,6 @@
 //! Connection-level limits against a real server on real sockets: idle
 //! sockets and the handshake deadline, running out of file descriptors,
-//! and log floods.
+//! log floods, and the listen backlog.
 mod common;
 
 use std::io::{Read, Write};
@@ -418,5 +418,48 @@ fn refused_connections_are_logged_once_per_interval() {
         (1..=2).contains(&refused),
         "{refused} lines:\n{}",
         d.log_text()
+    );
+}
+
+/// `ss -Hltn` Send-Q of the listener on `port` (for a listening socket,
+/// the backlog the kernel uses); `None` when ss is not installed.
+fn ss_backlog(port: u16) -> Option<u32> {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next()?;
+    // State Recv-Q Send-Q Local Peer
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+#[tokio::test]
+async fn listen_backlog_reaches_the_socket() {
+    if Command::new("ss").arg("-V").output().is_err() {
+        eprintln!("ss (iproute2) is not installed: cannot read the backlog back; skipped");
+        return;
+    }
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let l = minibatchd::server::bind("127.0.0.1:0", 777).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    assert_eq!(ss_backlog(port), Some(777.min(somaxconn)));
+    // The flag and the default, through the binary.
+    let d = tokio::task::spawn_blocking(|| Daemon::start(None, &["--listen-backlog", "333"]))
+        .await
+        .unwrap();
+    let port: u16 = d.addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert_eq!(ss_backlog(port), Some(333.min(somaxconn)));
+    let d = tokio::task::spawn_blocking(|| Daemon::start(None, &[]))
+        .await
+        .unwrap();
+    let port: u16 = d.addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert_eq!(
+        ss_backlog(port),
+        Some(minibatchd::server::DEFAULT_LISTEN_BACKLOG.min(somaxconn))
     );
 }
