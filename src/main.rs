@@ -217,6 +217,13 @@ struct ClientArgs {
 
 impl ClientArgs {
     async fn connect(&self) -> anyhow::Result<Client> {
+        // Without a CA the connection is plaintext, and the certificate
+        // would silently go unused: a mistake, not a choice.
+        if self.tls_ca.is_none() && self.tls_client_cert.is_some() {
+            anyhow::bail!(
+                "--tls-client-cert/--tls-client-key need --tls-ca (MINIBATCHD_TLS_CA): without it the connection is plaintext and the client certificate would not be sent"
+            );
+        }
         let o = minibatchd::client::ClientOptions {
             token: self.token.clone(),
             tls_ca: self.tls_ca.clone(),
@@ -326,9 +333,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Serve(_)) {
-        // Tools whose output is piped (`inspect | head`) should end quietly
-        // when the reader leaves, as Unix tools do, not panic on EPIPE.
+    if matches!(cli.cmd, Cmd::Inspect(_)) {
+        // `inspect | head` should end quietly when the reader leaves, as
+        // Unix tools do, not panic on EPIPE. Only inspect: the commands that
+        // talk to a server keep SIGPIPE ignored, or a server that resets the
+        // connection kills them by signal with no message (`health` exited
+        // -13 in 14 of 30 tries against a full server); their output goes
+        // through `say!`, which ends them the same way when stdout's reader
+        // leaves.
         // SAFETY: restoring the default disposition of one signal at start-up.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
@@ -348,6 +360,31 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `println!` for the client commands (see `main` on SIGPIPE): when the
+/// reader of their stdout leaves (`info | head -1`), they end as a Unix
+/// tool does, by SIGPIPE, instead of panicking on EPIPE.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
+fn say(args: std::fmt::Arguments) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // SAFETY: default disposition, then the signal to ourselves.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -580,7 +617,7 @@ async fn health(a: ClientArgs) -> anyhow::Result<()> {
         .await
         .context("health check timed out")??
     {
-        println!("SERVING");
+        say!("SERVING");
         Ok(())
     } else {
         anyhow::bail!("NOT_SERVING")
@@ -595,24 +632,30 @@ async fn info(a: ClientArgs) -> anyhow::Result<()> {
             .map(|d| d.as_str_name().trim_start_matches("DTYPE_").to_lowercase())
             .unwrap_or_default()
     };
-    println!(
+    say!(
         "source {} ({}), fingerprint {}",
-        i.source, i.format, i.fingerprint
+        i.source,
+        i.format,
+        i.fingerprint
     );
-    println!(
+    say!(
         "memory {} bytes, pinned: {}, server {}",
-        i.memory_bytes, i.pinned, i.server_version
+        i.memory_bytes,
+        i.pinned,
+        i.server_version
     );
     if let Some(l) = i.limits {
-        println!(
+        say!(
             "limits: max batch {}, max message {} bytes, chunk {} bytes",
-            l.max_batch_size, l.max_message_bytes, l.chunk_bytes
+            l.max_batch_size,
+            l.max_message_bytes,
+            l.chunk_bytes
         );
     }
     for s in &i.sets {
         let x = s.x.clone().unwrap_or_default();
         let y = s.y.clone().unwrap_or_default();
-        println!(
+        say!(
             "  {:<6} {:>7} examples  x {} {:?} (wire: {})  y {} {:?}  classes {:?}",
             s.name,
             s.examples,
@@ -648,7 +691,7 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
     let b = c.get_batch(&r).await?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     for t in [&b.x, &b.y] {
-        println!(
+        say!(
             "{}: {} {:?} {} bytes sha256 {}{}",
             t.name,
             t.dtype,
@@ -662,13 +705,13 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
             }
         );
     }
-    println!("minibatch {} of set {} in {ms:.2} ms", b.index, a.set);
+    say!("minibatch {} of set {} in {ms:.2} ms", b.index, a.set);
     if let Some(dir) = a.out {
         std::fs::create_dir_all(&dir)?;
         for t in [&b.x, &b.y] {
             let p = dir.join(format!("{}.npy", t.name));
             std::fs::write(&p, npy(t)).with_context(|| format!("writing {}", p.display()))?;
-            println!("wrote {}", p.display());
+            say!("wrote {}", p.display());
         }
     }
     Ok(())
@@ -821,10 +864,10 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
     });
     if a.json {
-        println!("{res}");
+        say!("{res}");
     } else {
         eprintln!();
-        println!(
+        say!(
             "{} size {} x{}: {} minibatches in {:.2} s = {:.1} minibatches/s, {:.1} MB/s; latency p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms",
             res["method"].as_str().unwrap_or(""),
             a.size,

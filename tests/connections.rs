@@ -1,11 +1,11 @@
 //! Connection-level limits against a real server on real sockets: idle
 //! sockets and the handshake deadline, running out of file descriptors,
-//! log floods, and the listen backlog.
+//! log floods, the listen backlog, and the client flags around them.
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -462,4 +462,72 @@ async fn listen_backlog_reaches_the_socket() {
         ss_backlog(port),
         Some(minibatchd::server::DEFAULT_LISTEN_BACKLOG.min(somaxconn))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificate_without_tls_ca_is_refused() {
+    let srv = TestServer::start(sample()).await;
+    let _ = srv.client().await;
+    let pki = TestPki::new();
+    let (addr, cert, key) = (
+        srv.addr.to_string(),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["health", "--server", &addr, "--tls-client-cert"])
+            .arg(&cert)
+            .arg("--tls-client-key")
+            .arg(&key)
+            .env("MINIBATCHD_LOG", "error")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "health over plaintext with a client certificate succeeded"
+    );
+    assert!(err.contains("--tls-ca"), "{err}");
+}
+
+/// A server that resets the connection makes `health` fail with a message,
+/// not die of SIGPIPE (14 of 30 runs were killed by signal 13 before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_reset_as_an_error_not_a_signal() {
+    let srv = TestServer::start_with(
+        sample(),
+        ServerOptions {
+            max_connections: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let _ = srv.client().await; // serving (its connection closes again)
+    let open = || srv.metrics.conns.open.load(Ordering::Relaxed);
+    assert!(eventually(Duration::from_secs(10), || open() == 0).await);
+    // The only slot, held by an established connection: every other
+    // connection is closed at accept, unread, so the kernel resets it.
+    let held = tokio::task::block_in_place(|| established(srv.addr));
+    assert_eq!(open(), 1);
+    let addr = srv.addr.to_string();
+    let outs =
+        tokio::task::spawn_blocking(move || (0..30).map(|_| health_cmd(&addr)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    for o in &outs {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.signal(),
+            None,
+            "health killed by a signal: {:?} {err}",
+            o.status
+        );
+        assert!(!o.status.success());
+        assert!(err.contains("error"), "{err}");
+    }
+    drop(held);
 }
