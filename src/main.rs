@@ -133,9 +133,9 @@ struct ServeArgs {
     /// Do not try to lock the dataset memory.
     #[arg(long, env = "MINIBATCHD_NO_PIN")]
     no_pin: bool,
-    /// Seconds in-flight streams may continue after SIGTERM/SIGINT.
-    #[arg(long, env = "MINIBATCHD_SHUTDOWN_GRACE_SECS", default_value_t = 30.0)]
-    shutdown_grace_secs: f64,
+    /// Seconds in-flight streams may continue after SIGTERM/SIGINT (at most a day).
+    #[arg(long, env = "MINIBATCHD_SHUTDOWN_GRACE_SECS", default_value = "30", value_parser = secs)]
+    shutdown_grace_secs: Duration,
     /// Connections served at once; more are closed at accept, unless one has
     /// not completed its handshake: the oldest such is closed instead.
     #[arg(long, env = "MINIBATCHD_MAX_CONNECTIONS", default_value_t = minibatchd::server::DEFAULT_MAX_CONNECTIONS)]
@@ -158,9 +158,10 @@ struct ServeArgs {
     /// single-threaded runtime); 0 = one per CPU.
     #[arg(long, env = "MINIBATCHD_IO_THREADS", default_value_t = 0)]
     io_threads: usize,
-    /// Seconds between HTTP/2 keepalive pings; a peer silent for 10 s more is dropped.
-    #[arg(long, env = "MINIBATCHD_KEEPALIVE_SECS", default_value_t = 30.0)]
-    keepalive_secs: f64,
+    /// Seconds between HTTP/2 keepalive pings (at least 1, at most a day); a
+    /// peer silent for 10 s more is dropped.
+    #[arg(long, env = "MINIBATCHD_KEEPALIVE_SECS", default_value = "30", value_parser = secs)]
+    keepalive_secs: Duration,
     /// Require "authorization: Bearer <token>" on BatchService calls; the token
     /// is this file's content (health stays open for probes).
     #[arg(
@@ -447,12 +448,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             max_message_bytes: a.max_message_bytes,
             chunk_bytes: a.chunk_bytes,
         },
-        shutdown_grace: Duration::from_secs_f64(a.shutdown_grace_secs.max(0.0)),
+        shutdown_grace: a.shutdown_grace_secs,
         eager_stats: true,
         max_connections: a.max_connections,
         max_concurrent_streams: a.max_concurrent_streams,
         io_threads: a.io_threads,
-        keepalive_interval: Duration::from_secs_f64(a.keepalive_secs.max(1.0)),
+        keepalive_interval: a.keepalive_secs.max(Duration::from_secs(1)),
         keepalive_timeout: Duration::from_secs(10),
         handshake_timeout: a.handshake_timeout_secs,
         auth_token: match (&a.auth_token_file, &a.auth_token) {

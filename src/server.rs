@@ -147,6 +147,13 @@ pub fn validate(o: &ServerOptions) -> Result<(), String> {
     if l.chunk_bytes == 0 {
         return Err("chunk size must be at least 1 byte".into());
     }
+    if l.max_message_bytes > u32::MAX as usize {
+        return Err(format!(
+            "max message size {} exceeds {} bytes: gRPC frames a message's length in 32 bits",
+            l.max_message_bytes,
+            u32::MAX
+        ));
+    }
     if l.chunk_bytes + crate::wire::MESSAGE_OVERHEAD > l.max_message_bytes {
         return Err(format!(
             "chunk size {} plus {} bytes of message fields exceeds the max message size {}",
@@ -163,6 +170,28 @@ pub fn validate(o: &ServerOptions) -> Result<(), String> {
     }
     if o.auth_token.as_deref() == Some("") {
         return Err("the auth token is empty".into());
+    }
+    for (name, d) in [
+        ("shutdown grace", o.shutdown_grace),
+        ("keepalive interval", o.keepalive_interval),
+        ("keepalive timeout", o.keepalive_timeout),
+        ("handshake timeout", o.handshake_timeout),
+    ] {
+        if d > MAX_DURATION {
+            return Err(format!(
+                "{name} {d:?} exceeds the longest allowed, {} s",
+                MAX_DURATION.as_secs()
+            ));
+        }
+    }
+    for (name, d) in [
+        ("keepalive interval", o.keepalive_interval),
+        ("keepalive timeout", o.keepalive_timeout),
+        ("handshake timeout", o.handshake_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(format!("{name} must be longer than zero"));
+        }
     }
     Ok(())
 }
@@ -1109,6 +1138,22 @@ mod tests {
                 needed: 1152
             }
         );
+    }
+
+    #[test]
+    fn validate_refuses_what_the_wire_and_clocks_cannot_hold() {
+        let mut o = ServerOptions::default();
+        assert_eq!(validate(&o), Ok(()));
+        o.limits.max_message_bytes = u32::MAX as usize + 1;
+        assert!(validate(&o).unwrap_err().contains("32 bits"));
+        o.limits.max_message_bytes = u32::MAX as usize;
+        assert_eq!(validate(&o), Ok(()));
+        o.shutdown_grace = Duration::MAX;
+        assert!(validate(&o).unwrap_err().contains("shutdown grace"));
+        o.shutdown_grace = Duration::ZERO;
+        assert_eq!(validate(&o), Ok(()), "no grace is allowed");
+        o.handshake_timeout = Duration::ZERO;
+        assert!(validate(&o).unwrap_err().contains("handshake timeout"));
     }
 
     #[tokio::test]

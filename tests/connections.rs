@@ -6,6 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -530,4 +531,71 @@ async fn health_reports_a_reset_as_an_error_not_a_signal() {
         assert!(err.contains("error"), "{err}");
     }
     drop(held);
+}
+
+/// Runs the binary with `args`; kills it if still running after `limit`
+/// (a server that accepted bad options would serve forever).
+fn run_bounded(args: &[&str], limit: Duration) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let err = dir.path().join("stderr");
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("MINIBATCHD_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(Path::new(&err)).unwrap_or_default();
+    match st {
+        None => (None, format!("still running after {limit:?}: {text}")),
+        Some(st) => (st.code(), text),
+    }
+}
+
+#[test]
+fn absurd_durations_and_message_sizes_are_refused_at_start_up() {
+    for (flag, value, says) in [
+        ("--shutdown-grace-secs", "1e30", "allowed"),
+        ("--shutdown-grace-secs", "-1", "non-negative"),
+        ("--keepalive-secs", "inf", "finite"),
+        ("--keepalive-secs", "NaN", "finite"),
+        (
+            "--handshake-timeout-secs",
+            "0",
+            "handshake timeout must be longer than zero",
+        ),
+        ("--max-message-bytes", "4294967296", "4294967295"),
+        ("--listen-backlog", "0", "0"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let (code, err) = run_bounded(
+            &[
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "off",
+                &arg,
+            ],
+            Duration::from_secs(30),
+        );
+        assert!(
+            matches!(code, Some(1 | 2)),
+            "{flag} {value}: exit {code:?}, not a refusal: {err}"
+        );
+        assert!(!err.contains("panicked"), "{flag} {value}: {err}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+    }
 }
