@@ -2,8 +2,13 @@
 //! time) and optional TLS / mutual TLS. Health stays open so probes and
 //! balancers need no credentials; reflection describes only the schema.
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tonic::Status;
 
 /// TLS material, read from PEM files at start-up.
@@ -16,17 +21,53 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// Builds tonic's server TLS config, naming the file that fails.
-    pub fn server_config(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    /// Builds the rustls server config, naming the file that fails.
+    ///
+    /// The server runs the TLS handshake itself (under its handshake
+    /// deadline, see [`crate::server`]) rather than through tonic's
+    /// `tls_config`, so this is the same config tonic would build: the
+    /// `ring` provider, HTTP/2 by ALPN, and, with `client_ca`, a verifier
+    /// that refuses clients without a certificate signed by it (mTLS is
+    /// enforced inside the handshake).
+    pub fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
         let read = |p: &Path| {
             std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
         };
-        let identity = tonic::transport::Identity::from_pem(read(&self.cert)?, read(&self.key)?);
-        let mut c = tonic::transport::ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.client_ca {
-            c = c.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
-        }
-        Ok(c)
+        let certs = |p: &Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+            let v = CertificateDer::pem_slice_iter(&read(p)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("{}: not a PEM certificate: {e}", p.display()))?;
+            if v.is_empty() {
+                anyhow::bail!("{}: no PEM certificate in it", p.display());
+            }
+            Ok(v)
+        };
+        let key = PrivateKeyDer::from_pem_slice(&read(&self.key)?)
+            .map_err(|e| anyhow::anyhow!("{}: no PEM private key: {e}", self.key.display()))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for c in certs(ca)? {
+                    roots
+                        .add(c)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
+                }
+                builder.with_client_cert_verifier(
+                    WebPkiClientVerifier::builder_with_provider(roots.into(), provider).build()?,
+                )
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs(&self.cert)?, key)
+            .map_err(|e| {
+                anyhow::anyhow!("{} / {}: {e}", self.cert.display(), self.key.display())
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
     }
 }
 

@@ -145,6 +145,13 @@ impl ClientOptions {
                 .map_err(|e| ClientError::Config(format!("cannot read {}: {e}", p.display())))
         };
         let tls = match &self.tls_ca {
+            // Without a CA the connection is plaintext, and a client
+            // certificate would silently go unused: a mistake, not a choice.
+            None if self.tls_identity.is_some() => {
+                return Err(ClientError::Config(
+                    "a client certificate needs a CA to verify the server (--tls-ca, MINIBATCHD_TLS_CA): without it the connection is plaintext and the certificate would not be sent".into(),
+                ))
+            }
             None => None,
             Some(ca) => Some(Tls {
                 ca_pem: Some(read(ca)?),

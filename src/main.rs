@@ -152,12 +152,24 @@ struct ServeArgs {
     /// Do not try to lock the dataset memory.
     #[arg(long, env = "MINIBATCHD_NO_PIN")]
     no_pin: bool,
-    /// Seconds in-flight streams may continue after SIGTERM/SIGINT.
-    #[arg(long, env = "MINIBATCHD_SHUTDOWN_GRACE_SECS", default_value_t = 30.0)]
-    shutdown_grace_secs: f64,
-    /// Connections served at once; more are closed at accept.
+    /// Seconds in-flight streams may continue after SIGTERM/SIGINT (at most a day).
+    #[arg(long, env = "MINIBATCHD_SHUTDOWN_GRACE_SECS", default_value = "30", value_parser = secs)]
+    shutdown_grace_secs: Duration,
+    /// Connections served at once; more are closed at accept, unless one has
+    /// not completed its handshake: the oldest such is closed instead.
     #[arg(long, env = "MINIBATCHD_MAX_CONNECTIONS", default_value_t = minibatchd::server::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Seconds from accept to the HTTP/2 preface (TLS handshake included);
+    /// slower connections are closed and free their slot.
+    #[arg(long, env = "MINIBATCHD_HANDSHAKE_TIMEOUT_SECS", default_value = "5", value_parser = secs)]
+    handshake_timeout_secs: Duration,
+    /// Listen backlog of the gRPC socket: connections queued before accept
+    /// (the kernel caps it at net.core.somaxconn).
+    #[arg(long, env = "MINIBATCHD_LISTEN_BACKLOG", default_value_t = minibatchd::server::DEFAULT_LISTEN_BACKLOG, value_parser = clap::value_parser!(u32).range(1..))]
+    listen_backlog: u32,
+    /// Metrics connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "MINIBATCHD_METRICS_MAX_CONNECTIONS", default_value_t = minibatchd::metrics::DEFAULT_METRICS_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    metrics_max_connections: usize,
     /// RPCs one connection may have in flight (HTTP/2 max concurrent streams).
     #[arg(long, env = "MINIBATCHD_MAX_CONCURRENT_STREAMS", default_value_t = minibatchd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
@@ -165,9 +177,10 @@ struct ServeArgs {
     /// single-threaded runtime); 0 = one per CPU.
     #[arg(long, env = "MINIBATCHD_IO_THREADS", default_value_t = 0)]
     io_threads: usize,
-    /// Seconds between HTTP/2 keepalive pings; a peer silent for 10 s more is dropped.
-    #[arg(long, env = "MINIBATCHD_KEEPALIVE_SECS", default_value_t = 30.0)]
-    keepalive_secs: f64,
+    /// Seconds between HTTP/2 keepalive pings (at least 1, at most a day); a
+    /// peer silent for 10 s more is dropped.
+    #[arg(long, env = "MINIBATCHD_KEEPALIVE_SECS", default_value = "30", value_parser = secs)]
+    keepalive_secs: Duration,
     /// Require "authorization: Bearer <token>" on BatchService calls; the token
     /// is this file's content (health stays open for probes).
     #[arg(
@@ -314,9 +327,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Serve(_)) {
-        // Tools whose output is piped (`inspect | head`) should end quietly
-        // when the reader leaves, as Unix tools do, not panic on EPIPE.
+    if matches!(cli.cmd, Cmd::Inspect(_)) {
+        // `inspect | head` should end quietly when the reader leaves, as
+        // Unix tools do, not panic on EPIPE. Only inspect: the commands that
+        // talk to a server keep SIGPIPE ignored, or a server that resets the
+        // connection kills them by signal with no message (`health` exited
+        // -13 in 14 of 30 tries against a full server); their output goes
+        // through `say!`, which ends them the same way when stdout's reader
+        // leaves.
         // SAFETY: restoring the default disposition of one signal at start-up.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
@@ -337,6 +355,54 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `println!` for the client commands (see `main` on SIGPIPE): when the
+/// reader of their stdout leaves (`info | head -1`), they end as a Unix
+/// tool does, by SIGPIPE, instead of panicking on EPIPE.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
+fn say(args: std::fmt::Arguments) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // SAFETY: default disposition, then the signal to ourselves.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Parses a number of seconds for a duration flag: finite, not negative,
+/// at most [`minibatchd::server::MAX_DURATION`] (`Duration::from_secs_f64`
+/// panics on infinity and on overflow, and `1e30` seconds is a typo).
+fn secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let max = minibatchd::server::MAX_DURATION;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!(
+            "{s} is not a finite, non-negative number of seconds"
+        ));
+    }
+    if v > max.as_secs_f64() {
+        return Err(format!(
+            "{s} s is more than the {} s (a day) allowed",
+            max.as_secs()
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
@@ -379,13 +445,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             budget_stall: seconds("--budget-stall-secs", a.budget_stall_secs)?,
             request_timeout: seconds("--request-timeout-secs", a.request_timeout_secs)?,
         },
-        shutdown_grace: Duration::from_secs_f64(a.shutdown_grace_secs.max(0.0)),
+        shutdown_grace: a.shutdown_grace_secs,
         eager_stats: true,
         max_connections: a.max_connections,
         max_concurrent_streams: a.max_concurrent_streams,
         io_threads: a.io_threads,
-        keepalive_interval: Duration::from_secs_f64(a.keepalive_secs.max(1.0)),
+        keepalive_interval: a.keepalive_secs.max(Duration::from_secs(1)),
         keepalive_timeout: Duration::from_secs(10),
+        handshake_timeout: a.handshake_timeout_secs,
         auth_token: match (&a.auth_token_file, &a.auth_token) {
             (Some(f), _) => Some(minibatchd::access::read_token_file(f)?),
             (None, t) => t.clone(),
@@ -401,12 +468,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             }),
     };
     minibatchd::server::validate(&opts).map_err(anyhow::Error::msg)?;
+    let metrics_conns = if a.metrics_addr == "off" || a.metrics_addr.is_empty() {
+        0
+    } else {
+        a.metrics_max_connections
+    };
+    minibatchd::server::make_room_for_fds(minibatchd::server::fds_needed(&opts, metrics_conns));
     let ds = Arc::new(a.load.load(pin)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&a.addr)
+        let listener = minibatchd::server::bind(&a.addr, a.listen_backlog)
             .await
             .with_context(|| format!("cannot listen on {}", a.addr))?;
         let metrics = Arc::new(minibatchd::metrics::Metrics::default());
@@ -420,6 +493,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(minibatchd::metrics::serve(
                 ml,
                 metrics.clone(),
+                a.metrics_max_connections,
                 async move {
                     let _ = rx.changed().await;
                 },
@@ -492,7 +566,7 @@ async fn health(a: ClientArgs) -> anyhow::Result<()> {
         .await
         .context("health check timed out")??
     {
-        println!("SERVING");
+        say!("SERVING");
         Ok(())
     } else {
         anyhow::bail!("NOT_SERVING")
@@ -501,7 +575,7 @@ async fn health(a: ClientArgs) -> anyhow::Result<()> {
 
 async fn info(a: ClientArgs) -> anyhow::Result<()> {
     let i = a.connect().await?.info().await?;
-    print!("{}", minibatchd::cli::info::table(&i));
+    say!("{}", minibatchd::cli::info::table(&i).trim_end());
     Ok(())
 }
 
@@ -522,7 +596,7 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
     let b = c.get_batch(&r).await?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     for t in [&b.x, &b.y] {
-        println!(
+        say!(
             "{}: {} {:?} {} bytes sha256 {}{}",
             t.name,
             t.dtype,
@@ -536,14 +610,14 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
             }
         );
     }
-    println!("minibatch {} of set {} in {ms:.2} ms", b.index, a.set);
+    say!("minibatch {} of set {} in {ms:.2} ms", b.index, a.set);
     if let Some(dir) = a.out {
         std::fs::create_dir_all(&dir)?;
         for t in [&b.x, &b.y] {
             let p = dir.join(format!("{}.npy", t.name));
             std::fs::write(&p, npy(t.dtype, &t.shape, &t.data))
                 .with_context(|| format!("writing {}", p.display()))?;
-            println!("wrote {}", p.display());
+            say!("wrote {}", p.display());
         }
     }
     Ok(())
@@ -567,9 +641,9 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     };
     let report = minibatchd::cli::loadgen::run(spec, !a.json).await?;
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        say!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("{}", report.line());
+        say!("{}", report.line());
     }
     Ok(())
 }

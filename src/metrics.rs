@@ -46,6 +46,8 @@ pub struct Metrics {
     pub budget_waits: AtomicU64,
     /// Streams ended with RESOURCE_EXHAUSTED after waiting for budget.
     pub budget_refusals: AtomicU64,
+    /// Connection slots and handshakes (see `server`).
+    pub conns: ConnMetrics,
 }
 
 impl Metrics {
@@ -178,6 +180,12 @@ impl Metrics {
                 "Bytes of the memory budget held now by chunks in flight and shuffled minibatches.",
                 b.held(),
             );
+            c(
+                &mut o,
+                "minibatchd_budget_evictions_total",
+                "Connections closed because their streams held memory budget unread while others waited.",
+                b.evictions(),
+            );
         }
         c(
             &mut o,
@@ -191,31 +199,98 @@ impl Metrics {
             "Streams refused with RESOURCE_EXHAUSTED after waiting for memory budget.",
             self.budget_refusals.load(Ordering::Relaxed),
         );
+        self.conns.render(&mut o);
         o
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// What happened to gRPC connections before they were served: the counts
+/// behind the server's rate-limited log lines.
+#[derive(Debug, Default)]
+pub struct ConnMetrics {
+    /// Connection slots held (pending or established).
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    /// Closed at accept: every slot held by an established connection.
+    pub refused: AtomicU64,
+    /// Closed before their handshake ended, for a newer connection.
+    pub evicted: AtomicU64,
+    /// Closed for sending no HTTP/2 preface within the handshake timeout.
+    pub handshake_timeouts: AtomicU64,
+    /// Closed for a failed TLS handshake or bytes that are not HTTP/2.
+    pub handshake_failures: AtomicU64,
+    /// Failed accepts (out of file descriptors, ...).
+    pub accept_errors: AtomicU64,
+}
+
+impl ConnMetrics {
+    fn render(&self, o: &mut String) {
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = write!(
+            o,
+            "# HELP minibatchd_connections_open gRPC connection slots held (before and after the handshake).\n# TYPE minibatchd_connections_open gauge\nminibatchd_connections_open {}\n",
+            v(&self.open)
+        );
+        for (name, help, a) in [
+            ("accepted", "gRPC connections accepted.", &self.accepted),
+            ("refused", "gRPC connections closed at accept: every slot held by an established connection.", &self.refused),
+            ("evicted", "gRPC connections closed before their handshake ended to give the slot to a newer one.", &self.evicted),
+            ("handshake_timeouts", "gRPC connections closed for sending no HTTP/2 preface within the handshake timeout.", &self.handshake_timeouts),
+            ("handshake_failures", "gRPC connections closed for a failed TLS handshake or bytes that are not HTTP/2.", &self.handshake_failures),
+            ("accept_errors", "Failed accepts on the gRPC listener (e.g. out of file descriptors).", &self.accept_errors),
+        ] {
+            let _ = write!(
+                o,
+                "# HELP minibatchd_connections_{name}_total {help}\n# TYPE minibatchd_connections_{name}_total counter\nminibatchd_connections_{name}_total {}\n",
+                v(a)
+            );
+        }
+    }
+}
+
+/// Default cap on metrics connections served at once. A scrape takes
+/// milliseconds and comes from one or two Prometheus servers; 32 leaves
+/// room for those and people with curl. Without a cap, 1,100 connections
+/// held 1,100 descriptors and starved the gRPC listener.
+pub const DEFAULT_METRICS_MAX_CONNECTIONS: usize = 32;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves, at most
+/// `max_connections` at once: further connections wait in the listen
+/// backlog (they hold no descriptor of ours there) until one ends, which
+/// each does within the 5 s request timeout.
 pub async fn serve(
     listener: TcpListener,
     metrics: std::sync::Arc<Metrics>,
+    max_connections: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let mut errors = crate::server::AcceptErrors::new("metrics");
     loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // never closed
+            },
+        };
         let (mut sock, _) = tokio::select! {
             _ = &mut shutdown => return,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    errors.ok();
+                    x
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    errors.failed(&e).await;
                     continue;
                 }
             },
         };
         let m = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut head = Vec::with_capacity(512);
             let mut buf = [0u8; 1024];
             let read = tokio::time::timeout(Duration::from_secs(5), async {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::batch::budget::Holder;
 use crate::batch::convert::{self, Conversion};
 use crate::batch::prepared::{Prepared, PreparedSet};
-use crate::batch::stream::{BatchStream, Encoding};
+use crate::batch::stream::{BatchStream, Encoding, Span};
 use crate::memory::PinState;
 use crate::order::{OrderSpec, Plan};
 use crate::proto;
@@ -130,16 +130,8 @@ impl BatchService {
                 with_indices: spec.with_indices,
                 chunk_bytes: p.limits.chunk_bytes_for(spec.max_chunk_bytes),
             };
-            Ok(BatchStream::new(
-                method,
-                p.clone(),
-                set,
-                plan,
-                enc,
-                range,
-                holder,
-                t0,
-            ))
+            let span = Span { set, plan, range };
+            Ok(BatchStream::new(method, p.clone(), span, enc, holder, t0))
         }
         .await;
         if let Err(e) = &r {

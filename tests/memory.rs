@@ -219,6 +219,78 @@ async fn streams_never_read_stay_within_the_memory_budget() {
     assert!(freed, "the budget is whole again once the attacker left");
 }
 
+/// A client that never reads can hold the whole budget; a well-behaved
+/// client that then waits for budget gets it, because connections whose
+/// leases outlive the stall time are closed while someone waits.
+#[tokio::test]
+async fn stalled_holders_are_evicted_for_a_waiting_client() {
+    let budget = 16 << 20;
+    let opts = ServerOptions {
+        limits: Limits {
+            budget_bytes: budget,
+            budget_wait: Duration::from_secs(20),
+            budget_stall: Duration::from_millis(500),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(synthetic(), opts).await;
+    let mut attacker = h2_client(srv.addr, 1).await;
+    let mut held_streams = Vec::new();
+    for seed in 0..8u64 {
+        attacker = attacker.ready().await.unwrap();
+        let req = proto::GetBatchRequest {
+            set: "train".into(),
+            size: 10_000,
+            order: Some(proto::Order {
+                shuffle: true,
+                seed,
+                ..Default::default()
+            }),
+            max_chunk_bytes: 4 << 20,
+            ..Default::default()
+        };
+        let (resp, mut send) = attacker
+            .send_request(post(srv.addr, "GetBatch"), false)
+            .unwrap();
+        send.send_data(grpc(&req), true).unwrap();
+        held_streams.push((resp, send));
+    }
+    // Wait until the attacker holds most of the budget.
+    let mut held = 0;
+    for _ in 0..500 {
+        held = metric(&srv, "minibatchd_budget_held_bytes");
+        if held >= 12 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held >= 12 << 20, "the attacker holds {held} bytes");
+    // A shuffled 5,000-example minibatch: the Rust client asks for whole
+    // messages, 4 MiB chunks, which do not fit beside the attacker.
+    let mut c = srv.client().await;
+    let mut r = BatchRequest::new("train", 1, 5000);
+    r.order.shuffle = true;
+    r.with_indices = true;
+    let b = c.get_batch(&r).await.expect("served after the eviction");
+    let first = i64::from_le_bytes(b.indices.unwrap().data[..8].try_into().unwrap()) as usize;
+    assert_eq!(&b.x.data[..784 * 4], srv.dataset.sets[0].x.row(first));
+    assert!(metric(&srv, "minibatchd_budget_evictions_total") >= 1);
+    // The attacker's connection was closed: its streams end with an error.
+    for (resp, _) in held_streams {
+        let r = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut body = resp.await?.into_body();
+            while let Some(d) = body.data().await {
+                d?;
+            }
+            body.trailers().await.map(|_| ())
+        })
+        .await
+        .expect("the evicted streams end");
+        assert!(r.is_err(), "an evicted stream ends with an error");
+    }
+}
+
 /// Finding 6: partial request bodies were held until the client left (2
 /// connections × 64 streams × 4 MiB − 1 byte: 640 MB). Requests are now
 /// capped at 64 KiB and must arrive within the request timeout.

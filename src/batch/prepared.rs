@@ -73,21 +73,22 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Largest `data` field one message can carry.
+    /// Largest `data` field one message may carry: what fits the message
+    /// limit, and at most half the memory budget, so that no single stream
+    /// can need all of it.
     pub fn max_chunk_bytes(&self) -> usize {
-        self.max_message_bytes - super::frame::MESSAGE_OVERHEAD
+        (self.max_message_bytes - super::frame::MESSAGE_OVERHEAD).min(self.budget_bytes / 2)
     }
 
     /// The chunk size for a request asking for `asked` (0: the server's
     /// default): within [`MIN_CHUNK_BYTES`] (or the server's own, smaller,
-    /// default) and the message limit.
+    /// default) and [`Limits::max_chunk_bytes`].
     pub fn chunk_bytes_for(&self, asked: u32) -> usize {
-        match asked as usize {
+        let asked = match asked as usize {
             0 => self.chunk_bytes,
-            asked => asked
-                .max(MIN_CHUNK_BYTES.min(self.chunk_bytes))
-                .min(self.max_chunk_bytes()),
-        }
+            asked => asked.max(MIN_CHUNK_BYTES.min(self.chunk_bytes)),
+        };
+        asked.min(self.max_chunk_bytes())
     }
 
     /// Budget one stream may need at once: a chunk and, shuffled, the
@@ -244,7 +245,7 @@ impl Prepared {
                 let _ = t.row_crcs.set(Arc::new(RowCrcs::new(&t.tensor)));
             }
         }
-        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "row CRCs ready");
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, "row CRCs ready");
     }
 
     /// The dataset's statistics, computing them (off the async threads) if

@@ -119,12 +119,27 @@ struct Current {
 /// What the stream needs to go on.
 enum Step {
     Frame(Frame),
-    /// This many bytes of budget.
-    Budget(usize),
+    /// This many bytes of budget, for a chunk or (not a chunk) a shuffled
+    /// minibatch's index list. Only chunk leases mark their connection as
+    /// stalled when they age: a chunk waits in the send buffer only while
+    /// the client does not read, an index list also while its stream waits
+    /// for budget itself.
+    Budget {
+        bytes: usize,
+        chunk: bool,
+    },
     End,
 }
 
 type Wait = Pin<Box<dyn Future<Output = Result<Lease, BudgetError>> + Send>>;
+
+/// Which minibatches a stream sends: `range` of `plan` over the set
+/// numbered `set` in the prepared dataset.
+pub struct Span {
+    pub set: usize,
+    pub plan: Plan,
+    pub range: std::ops::Range<u64>,
+}
 
 /// See the module docs.
 pub struct BatchStream {
@@ -147,18 +162,18 @@ pub struct BatchStream {
 }
 
 impl BatchStream {
-    /// A stream of minibatches `range` of `plan` over set number `set`;
-    /// the caller validated all of it.
+    /// A stream of `span`'s minibatches, for a request of `method` that
+    /// arrived at `started` on connection `holder`; the caller validated
+    /// all of it.
     pub fn new(
         method: &'static str,
         prepared: Arc<Prepared>,
-        set: usize,
-        plan: Plan,
+        span: Span,
         enc: Encoding,
-        range: std::ops::Range<u64>,
         holder: Option<Arc<Holder>>,
         started: Instant,
     ) -> Self {
+        let Span { set, plan, range } = span;
         prepared
             .metrics
             .active_streams
@@ -225,7 +240,12 @@ impl BatchStream {
                 let need = self.plan.batch_len(index) * std::mem::size_of::<usize>();
                 match self.lease.take() {
                     Some(l) => Some(l),
-                    None => return Step::Budget(need),
+                    None => {
+                        return Step::Budget {
+                            bytes: need,
+                            chunk: false,
+                        }
+                    }
                 }
             } else {
                 None
@@ -243,7 +263,12 @@ impl BatchStream {
                 Some(l) => budget::filled(l, end - off, |out| {
                     p.source.rows.fill(&cur.sel, off..end, out)
                 }),
-                None => return Step::Budget(end - off),
+                None => {
+                    return Step::Budget {
+                        bytes: end - off,
+                        chunk: true,
+                    }
+                }
             },
         };
         let chunk = proto::TensorChunk {
@@ -308,18 +333,21 @@ impl Stream for BatchStream {
                     this.outcome = Some(tonic::Code::Ok);
                     return Poll::Ready(None);
                 }
-                Step::Budget(n) => match this.prepared.budget.try_take(n, this.holder.as_ref()) {
-                    Ok(Some(l)) => this.lease = Some(l),
-                    Ok(None) => {
-                        this.prepared
-                            .metrics
-                            .budget_waits
-                            .fetch_add(1, Ordering::Relaxed);
-                        let take = this.prepared.budget.clone().take(n, this.holder.clone());
-                        this.waiting = Some(Box::pin(take));
+                Step::Budget { bytes, chunk } => {
+                    let holder = this.holder.clone().filter(|_| chunk);
+                    match this.prepared.budget.try_take(bytes, holder.as_ref()) {
+                        Ok(Some(l)) => this.lease = Some(l),
+                        Ok(None) => {
+                            this.prepared
+                                .metrics
+                                .budget_waits
+                                .fetch_add(1, Ordering::Relaxed);
+                            let take = this.prepared.budget.clone().take(bytes, holder);
+                            this.waiting = Some(Box::pin(take));
+                        }
+                        Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
                     }
-                    Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
-                },
+                }
             }
         }
     }

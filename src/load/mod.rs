@@ -58,8 +58,11 @@ impl Default for LoadOptions {
     }
 }
 
-/// 3/4 of physical memory: a dataset larger than that could not be served
-/// from RAM anyway.
+/// 3/4 of the memory this process may use: physical memory, or its
+/// cgroup's memory limit when lower (a container's limit, where the kernel
+/// OOM-kills instead of refusing: a 6.3 MB gzip that inflated to 6.3 GB
+/// was killed in a 512 MiB pod rather than refused). A dataset larger than
+/// that could not be served from RAM anyway.
 pub fn default_max_bytes() -> usize {
     // SAFETY: sysconf has no preconditions.
     let (pages, size) = unsafe {
@@ -68,10 +71,128 @@ pub fn default_max_bytes() -> usize {
             libc::sysconf(libc::_SC_PAGESIZE),
         )
     };
-    if pages > 0 && size > 0 {
-        (pages as usize).saturating_mul(size as usize) / 4 * 3
+    let physical = if pages > 0 && size > 0 {
+        (pages as usize).saturating_mul(size as usize)
     } else {
-        usize::MAX / 2
+        usize::MAX / 4 * 3
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let cgroup = cgroup::memory_limit(&own, |p| std::fs::read_to_string(p).ok());
+    let usable = cgroup.map_or(physical, |c| {
+        physical.min(c.try_into().unwrap_or(usize::MAX))
+    });
+    usable / 4 * 3
+}
+
+/// The memory limit of this process's cgroup, for [`default_max_bytes`].
+mod cgroup {
+    use std::path::{Path, PathBuf};
+
+    /// Where cgroup hierarchies are mounted (v2 unified at the top, v1 one
+    /// directory per controller).
+    const ROOT: &str = "/sys/fs/cgroup";
+
+    /// The lowest memory limit that applies, given `/proc/self/cgroup`'s
+    /// text and a file reader: v2 `memory.max` or v1
+    /// `memory.limit_in_bytes` in the process's cgroup and every ancestor
+    /// up to the mount point (a parent's limit binds its children, and
+    /// inside a container the mount point is the container's own cgroup,
+    /// whatever path `/proc/self/cgroup` names). `None`: no limit found.
+    pub(super) fn memory_limit(
+        proc_self_cgroup: &str,
+        read: impl Fn(&Path) -> Option<String>,
+    ) -> Option<u64> {
+        let mut limits = Vec::new();
+        for line in proc_self_cgroup.lines() {
+            // hierarchy-id:controllers:path
+            let mut f = line.splitn(3, ':');
+            let (Some(id), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let (mount, file) = if id == "0" && controllers.is_empty() {
+                (PathBuf::from(ROOT), "memory.max")
+            } else if controllers.split(',').any(|c| c == "memory") {
+                (Path::new(ROOT).join("memory"), "memory.limit_in_bytes")
+            } else {
+                continue;
+            };
+            let mut dir = Some(Path::new(path.trim_start_matches('/')));
+            while let Some(d) = dir {
+                if let Some(text) = read(&mount.join(d).join(file)) {
+                    limits.extend(parse_limit(&text));
+                }
+                dir = d.parent();
+            }
+        }
+        limits.into_iter().min()
+    }
+
+    /// A limit file's content: bytes, or `max` (v2: no limit). v1 says "no
+    /// limit" with a huge number, which the minimum with physical memory
+    /// absorbs.
+    fn parse_limit(text: &str) -> Option<u64> {
+        match text.trim() {
+            "max" => None,
+            t => t.parse().ok(),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn files<'a>(f: &'a [(&'a str, &'a str)]) -> impl Fn(&Path) -> Option<String> + 'a {
+            move |p| {
+                f.iter()
+                    .find(|(k, _)| Path::new(k) == p)
+                    .map(|(_, v)| v.to_string())
+            }
+        }
+
+        #[test]
+        fn cgroup_v2_limit_of_the_container_or_an_ancestor() {
+            // A pod with 512 MiB, cgroup namespace: the mount is its cgroup.
+            let f = [("/sys/fs/cgroup/memory.max", "536870912\n")];
+            assert_eq!(memory_limit("0::/\n", files(&f)), Some(536_870_912));
+            // No namespace: the own cgroup says max, its parent 1 GiB.
+            let f = [
+                ("/sys/fs/cgroup/kubepods/pod1/c1/memory.max", "max\n"),
+                ("/sys/fs/cgroup/kubepods/pod1/memory.max", "1073741824\n"),
+                ("/sys/fs/cgroup/kubepods/memory.max", "max\n"),
+            ];
+            assert_eq!(
+                memory_limit("0::/kubepods/pod1/c1\n", files(&f)),
+                Some(1 << 30)
+            );
+            // Unlimited everywhere, or no files at all.
+            let f = [("/sys/fs/cgroup/memory.max", "max\n")];
+            assert_eq!(memory_limit("0::/\n", files(&f)), None);
+            assert_eq!(memory_limit("0::/x\n", files(&[])), None);
+            assert_eq!(memory_limit("", files(&[])), None);
+        }
+
+        #[test]
+        fn cgroup_v1_limit_in_bytes() {
+            let own =
+                "12:pids:/docker/abc\n4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n";
+            // Docker without a cgroup namespace: the host path does not
+            // exist inside; the mount point holds the container's limit.
+            let f = [("/sys/fs/cgroup/memory/memory.limit_in_bytes", "268435456\n")];
+            assert_eq!(memory_limit(own, files(&f)), Some(256 << 20));
+            // "No limit" in v1 is a huge number, kept (physical memory is lower).
+            let f = [(
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            )];
+            assert_eq!(
+                memory_limit(own, files(&f)),
+                Some(9_223_372_036_854_771_712)
+            );
+            // Garbage is no limit, not a panic.
+            let f = [("/sys/fs/cgroup/memory/memory.limit_in_bytes", "lots\n")];
+            assert_eq!(memory_limit(own, files(&f)), None);
+            assert_eq!(memory_limit("4:memory:/a:b\nnonsense\n", files(&[])), None);
+        }
     }
 }
 

@@ -166,3 +166,60 @@ pub fn vm_rss(pid: u32) -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// A throwaway PKI in a temporary directory: `ca.pem`, a server
+/// certificate for "localhost" (`server.pem`, `server.key`) and a client
+/// certificate (`client.pem`, `client.key`) signed by the CA.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+        write("ca.pem", ca.pem());
+        for (name, sans) in [
+            ("server", vec!["localhost".to_string()]),
+            ("client", vec!["trainer".to_string()]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(sans)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        TestPki { dir }
+    }
+
+    pub fn path(&self, f: &str) -> std::path::PathBuf {
+        self.dir.path().join(f)
+    }
+
+    /// Server TLS files, with mutual TLS when `mtls`.
+    pub fn server_files(&self, mtls: bool) -> minibatchd::access::TlsFiles {
+        minibatchd::access::TlsFiles {
+            cert: self.path("server.pem"),
+            key: self.path("server.key"),
+            client_ca: mtls.then(|| self.path("ca.pem")),
+        }
+    }
+
+    /// Client options that verify the server and present the client
+    /// certificate.
+    pub fn client_options(&self) -> minibatchd::client::ClientOptions {
+        minibatchd::client::ClientOptions {
+            tls_ca: Some(self.path("ca.pem")),
+            tls_identity: Some((self.path("client.pem"), self.path("client.key"))),
+            ..Default::default()
+        }
+    }
+}
