@@ -518,6 +518,7 @@ pub async fn run(
     let handshake = Arc::new(Handshake {
         tls,
         timeout: opts.handshake_timeout,
+        conn_share: opts.limits.connection_share(),
         metrics: metrics.clone(),
         timeouts_log: LogThrottle::new(LOG_EVERY),
         failures_log: LogThrottle::new(LOG_EVERY),
@@ -898,6 +899,9 @@ enum HandshakeError {
 struct Handshake {
     tls: Option<tokio_rustls::TlsAcceptor>,
     timeout: Duration,
+    /// Each connection's share of the memory budget for chunks (see
+    /// `batch::budget::Holder`).
+    conn_share: usize,
     metrics: Arc<Metrics>,
     timeouts_log: LogThrottle,
     failures_log: LogThrottle,
@@ -968,7 +972,7 @@ impl Handshake {
         Ok(LimitedConn {
             io,
             replayed: 0,
-            holder: Arc::default(),
+            holder: Arc::new(Holder::new(self.conn_share)),
             _slot: slot,
         })
     }

@@ -235,10 +235,12 @@ async fn stalled_holders_are_evicted_for_a_waiting_client() {
         ..Default::default()
     };
     let srv = TestServer::start_with(synthetic(), opts).await;
-    let mut attacker = h2_client(srv.addr, 1).await;
+    // Two connections: one connection's chunks hold at most half the budget.
+    let mut attackers = [h2_client(srv.addr, 1).await, h2_client(srv.addr, 1).await];
     let mut held_streams = Vec::new();
     for seed in 0..8u64 {
-        attacker = attacker.ready().await.unwrap();
+        let attacker = &mut attackers[seed as usize % 2];
+        *attacker = attacker.clone().ready().await.unwrap();
         let req = proto::GetBatchRequest {
             set: "train".into(),
             size: 10_000,
@@ -265,7 +267,7 @@ async fn stalled_holders_are_evicted_for_a_waiting_client() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(held >= 12 << 20, "the attacker holds {held} bytes");
+    assert!(held >= 12 << 20, "the attackers hold {held} bytes");
     // A shuffled 5,000-example minibatch: the Rust client asks for whole
     // messages, 4 MiB chunks, which do not fit beside the attacker.
     let mut c = srv.client().await;
@@ -276,7 +278,7 @@ async fn stalled_holders_are_evicted_for_a_waiting_client() {
     let first = i64::from_le_bytes(b.indices.unwrap().data[..8].try_into().unwrap()) as usize;
     assert_eq!(&b.x.data[..784 * 4], srv.dataset.sets[0].x.row(first));
     assert!(metric(&srv, "minibatchd_budget_evictions_total") >= 1);
-    // The attacker's connection was closed: its streams end with an error.
+    // The attackers' connections were closed: their streams end with an error.
     for (resp, _) in held_streams {
         let r = tokio::time::timeout(Duration::from_secs(20), async {
             let mut body = resp.await?.into_body();

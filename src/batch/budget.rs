@@ -71,11 +71,23 @@ pub const MAX_CONNECTION_REQUEST_BYTES: usize = 256 << 10;
 /// request bytes the connection's streams are buffering: requests have
 /// their own small per-connection allowance instead of the shared budget,
 /// so a queue of large gathers never stalls the reading of requests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Holder {
     closed: AtomicBool,
     waker: AtomicWaker,
     request_bytes: std::sync::atomic::AtomicUsize,
+    /// The connection's share of the budget for chunks: a connection's
+    /// streams queue here first, so one connection with many streams
+    /// waits behind itself instead of filling the budget's queue ahead of
+    /// every other client.
+    share: Arc<Semaphore>,
+}
+
+impl Default for Holder {
+    /// A connection without a share limit.
+    fn default() -> Self {
+        Self::new(Semaphore::MAX_PERMITS)
+    }
 }
 
 /// Request bytes a connection is buffering; returned when dropped.
@@ -94,6 +106,16 @@ impl Drop for RequestLease {
 }
 
 impl Holder {
+    /// A connection whose chunks may hold at most `share` bytes of budget.
+    pub fn new(share: usize) -> Self {
+        Self {
+            closed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            request_bytes: Default::default(),
+            share: Arc::new(Semaphore::new(share.min(Semaphore::MAX_PERMITS))),
+        }
+    }
+
     /// `n` request bytes of this connection's allowance, if left.
     pub fn take_request(self: &Arc<Self>, n: usize) -> Option<RequestLease> {
         self.request_bytes
@@ -145,6 +167,8 @@ pub struct Budget {
 #[derive(Debug)]
 pub struct Lease {
     _permit: OwnedSemaphorePermit,
+    /// The same bytes of the holder's share, when a holder took it.
+    _share: Option<OwnedSemaphorePermit>,
     bytes: u64,
     held: Arc<AtomicU64>,
     /// This lease's entry in the registry, when a holder took it.
@@ -224,7 +248,13 @@ impl Budget {
         self.held.load(Ordering::Relaxed)
     }
 
-    fn lease(&self, permit: OwnedSemaphorePermit, n: usize, holder: Option<&Arc<Holder>>) -> Lease {
+    fn lease(
+        &self,
+        permit: OwnedSemaphorePermit,
+        share: Option<OwnedSemaphorePermit>,
+        n: usize,
+        holder: Option<&Arc<Holder>>,
+    ) -> Lease {
         self.held.fetch_add(n as u64, Ordering::Relaxed);
         let registered = holder.map(|h| {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -236,6 +266,7 @@ impl Budget {
         });
         Lease {
             _permit: permit,
+            _share: share,
             bytes: n as u64,
             held: self.held.clone(),
             registered,
@@ -259,12 +290,19 @@ impl Budget {
         holder: Option<&Arc<Holder>>,
     ) -> Result<Option<Lease>, BudgetError> {
         let p = self.permits(n)?;
+        let share = match holder {
+            Some(h) => match h.share.clone().try_acquire_many_owned(p) {
+                Ok(s) => Some(s),
+                Err(_) => return Ok(None),
+            },
+            None => None,
+        };
         Ok(self
             .sem
             .clone()
             .try_acquire_many_owned(p)
             .ok()
-            .map(|permit| self.lease(permit, n, holder)))
+            .map(|permit| self.lease(permit, share, n, holder)))
     }
 
     /// `n` bytes for `holder`, waiting for them at most the budget's wait
@@ -272,21 +310,32 @@ impl Budget {
     pub async fn take(self, n: usize, holder: Option<Arc<Holder>>) -> Result<Lease, BudgetError> {
         let p = self.permits(n)?;
         let deadline = tokio::time::Instant::now() + self.wait;
+        let exhausted = BudgetError::Exhausted {
+            budget: self.bytes,
+            waited: self.wait,
+        };
+        // The connection's own share first: while its other streams hold
+        // it, evicting anyone else would not help.
+        let share = match &holder {
+            Some(h) => {
+                match tokio::time::timeout_at(deadline, h.share.clone().acquire_many_owned(p)).await
+                {
+                    Ok(Ok(s)) => Some(s),
+                    Ok(Err(_)) | Err(_) => return Err(exhausted),
+                }
+            }
+            None => None,
+        };
         let acquire = self.sem.clone().acquire_many_owned(p);
         tokio::pin!(acquire);
         loop {
             self.evict_stalled();
             let slice = (tokio::time::Instant::now() + STALL_CHECK).min(deadline);
             match tokio::time::timeout_at(slice, &mut acquire).await {
-                Ok(Ok(permit)) => return Ok(self.lease(permit, n, holder.as_ref())),
+                Ok(Ok(permit)) => return Ok(self.lease(permit, share, n, holder.as_ref())),
                 Err(_) if slice < deadline => continue,
                 // Out of time (the semaphore is never closed).
-                Ok(Err(_)) | Err(_) => {
-                    return Err(BudgetError::Exhausted {
-                        budget: self.bytes,
-                        waited: self.wait,
-                    })
-                }
+                Ok(Err(_)) | Err(_) => return Err(exhausted),
             }
         }
     }
@@ -392,6 +441,26 @@ mod tests {
         drop(a);
         assert!(h.take_request(1000).is_some());
         drop(b);
+    }
+
+    /// One connection's chunks hold at most its share; another
+    /// connection's are not queued behind them.
+    #[tokio::test]
+    async fn a_connection_holds_at_most_its_share() {
+        let b = Budget::new(100, Duration::from_millis(50), DEFAULT_STALL);
+        let (greedy, other) = (Arc::new(Holder::new(50)), Arc::new(Holder::new(50)));
+        let a = b.try_take(30, Some(&greedy)).unwrap().unwrap();
+        assert!(
+            b.try_take(30, Some(&greedy)).unwrap().is_none(),
+            "over its share"
+        );
+        let e = b.clone().take(30, Some(greedy.clone())).await.unwrap_err();
+        assert!(matches!(e, BudgetError::Exhausted { .. }));
+        let c = b.try_take(50, Some(&other)).unwrap().unwrap();
+        assert_eq!(b.held(), 80);
+        drop(a);
+        assert!(b.try_take(30, Some(&greedy)).unwrap().is_some());
+        drop(c);
     }
 
     fn futures_waker() -> Waker {

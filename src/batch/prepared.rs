@@ -91,6 +91,13 @@ impl Limits {
         asked.min(self.max_chunk_bytes())
     }
 
+    /// Budget one connection's chunks may hold at once: half of it, so no
+    /// single client fills the budget (eviction then frees what a stalled
+    /// one holds) and still at least its largest chunk.
+    pub fn connection_share(&self) -> usize {
+        (self.budget_bytes / 2).max(self.max_chunk_bytes())
+    }
+
     /// Budget one stream may need at once: a chunk and, shuffled, the
     /// index list of a minibatch. A smaller budget could stall a lone stream.
     pub fn stream_bytes(&self) -> usize {
