@@ -1,0 +1,445 @@
+//! The command line's flags (clap derive, every serving flag also an
+//! environment variable) and what they turn into: server options, load
+//! options, client options, a load spec. The binary parses [`Cli`] and
+//! dispatches; nothing here does I/O but reading a token file or dataset.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cli::loadgen::{LoadSpec, Method};
+use crate::client::Client;
+use crate::load::{self, LoadOptions, PinPolicy};
+use crate::service::{Limits, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::store::{DType, Dataset};
+
+#[derive(Parser)]
+#[command(
+    name = "minibatchd",
+    version,
+    about = "Loads a training dataset once into pinned memory and serves minibatches over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "MINIBATCHD_LOG_FORMAT",
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax, e.g. "info" or "minibatchd=debug").
+    #[arg(long, global = true, env = "MINIBATCHD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Load a dataset and serve it over gRPC.
+    Serve(ServeArgs),
+    /// Load a dataset and describe it: sets, shapes, dtypes, ranges, sha256s.
+    Inspect(InspectArgs),
+    /// Ask a server for its dataset description (GetInfo).
+    Info(ClientArgs),
+    /// Fetch one minibatch; print a summary or write .npy files.
+    Get(GetArgs),
+    /// Check a server's gRPC health; exit 0 when SERVING (for container probes).
+    Health(ClientArgs),
+    /// Load generator: fetch minibatches and report throughput and latency.
+    Bench(BenchArgs),
+    /// Benchmark helper: only inflate a gzip file with the loader's
+    /// decompressor (the floor a load is compared with).
+    #[command(hide = true)]
+    Inflate { path: PathBuf },
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// Dataset: a gzip'd or plain pickle in mnist.pkl.gz's layout, or a
+    /// directory of MNIST IDX files. Default: the bundled sample of 5,000 real
+    /// MNIST digits (3,000 / 1,000 / 1,000).
+    #[arg(long, env = "MINIBATCHD_DATA")]
+    pub data: Option<PathBuf>,
+    /// IDX directories only: how many of the official training images (the
+    /// last ones) become the validation set (10,000 = the tutorial's split).
+    #[arg(long, env = "MINIBATCHD_VALID_SPLIT", default_value_t = 10_000)]
+    pub valid_split: usize,
+    /// Refuse datasets that inflate beyond this many bytes (default: 3/4 of RAM).
+    #[arg(long, env = "MINIBATCHD_MAX_DATASET_BYTES")]
+    pub max_dataset_bytes: Option<usize>,
+}
+
+impl LoadArgs {
+    pub fn load(&self, pin: PinPolicy) -> anyhow::Result<Dataset> {
+        let opts = LoadOptions {
+            max_bytes: self
+                .max_dataset_bytes
+                .unwrap_or_else(load::default_max_bytes),
+            valid_split: self.valid_split,
+            pin,
+        };
+        // An empty MINIBATCHD_DATA (compose files often pass one) means "unset".
+        Ok(
+            match self.data.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+                Some(p) => load::load(p, &opts)?,
+                None => {
+                    tracing::info!(
+                        "no --data given: using the bundled sample ({})",
+                        crate::BUNDLED_SAMPLE_NAME
+                    );
+                    load::load_bytes(
+                        Path::new(crate::BUNDLED_SAMPLE_NAME),
+                        crate::BUNDLED_SAMPLE,
+                        &opts,
+                    )?
+                }
+            },
+        )
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "MINIBATCHD_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Prometheus metrics listen address (HTTP, GET /metrics); "off" disables.
+    #[arg(
+        long,
+        env = "MINIBATCHD_METRICS_ADDR",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub metrics_addr: String,
+    /// Largest minibatch (examples) a request may ask for.
+    #[arg(long, env = "MINIBATCHD_MAX_BATCH_SIZE", default_value_t = DEFAULT_MAX_BATCH_SIZE)]
+    pub max_batch_size: usize,
+    /// Largest gRPC message sent or accepted (4 MiB keeps stock clients working).
+    #[arg(long, env = "MINIBATCHD_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Largest tensor data per message; must leave 1 KiB of the message size for other fields.
+    #[arg(long, env = "MINIBATCHD_CHUNK_BYTES", default_value_t = crate::service::DEFAULT_CHUNK_BYTES)]
+    pub chunk_bytes: usize,
+    /// Bytes all requests together may hold in gathered or converted chunks
+    /// (shuffled, sharded or narrowed minibatches); more waits, then is
+    /// refused with RESOURCE_EXHAUSTED. Contiguous float32 minibatches are
+    /// slices of the dataset and take none.
+    #[arg(long, env = "MINIBATCHD_MEMORY_BUDGET_BYTES", default_value_t = crate::batch::budget::DEFAULT_BUDGET_BYTES)]
+    pub memory_budget_bytes: usize,
+    /// Seconds a lease of memory budget may stay unsent while other streams
+    /// wait for budget before its connection is closed (never-read streams).
+    #[arg(long, env = "MINIBATCHD_BUDGET_STALL_SECS", default_value = "2", value_parser = secs)]
+    pub budget_stall_secs: Duration,
+    /// Seconds a chunk may wait for memory budget before its stream is refused.
+    #[arg(long, env = "MINIBATCHD_BUDGET_WAIT_SECS", default_value = "10", value_parser = secs)]
+    pub budget_wait_secs: Duration,
+    /// Seconds a request message may take to arrive after its headers.
+    #[arg(long, env = "MINIBATCHD_REQUEST_TIMEOUT_SECS", default_value = "10", value_parser = secs)]
+    pub request_timeout_secs: Duration,
+    /// Fail start-up if the dataset memory cannot be locked in RAM.
+    #[arg(long, env = "MINIBATCHD_REQUIRE_PINNED", conflicts_with = "no_pin")]
+    pub require_pinned: bool,
+    /// Do not try to lock the dataset memory.
+    #[arg(long, env = "MINIBATCHD_NO_PIN")]
+    pub no_pin: bool,
+    /// Seconds in-flight streams may continue after SIGTERM/SIGINT (at most a day).
+    #[arg(long, env = "MINIBATCHD_SHUTDOWN_GRACE_SECS", default_value = "30", value_parser = secs)]
+    pub shutdown_grace_secs: Duration,
+    /// Connections served at once; more are closed at accept, unless one has
+    /// not completed its handshake: the oldest such is closed instead.
+    #[arg(long, env = "MINIBATCHD_MAX_CONNECTIONS", default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds from accept to the HTTP/2 preface (TLS handshake included);
+    /// slower connections are closed and free their slot.
+    #[arg(long, env = "MINIBATCHD_HANDSHAKE_TIMEOUT_SECS", default_value = "5", value_parser = secs)]
+    pub handshake_timeout_secs: Duration,
+    /// Listen backlog of the gRPC socket: connections queued before accept
+    /// (the kernel caps it at net.core.somaxconn).
+    #[arg(long, env = "MINIBATCHD_LISTEN_BACKLOG", default_value_t = crate::server::DEFAULT_LISTEN_BACKLOG, value_parser = clap::value_parser!(u32).range(1..))]
+    pub listen_backlog: u32,
+    /// Metrics connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "MINIBATCHD_METRICS_MAX_CONNECTIONS", default_value_t = crate::metrics::DEFAULT_METRICS_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub metrics_max_connections: usize,
+    /// RPCs one connection may have in flight (HTTP/2 max concurrent streams).
+    #[arg(long, env = "MINIBATCHD_MAX_CONCURRENT_STREAMS", default_value_t = crate::server::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
+    /// Serving threads (each serves whole connections on its own
+    /// single-threaded runtime); 0 = one per CPU.
+    #[arg(long, env = "MINIBATCHD_IO_THREADS", default_value_t = 0)]
+    pub io_threads: usize,
+    /// Seconds between HTTP/2 keepalive pings (at least 1, at most a day); a
+    /// peer silent for 10 s more is dropped.
+    #[arg(long, env = "MINIBATCHD_KEEPALIVE_SECS", default_value = "30", value_parser = secs)]
+    pub keepalive_secs: Duration,
+    /// Require "authorization: Bearer <token>" on BatchService calls; the token
+    /// is this file's content (health stays open for probes).
+    #[arg(
+        long,
+        env = "MINIBATCHD_AUTH_TOKEN_FILE",
+        conflicts_with = "auth_token"
+    )]
+    pub auth_token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer the file: environments leak into process listings less, files into none).
+    #[arg(long, env = "MINIBATCHD_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, env = "MINIBATCHD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "MINIBATCHD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "MINIBATCHD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Dataset file or IDX directory (default: the bundled sample).
+    pub path: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 10_000)]
+    pub valid_split: usize,
+}
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "MINIBATCHD_SERVER", default_value = "127.0.0.1:50051")]
+    pub server: String,
+    /// Bearer token, if the server asks for one.
+    #[arg(long, env = "MINIBATCHD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate that signed the server's (turns TLS on).
+    #[arg(long, env = "MINIBATCHD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    #[arg(long, env = "MINIBATCHD_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    #[arg(long, env = "MINIBATCHD_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Server name to verify (default: the host in --server).
+    #[arg(long, env = "MINIBATCHD_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+}
+
+impl ClientArgs {
+    pub fn options(&self) -> crate::client::ClientOptions {
+        crate::client::ClientOptions {
+            token: self.token.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_identity: self
+                .tls_client_cert
+                .clone()
+                .zip(self.tls_client_key.clone()),
+            tls_domain: self.tls_domain.clone(),
+        }
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect_with(&self.server, &self.options()).await?)
+    }
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "train")]
+    pub set: String,
+    #[arg(long, default_value_t = 0)]
+    pub index: u64,
+    #[arg(long, default_value_t = 500)]
+    pub size: u32,
+    /// Wire dtype of x (float32, uint8, float16, bfloat16); default as stored.
+    #[arg(long)]
+    pub x_dtype: Option<DType>,
+    /// Wire dtype of y (int32); default as stored.
+    #[arg(long)]
+    pub y_dtype: Option<DType>,
+    #[arg(long)]
+    pub shuffle: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 0)]
+    pub epoch: u64,
+    #[arg(long, default_value_t = 0)]
+    pub rank: u32,
+    #[arg(long, default_value_t = 0)]
+    pub world_size: u32,
+    /// Write x.npy and y.npy into this directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+pub enum BenchMethod {
+    GetBatch,
+    StreamBatches,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, value_enum, default_value = "get-batch")]
+    pub method: BenchMethod,
+    #[arg(long, default_value = "train")]
+    pub set: String,
+    #[arg(long, default_value_t = 500)]
+    pub size: u32,
+    /// Concurrent clients (each its own connection).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Stop after this many minibatches in all (0 = run for --duration).
+    #[arg(long, default_value_t = 0)]
+    pub count: u64,
+    /// Seconds to run when --count is 0.
+    #[arg(long, default_value = "5", value_parser = secs)]
+    pub duration: Duration,
+    /// Wire dtype of x (float32, uint8, float16, bfloat16); default as stored.
+    #[arg(long)]
+    pub x_dtype: Option<DType>,
+    #[arg(long)]
+    pub shuffle: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ServeArgs {
+    /// The server's settings from these flags (the token file read now).
+    pub fn options(&self) -> anyhow::Result<crate::server::ServerOptions> {
+        let a = self;
+        Ok(crate::server::ServerOptions {
+            limits: Limits {
+                max_batch_size: a.max_batch_size,
+                max_message_bytes: a.max_message_bytes,
+                chunk_bytes: a.chunk_bytes,
+                budget_bytes: a.memory_budget_bytes,
+                budget_wait: a.budget_wait_secs,
+                budget_stall: a.budget_stall_secs,
+                request_timeout: a.request_timeout_secs,
+            },
+            shutdown_grace: a.shutdown_grace_secs,
+            eager_stats: true,
+            max_connections: a.max_connections,
+            max_concurrent_streams: a.max_concurrent_streams,
+            io_threads: a.io_threads,
+            keepalive_interval: a.keepalive_secs.max(Duration::from_secs(1)),
+            keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: a.handshake_timeout_secs,
+            auth_token: match (&a.auth_token_file, &a.auth_token) {
+                (Some(f), _) => Some(crate::access::read_token_file(f)?),
+                (None, t) => t.clone(),
+            },
+            tls: a
+                .tls_cert
+                .clone()
+                .zip(a.tls_key.clone())
+                .map(|(cert, key)| crate::access::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: a.tls_client_ca.clone(),
+                }),
+        })
+    }
+
+    /// Whether to lock the dataset in RAM.
+    pub fn pin(&self) -> PinPolicy {
+        if self.no_pin {
+            PinPolicy::Off
+        } else if self.require_pinned {
+            PinPolicy::Require
+        } else {
+            PinPolicy::Try
+        }
+    }
+}
+
+impl BenchArgs {
+    /// The load these flags describe.
+    pub fn spec(&self) -> LoadSpec {
+        LoadSpec {
+            server: self.client.server.clone(),
+            client: self.client.options(),
+            method: match self.method {
+                BenchMethod::GetBatch => Method::GetBatch,
+                BenchMethod::StreamBatches => Method::StreamBatches,
+            },
+            set: self.set.clone(),
+            size: self.size,
+            x_dtype: self.x_dtype,
+            shuffle: self.shuffle,
+            concurrency: self.concurrency,
+            count: self.count,
+            duration: self.duration,
+        }
+    }
+}
+
+/// Parses a number of seconds for a duration flag: finite, not negative,
+/// at most [`crate::server::MAX_DURATION`] (`Duration::from_secs_f64`
+/// panics on infinity and on overflow, and `1e30` seconds is a typo).
+pub fn secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let max = crate::server::MAX_DURATION;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!(
+            "{s} is not a finite, non-negative number of seconds"
+        ));
+    }
+    if v > max.as_secs_f64() {
+        return Err(format!(
+            "{s} s is more than the {} s (a day) allowed",
+            max.as_secs()
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The duration flags' defaults (strings, for clap) are the library's.
+    #[test]
+    fn duration_defaults_are_the_librarys() {
+        let cli = Cli::try_parse_from(["minibatchd", "serve"]).unwrap();
+        let Cmd::Serve(a) = cli.cmd else {
+            unreachable!()
+        };
+        let o = a.options().unwrap();
+        let l = Limits::default();
+        assert_eq!(o.limits.budget_wait, l.budget_wait);
+        assert_eq!(o.limits.budget_stall, l.budget_stall);
+        assert_eq!(o.limits.request_timeout, l.request_timeout);
+        assert_eq!(o.limits.budget_bytes, l.budget_bytes);
+        let d = crate::server::ServerOptions::default();
+        assert_eq!(o.shutdown_grace, d.shutdown_grace);
+        assert_eq!(o.handshake_timeout, d.handshake_timeout);
+        assert_eq!(o.keepalive_interval, d.keepalive_interval);
+    }
+
+    #[test]
+    fn durations_must_be_finite_sane_seconds() {
+        assert_eq!(secs("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["inf", "NaN", "-1", "1e30", "abc"] {
+            assert!(secs(bad).is_err(), "{bad}");
+        }
+    }
+}
