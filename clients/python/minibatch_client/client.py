@@ -81,6 +81,7 @@ class _Replica:
     def close(self):
         for c in self._channels:
             c.close()
+        self.transport.close()
 
 
 class Client:

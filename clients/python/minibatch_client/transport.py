@@ -142,6 +142,9 @@ class GrpcioTransport:
         self._stream = stream_channel.unary_stream(STREAM_BATCHES, request_serializer=_serialize,
                                                    response_deserializer=None)
 
+    def close(self) -> None:
+        """Nothing to do: the grpcio channels are the Client's to close."""
+
     def get_batch(self, req: pb.GetBatchRequest, expected: Expected, timeout: Optional[float]) -> Batch:
         batch = None
         for batch in self._call(self._get, req, expected, timeout):
@@ -234,6 +237,16 @@ def batch_from_native(t, expected: Expected) -> Batch:
     return Batch(index, found["x"], found["y"], found.get("indices"))
 
 
+class _Closed:
+    """What a closed NativeTransport calls: grpcio's error for a closed channel."""
+
+    def __getattr__(self, name):
+        raise ValueError("Cannot invoke RPC on closed channel!")
+
+
+_CLOSED = _Closed()
+
+
 class NativeTransport:
     """GetBatch and StreamBatches on native channels, each on its own
     connection (an epoch's prefetch thread and GetBatch calls do not queue
@@ -253,6 +266,12 @@ class NativeTransport:
         self._verify_crc = verify_crc
         self._get = native.Channel(dial, **(tls or {}))
         self._stream = native.Channel(dial, **(tls or {}))
+
+    def close(self) -> None:
+        """Drops both channels, closing their connections once no call uses
+        them (a server can otherwise be left writing into a connection that
+        no one reads, until the Client is garbage-collected)."""
+        self._get = self._stream = _CLOSED
 
     def get_batch(self, req: pb.GetBatchRequest, expected: Expected, timeout: Optional[float]) -> Batch:
         """The whole call in one step into Rust."""
