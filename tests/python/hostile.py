@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from concurrent import futures
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -27,6 +27,8 @@ SETS = {
     # 256 KiB per example, so that a minibatch of 4 is 1 MiB of x: endless
     # streams of whole messages reach the safety cap in a few hundred of them
     "big": (1000, (1 << 16,), pb.DTYPE_FLOAT32, pb.DTYPE_INT64),
+    # like train, with room for many small minibatches
+    "many": (100, (4,), pb.DTYPE_FLOAT32, pb.DTYPE_INT64),
 }
 MAX_MESSAGE_BYTES = 4 << 20
 
@@ -72,12 +74,14 @@ Script = Callable[[bytes], Iterable[bytes]]
 
 
 class HostileServer:
-    """Serves `script(raw request) -> messages` for GetBatch and StreamBatches.
-    Use as a context manager; `address` is where it listens."""
+    """Serves `script(raw request) -> messages` for GetBatch and StreamBatches,
+    and `info` (default dataset_info(); bytes are sent as they are) for
+    GetInfo. Use as a context manager; `address` is where it listens."""
 
-    def __init__(self, script: Script | Iterable[bytes], info: Optional[pb.DatasetInfo] = None):
+    def __init__(self, script: Script | Iterable[bytes], info: pb.DatasetInfo | bytes | None = None):
         self.script: Script = script if callable(script) else (lambda _req, m=list(script): m)
-        described = info if info is not None else dataset_info()
+        info = info if info is not None else dataset_info()
+        described = info if isinstance(info, bytes) else info.SerializeToString()
         self.sent_bytes = 0
         self.sent_messages = 0
         self.hit_cap = False
@@ -85,7 +89,7 @@ class HostileServer:
         served = grpc.method_handlers_generic_handler("minibatch.v1.BatchService", {
             "GetInfo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: described,
                                                            request_deserializer=None,
-                                                           response_serializer=pb.DatasetInfo.SerializeToString),
+                                                           response_serializer=None),
             **{name: grpc.unary_stream_rpc_method_handler(self._stream, request_deserializer=None,
                                                           response_serializer=None)
                for name in ("GetBatch", "StreamBatches")}})

@@ -12,6 +12,7 @@ import warnings
 from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from . import addresses as _addresses
 from . import order as _order
@@ -24,6 +25,7 @@ from .errors import (
     InsecureTokenWarning,
     MinibatchError,
     NotFound,
+    ProtocolError,
     Unavailable,
 )
 from .expect import Expected
@@ -35,6 +37,7 @@ from .transport import (
     GrpcioTransport,
     NativeTransport,
     grpcio_channel,
+    message_cap,
     minibatch_errors,
     use_native,
 )
@@ -69,10 +72,12 @@ class _Replica:
             self._channels.append(stream_channel)
             self.transport = GrpcioTransport(address, self.channel, stream_channel, metadata, verify_crc)
         else:
-            self.transport = NativeTransport(address, metadata, verify_crc, native_tls)
+            self.transport = NativeTransport(address, metadata, verify_crc, native_tls, message_cap(options))
+        # The answer as received (bytes): parsed here, and handed as is to
+        # the transport (NativeTransport.learn).
         self.get_info = self.channel.unary_unary(f"/{SERVICE}/GetInfo",
                                                  request_serializer=pb.GetInfoRequest.SerializeToString,
-                                                 response_deserializer=pb.DatasetInfo.FromString)
+                                                 response_deserializer=None)
         self.health = self.channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
                                                response_deserializer=None)
         #: this server's GetInfo as last read: what its minibatches are checked against
@@ -81,6 +86,7 @@ class _Replica:
     def close(self):
         for c in self._channels:
             c.close()
+        self.transport.close()
 
 
 class Client:
@@ -102,7 +108,8 @@ class Client:
                     holds the same dataset (GetInfo fingerprint).
     options:        extra grpcio channel options; they override DEFAULT_OPTIONS
                     (e.g. ("grpc.max_receive_message_length", n) for a server
-                    sending messages over MAX_RECEIVE_MESSAGE_BYTES).
+                    sending messages over MAX_RECEIVE_MESSAGE_BYTES; the
+                    native transport takes that cap too).
     single_threaded_get_batch, single_threaded_stream: grpcio's
                     SingleThreadedUnaryStream mode for GetBatch and for
                     StreamBatches calls (the measured faster settings are the
@@ -210,10 +217,15 @@ class Client:
 
     def _read_info(self, r: _Replica) -> DatasetInfo:
         """GetInfo from r, now. Kept as what r's minibatches are checked
-        against; with several servers, first checked to describe the same
+        against, and handed to r's transport (the native one bounds by it
+        too); with several servers, first checked to describe the same
         dataset as the others, so that a failover cannot change the data."""
         with minibatch_errors(r.address):
-            m = r.get_info(pb.GetInfoRequest(), timeout=self.timeout, metadata=self._metadata)
+            raw = r.get_info(pb.GetInfoRequest(), timeout=self.timeout, metadata=self._metadata)
+        try:
+            m = pb.DatasetInfo.FromString(raw)
+        except DecodeError as e:
+            raise ProtocolError(f"the GetInfo answer is not a valid DatasetInfo: {e}", address=r.address) from None
         info = DatasetInfo.from_proto(m, r.address)
         if self.check_replicas:
             with self._lock:
@@ -225,6 +237,7 @@ class Client:
                         f"replicas hold different datasets: {addr} has fingerprint {fp[:16]}..., "
                         f"{r.address} has {info.fingerprint[:16]}...; every address given to one Client "
                         "must serve the same data", address=r.address)
+        r.transport.learn(raw)
         r.info = info
         return info
 

@@ -5,6 +5,8 @@ interface:
     t.stream_batches(request, expected, timeout) -> call
         iterate the call for its wire.Batch minibatches; call.cancel(),
         from any thread, ends it (the iteration then raises CANCELLED)
+    t.learn(info) with the server's serialized GetInfo answer, before the
+        first minibatch (Client does): what the transport itself bounds by
 
 Both raise MinibatchErrors only (the call's gRPC status through
 errors.for_status; a bad stream as ProtocolError or ChecksumError, naming
@@ -17,7 +19,15 @@ failover above them are one code path.
 - NativeTransport: the optional `minibatch-client-native` package (tonic in
   Rust, clients/python/native), which reassembles and checks chunks itself
   (crates/tensor-chunks) and hands over whole minibatches. Client picks it by
-  default when it is installed (use_native).
+  default when it is installed (use_native). `learn` hands it the GetInfo
+  answer (Channel.learn_info): from then on the Rust side holds every chunk
+  to the dataset's exact shapes and every message to the server's
+  advertised limit, as wire.Assembler does for grpcio.
+
+Messages: a message over the client's cap (MAX_RECEIVE_MESSAGE_BYTES, or
+the Client's grpc.max_receive_message_length) is refused before it is
+buffered, RESOURCE_EXHAUSTED on both transports; one under the cap but over
+the server's own advertised limit is a ProtocolError on both.
 
 GetInfo and the health check always go over grpcio (grpcio_channel).
 """
@@ -35,7 +45,7 @@ import numpy as np
 from ._proto import minibatch_pb2 as pb
 from .dtypes import dtype_name
 from .errors import ChecksumError, MinibatchError, ProtocolError, for_status
-from .expect import Expected
+from .expect import Expected, over_the_servers_limit
 from .wire import Assembler, Batch, Tensor
 
 try:  # the optional native transport
@@ -61,6 +71,15 @@ DEFAULT_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
 )
 
+
+def message_cap(options: Sequence[tuple[str, object]]) -> int:
+    """The client's cap on one message, as the (last) grpc.max_receive_message_length
+    in `options` says: what the native transport is given too. Negative is
+    grpcio's "unlimited": any length a gRPC message can have (32 bits)."""
+    cap = dict(options).get("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)
+    cap = int(cap)  # type: ignore[call-overload]
+    return (1 << 32) - 1 if cap < 0 else cap
+
 # grpcio's single-threaded mode for server-streaming ("unary-stream") calls:
 # the iterator drives the completion queue on the calling thread instead of a
 # channel thread handing each message over. Note the option key is the
@@ -78,6 +97,13 @@ NATIVE_CHUNK_BYTES = (4 << 20) - 4096
 
 # The native transport's RpcError carries the status code as an int.
 _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+# The native transport's own refusal of a message over its limit
+# (crates/grpc-frames MessageReader), as RESOURCE_EXHAUSTED. The limit it
+# names is the one in force: the client's cap, or the server's advertised
+# limit once learned (lower). A server sending this text as its own status
+# gets, at worst, a ProtocolError.
+_NATIVE_OVER_LIMIT = re.compile(r"response message of (\d+) bytes exceeds this client's limit of (\d+) bytes")
 _NATIVE_RPC_ERROR = native.RpcError if native is not None else ()
 _NATIVE_CHUNK_ERROR = native.ChunkError if native is not None else ()
 
@@ -85,11 +111,30 @@ _NATIVE_CHUNK_ERROR = native.ChunkError if native is not None else ()
 _PLAIN_TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d+)?$")
 
 
+def _native_status(code: int, details: str, address: str, limits: Optional[tuple[int, Optional[int]]]):
+    """The MinibatchError for a native RpcError: its status, except for the
+    native side's refusal of a message over its limit, which reads as
+    grpcio's would: RESOURCE_EXHAUSTED over the client's cap (grpcio's words),
+    a ProtocolError under it but over the server's advertised limit."""
+    status = _STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    m = _NATIVE_OVER_LIMIT.fullmatch(details) if status == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if m and limits is not None:
+        size = int(m.group(1))
+        cap, advertised = limits
+        if size > cap:
+            return for_status(status, f"Received message larger than max ({size} vs. {cap})", address)
+        if advertised is not None and size > advertised:
+            return over_the_servers_limit(size, advertised, address)
+    return for_status(status, details, address)
+
+
 @contextmanager
-def minibatch_errors(address: str):
+def minibatch_errors(address: str, limits: Optional[tuple[int, Optional[int]]] = None):
     """Every failure of a call to `address` (grpcio's, the native
     transport's, or one the client found) as a MinibatchError naming the
-    server: the one place where transport exceptions are translated."""
+    server: the one place where transport exceptions are translated.
+    `limits`, for a native call: (the client's message cap, the server's
+    advertised limit or None)."""
     try:
         yield
     except MinibatchError as e:  # found by the client: Expected, Assembler
@@ -102,7 +147,7 @@ def minibatch_errors(address: str):
         raise for_status(code, details, address) from None
     except _NATIVE_RPC_ERROR as e:
         code, details = e.args
-        raise for_status(_STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN), details, address) from None
+        raise _native_status(code, details, address, limits) from None
     except _NATIVE_CHUNK_ERROR as e:
         kind, message = e.args
         raise (ChecksumError if kind == "checksum" else ProtocolError)(message, address=address) from None
@@ -141,6 +186,12 @@ class GrpcioTransport:
         self._get = get_channel.unary_stream(GET_BATCH, request_serializer=_serialize, response_deserializer=None)
         self._stream = stream_channel.unary_stream(STREAM_BATCHES, request_serializer=_serialize,
                                                    response_deserializer=None)
+
+    def learn(self, info: bytes) -> None:
+        """Nothing to hand over: wire.Assembler checks against the call's Expected."""
+
+    def close(self) -> None:
+        """Nothing to do: the grpcio channels are the Client's to close."""
 
     def get_batch(self, req: pb.GetBatchRequest, expected: Expected, timeout: Optional[float]) -> Batch:
         batch = None
@@ -223,15 +274,32 @@ def use_native(asked: Optional[bool], targets: Sequence[str]) -> bool:
 def batch_from_native(t, expected: Expected) -> Batch:
     """A minibatch the native transport reassembled (Call.next_batch,
     Channel.one_batch): (index, [(name, dtype, shape, scale_divisor, writable
-    buffer), ...]), checked against `expected` and wrapped without a copy."""
+    buffer), ...]), checked against `expected` and wrapped without a copy.
+
+    The Rust side has held the minibatch to the same bounds already (the
+    GetInfo it learned); these checks stay (a few per minibatch, not per
+    chunk) because its bounds are not provably the same in every case: for
+    a request the set cannot serve (unknown set, index past the end, more
+    ranks than examples) or a GetInfo whose stored dtype is unknown, and
+    for StreamBatches' end, it knows less than Expected."""
     index, tensors = t
     expected.begin(index)
     found = {}
     for name, code, shape, scale, buf in tensors:
         npd = expected.tensor(name, code, shape, len(buf))
         found[name] = Tensor(name, dtype_name(code), np.frombuffer(buf, npd).reshape(shape), scale)
-    expected.complete(found)
+    expected.complete()
     return Batch(index, found["x"], found["y"], found.get("indices"))
+
+
+class _Closed:
+    """What a closed NativeTransport calls: grpcio's error for a closed channel."""
+
+    def __getattr__(self, name):
+        raise ValueError("Cannot invoke RPC on closed channel!")
+
+
+_CLOSED = _Closed()
 
 
 class NativeTransport:
@@ -246,17 +314,42 @@ class NativeTransport:
     chunk_bytes = NATIVE_CHUNK_BYTES
 
     def __init__(self, address: str, metadata: Optional[Sequence[tuple[str, str]]], verify_crc: bool,
-                 tls: Optional[dict] = None):
+                 tls: Optional[dict] = None, max_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES):
+        """max_message_bytes: the client's cap on one message (grpcio's
+        grpc.max_receive_message_length, so both transports refuse the same
+        messages); the Rust side lowers it to the server's advertised limit
+        once it has learned GetInfo."""
         dial = native_address(address)
         self._address = address
         self._metadata = list(metadata) if metadata else None
         self._verify_crc = verify_crc
-        self._get = native.Channel(dial, **(tls or {}))
-        self._stream = native.Channel(dial, **(tls or {}))
+        self._cap = max_message_bytes
+        kw = dict(tls or {}, max_message_bytes=max_message_bytes)
+        self._get = native.Channel(dial, **kw)
+        self._stream = native.Channel(dial, **kw)
+
+    def learn(self, info: bytes) -> None:
+        """Hands the server's serialized GetInfo answer to both channels: the
+        Rust side then holds minibatches to the dataset's exact shapes and
+        messages to the server's advertised limit."""
+        for ch in (self._get, self._stream):
+            try:
+                ch.learn_info(info)
+            except ValueError as e:  # the protobuf parser in Python took it; prost did not
+                raise ProtocolError(f"GetInfo answer: {e}", address=self._address) from None
+
+    def _limits(self, expected: Expected) -> tuple[int, Optional[int]]:
+        return self._cap, expected.max_message_bytes
+
+    def close(self) -> None:
+        """Drops both channels, closing their connections once no call uses
+        them (a server can otherwise be left writing into a connection that
+        no one reads, until the Client is garbage-collected)."""
+        self._get = self._stream = _CLOSED
 
     def get_batch(self, req: pb.GetBatchRequest, expected: Expected, timeout: Optional[float]) -> Batch:
         """The whole call in one step into Rust."""
-        with minibatch_errors(self._address):
+        with minibatch_errors(self._address, self._limits(expected)):
             t = self._get.one_batch(GET_BATCH, req.SerializeToString(), self._metadata, timeout, self._verify_crc)
             batch = batch_from_native(t, expected)
             expected.finish()
@@ -266,16 +359,18 @@ class NativeTransport:
                        timeout: Optional[float]) -> "_NativeCall":
         raw = req.SerializeToString()
         return _NativeCall(lambda: self._stream.unary_stream(STREAM_BATCHES, raw, self._metadata, timeout),
-                           expected, self._verify_crc, self._address)
+                           expected, self._verify_crc, self._address, self._limits(expected))
 
 
 class _NativeCall:
     """Starts when iterated, so that, as with grpcio, every failure (including
     the server refusing the request) surfaces from the iteration."""
 
-    __slots__ = ("_start", "_call", "_cancelled", "_expected", "_verify_crc", "_address")
+    __slots__ = ("_start", "_call", "_cancelled", "_expected", "_verify_crc", "_address", "_limits")
 
-    def __init__(self, start: Callable[[], object], expected: Expected, verify_crc: bool, address: str):
+    def __init__(self, start: Callable[[], object], expected: Expected, verify_crc: bool, address: str,
+                 limits: tuple[int, Optional[int]]):
+        self._limits = limits
         self._start = start
         self._call = None
         self._cancelled = False
@@ -284,7 +379,7 @@ class _NativeCall:
         self._address = address
 
     def __iter__(self) -> Iterator[Batch]:
-        with minibatch_errors(self._address):
+        with minibatch_errors(self._address, self._limits):
             if self._cancelled:
                 raise for_status(grpc.StatusCode.CANCELLED, "call cancelled by the client")
             self._call = call = self._start()

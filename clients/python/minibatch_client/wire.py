@@ -25,10 +25,14 @@ import numpy as np
 from ._crc32c import crc32c
 from .dtypes import decode_x, dtype_name
 from .errors import ChecksumError, ProtocolError
-from .expect import Expected
+from .expect import Expected, over_the_servers_limit, where
 
 
 # --- a minimal protobuf reader for TensorChunk -------------------------------
+
+def _bad(why: str) -> ProtocolError:
+    return ProtocolError(f"response message is not a valid TensorChunk: {why}")
+
 
 def _varint(b: bytes, p: int) -> tuple[int, int]:
     c = b[p]
@@ -44,7 +48,7 @@ def _varint(b: bytes, p: int) -> tuple[int, int]:
             return r, p + 1
         s += 7
         if s > 63:
-            raise ProtocolError("malformed varint in TensorChunk")
+            raise _bad("malformed varint")
 
 
 class Chunk:
@@ -103,7 +107,7 @@ def parse_chunk(msg: bytes) -> Chunk:
                 ln, p = _varint(msg, p)
                 end = p + ln
                 if end > n:
-                    raise ProtocolError("truncated TensorChunk")
+                    raise _bad("truncated")
                 if field == 6:
                     c.data = mv[p:end]
                 elif field == 2:
@@ -116,18 +120,18 @@ def parse_chunk(msg: bytes) -> Chunk:
                 p = end
             elif wt == 5:
                 if p + 4 > n:
-                    raise ProtocolError("truncated TensorChunk")
+                    raise _bad("truncated")
                 if field == 7:
                     c.crc32c = int.from_bytes(mv[p:p + 4], "little")
                 p += 4
             elif wt == 1:
                 p += 8
             else:
-                raise ProtocolError(f"unsupported wire type {wt} in TensorChunk")
+                raise _bad(f"unsupported wire type {wt}")
     except IndexError:
-        raise ProtocolError("truncated TensorChunk") from None
+        raise _bad("truncated") from None
     if p != n:
-        raise ProtocolError("truncated TensorChunk")
+        raise _bad("truncated")
     return c
 
 
@@ -166,22 +170,23 @@ class _Partial:
     """A tensor being received: its buffer, allocated once its header passed
     Expected.tensor, and how many bytes of it have come."""
 
-    __slots__ = ("raw_name", "name", "code", "dtype", "shape", "total", "scale", "buf", "view", "filled")
+    __slots__ = ("raw_name", "name", "code", "dtype", "shape", "total", "scale", "buf", "view", "filled", "chunks")
 
-    def __init__(self, c: Chunk, name: str, npd: np.dtype):
+    def __init__(self, c: Chunk, name: str, npd: np.dtype, index: int):
         self.raw_name = c.name
         self.name = name
         self.code = c.dtype
         self.dtype = npd
-        self.shape = tuple(c.shape)
+        self.shape = c.shape
         self.total = c.total_bytes
         self.scale = c.scale_divisor
         try:
             self.buf = np.empty(c.total_bytes, dtype=np.uint8)
         except (MemoryError, ValueError) as e:  # a size the request allowed, but this machine cannot hold
-            raise ProtocolError(f"tensor {name!r}: cannot allocate its {c.total_bytes} bytes: {e}") from None
+            raise ProtocolError(f"{where(index, name)}: cannot allocate its {c.total_bytes} bytes: {e}") from None
         self.view = memoryview(self.buf)
         self.filled = 0
+        self.chunks = 0
 
     def finish(self) -> Tensor:
         return Tensor(self.name, dtype_name(self.code), self.buf.view(self.dtype).reshape(self.shape), self.scale)
@@ -189,9 +194,13 @@ class _Partial:
 
 class Assembler:
     """Feeds on the raw TensorChunk messages of one call; returns each
-    minibatch when complete. Checks CRC-32C (unless verify_crc=False),
-    offsets, lengths and order here, and everything the server declares
-    against `expected` before it is believed.
+    minibatch when complete. Checks, in the native transport's order
+    (crates/tensor-chunks) and with its words: the message's size against the
+    server's advertised limit, the minibatch index and count, each tensor's
+    header against `expected` before anything is allocated, then per chunk
+    its offset, that total_bytes, dtype and shape stay as the first chunk
+    said, that it carries data and stays within total_bytes, and its CRC-32C
+    (unless verify_crc=False).
 
     Each chunk must carry data (only an empty tensor has one empty chunk), so
     a tensor takes at most total_bytes chunks: with its size bounded by the
@@ -210,55 +219,57 @@ class Assembler:
     def push(self, msg: bytes) -> Optional[Batch]:
         limit = self.expected.max_message_bytes
         if limit is not None and len(msg) > limit:
-            raise ProtocolError(f"a message of {len(msg)} bytes, over the server's own limit of {limit} "
-                                "(max_message_bytes in its GetInfo)")
+            raise over_the_servers_limit(len(msg), limit)
         c = parse_chunk(msg)
-        data = c.data
-        if self.verify_crc and crc32c(data) != c.crc32c:
-            raise ChecksumError(
-                f"minibatch {c.index}, tensor {c.name.decode('utf-8', 'replace')}: chunk at offset {c.offset} "
-                "failed its CRC-32C check (data corrupted in transit)")
         if self.index is None:
             self.expected.begin(c.index)
             self.index = c.index
         elif c.index != self.index:
             raise ProtocolError(f"minibatch {c.index} began before minibatch {self.index} ended")
+        index = self.index
         cur = self.cur
-        new = cur is None or cur.raw_name != c.name
-        if new:
+        if cur is None or cur.raw_name != c.name:
             if cur is not None and cur.filled != cur.total:
-                raise ProtocolError(f"tensor {cur.name!r} ended at {cur.filled} of {cur.total} bytes")
-            if c.offset != 0:
-                raise ProtocolError(f"tensor {c.name!r} starts at offset {c.offset}")
-            if any(t.raw_name == c.name for t in self.tensors):
-                raise ProtocolError(f"tensor {c.name!r} sent twice in minibatch {c.index}")
+                raise ProtocolError(f"{where(index, cur.name)} ended at {cur.filled} of {cur.total} bytes")
             name = c.name.decode("utf-8", "replace")
-            npd = self.expected.tensor(name, c.dtype, c.shape, c.total_bytes)
-            cur = self.cur = _Partial(c, name, npd)
+            npd = self.expected.tensor(name, c.dtype, c.shape, c.total_bytes, c.offset)
+            cur = self.cur = _Partial(c, name, npd, index)
             self.tensors.append(cur)
+        data = c.data
         n = len(data)
         off = c.offset
-        if off != cur.filled or off + n > cur.total or c.total_bytes != cur.total:
-            raise ProtocolError(f"tensor {cur.name!r}: chunk at offset {off} ({n} bytes, total_bytes "
-                                f"{c.total_bytes}) out of order or past total_bytes {cur.total}")
+        if off != cur.filled:
+            raise ProtocolError(f"{where(index, cur.name)}: chunk at offset {off} out of order "
+                                f"(expected offset {cur.filled})")
+        changed = ("total_bytes" if c.total_bytes != cur.total else "dtype" if c.dtype != cur.code else
+                   "shape" if c.shape != cur.shape else None)
+        if changed:
+            raise ProtocolError(f"{where(index, cur.name)}: {changed} changed between chunks (at offset {off})")
+        if n == 0 and (cur.total != 0 or cur.chunks > 0):
+            raise ProtocolError(f"{where(index, cur.name)}: empty chunk at offset {off} "
+                                "(only a 0-byte tensor's one chunk may be empty)")
+        if n > cur.total - off:
+            raise ProtocolError(f"{where(index, cur.name)}: chunk at offset {off} of {n} bytes runs past "
+                                f"total_bytes {cur.total}")
+        if self.verify_crc and crc32c(data) != c.crc32c:
+            raise ChecksumError(f"{where(index, cur.name)}: chunk at offset {off} failed its CRC-32C check "
+                                "(data corrupted in transit)")
         if n:
             cur.view[off:off + n] = data
-        elif not (new and cur.total == 0):
-            raise ProtocolError(f"tensor {cur.name!r}: empty chunk at offset {off} of {cur.total} bytes")
         cur.filled = off + n
+        cur.chunks += 1
         if not c.last:
             return None
         if cur.filled != cur.total:
-            raise ProtocolError(f"tensor {cur.name!r} ended at {cur.filled} of {cur.total} bytes")
+            raise ProtocolError(f"{where(index, cur.name)} ended at {cur.filled} of {cur.total} bytes")
+        self.expected.complete()
         found = {t.name: t.finish() for t in self.tensors}
-        self.expected.complete(found)
-        index = self.index
         self._reset()
         return Batch(index, found["x"], found["y"], found.get("indices"))
 
     def finish(self) -> None:
         """Call when the stream ends without an error status: a half-received
         minibatch, or fewer minibatches than asked for, is an error."""
-        if self.tensors:
-            raise ProtocolError(f"stream ended in the middle of minibatch {self.index}")
+        if self.index is not None:
+            raise ProtocolError(f"the stream ended in the middle of minibatch {self.index}")
         self.expected.finish()
