@@ -485,8 +485,11 @@ impl Call {
                     "this call is read with next_batch(), not iterated".into(),
                 )),
             };
-            if !matches!(r, Ok(Some(_))) {
-                *guard = None; // ended, failed or cancelled: free the stream
+            // Ended, failed or cancelled, or cancelled by another thread
+            // while this message arrived (its cancel() found the lock
+            // taken): free the stream now, not when the call is collected.
+            if !matches!(r, Ok(Some(_))) || self.cancelled.load(Ordering::Acquire) {
+                *guard = None;
             }
             r
         });
@@ -528,13 +531,12 @@ impl Call {
                 unreachable!("inserted above")
             };
             let r = self.wait(async { batches.next_batch().await.transpose() });
-            match r {
-                Ok(Some(b)) => Ok(Some(Received::copy(b))),
-                r => {
-                    *guard = None; // ended, failed or cancelled: free the stream
-                    r.map(|_| None)
-                }
+            if !matches!(r, Ok(Some(_))) || self.cancelled.load(Ordering::Acquire) {
+                // As in `__next__`: a cancel() that found the lock taken
+                // leaves the stream to be freed here.
+                *guard = None;
             }
+            r.map(|b| b.map(Received::copy))
         });
         match got.map_err(py_error)? {
             None => Ok(None),
