@@ -25,8 +25,9 @@
 //! - [`routes`]: the service over HTTP/2: token check, bounded request
 //!   reading, response frames.
 //! - [`server`]: `run(listener, shutdown)`: thread-per-core serving (each
-//!   connection on one single-threaded runtime), health, reflection,
-//!   connection limits and graceful shutdown; [`access`] holds the token and
+//!   connection on one single-threaded runtime), health, reflection and
+//!   graceful shutdown; its accept loop and connection slots, handshake
+//!   deadlines and budget holders; [`access`] holds the token and
 //!   TLS settings, [`metrics`] the Prometheus endpoint.
 //! - [`client`]: the Rust client other programs (and the CLI) use; it reads
 //!   responses with the `grpc-frames` crate (messages straight from HTTP/2

@@ -1,0 +1,307 @@
+//! The listening side: binding with a backlog, fitting the file-descriptor
+//! limit, and the accept loop that backs off on errors that repeat and
+//! logs repeated events once per interval.
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+
+use super::conn::{ConnSlot, Slots};
+use super::{serving_threads, IoThread, ServerOptions, FDS_PER_IO_THREAD, FD_RESERVE};
+
+/// First pause after an accept error that will repeat (out of file
+/// descriptors, out of memory): the failed connection stays queued, so
+/// accepting again at once fails again at once. Retrying with no pause took
+/// 77 % of a core and wrote 688,000 log lines in 5 s under a 48-descriptor
+/// limit (before this back-off); 10 ms keeps recovery quick once
+/// descriptors free up.
+pub(super) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between accept retries: a queued client waits at most this
+/// long after descriptors free up.
+pub(super) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// One log line per this interval per kind of repeated connection event
+/// (accept errors, refused connections, handshake timeouts); the next line
+/// says how many were suppressed. Refusing connections wrote 30,000 WARN
+/// lines in 4.2 s before.
+pub const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Binds a listening socket on `addr` (the first of its addresses that
+/// binds) with a listen backlog of `backlog` (see
+/// [`DEFAULT_LISTEN_BACKLOG`]); SO_REUSEADDR as tokio's own `bind` sets it.
+/// The kernel silently caps the backlog at `net.core.somaxconn`: this warns
+/// when it will.
+pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    if let Some(max) = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    {
+        if backlog > max {
+            tracing::warn!(
+                backlog,
+                somaxconn = max,
+                "the kernel caps the listen backlog at net.core.somaxconn; raise it (sysctl) for the backlog asked for"
+            );
+        }
+    }
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(backlog)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
+/// File descriptors a server with `opts` needs when full, with
+/// `metrics_connections` metrics connections open too (0 when metrics are
+/// off): what [`fit_fd_limit`] makes room for.
+pub fn fds_needed(opts: &ServerOptions, metrics_connections: usize) -> u64 {
+    (opts.max_connections + metrics_connections) as u64
+        + FD_RESERVE
+        + FDS_PER_IO_THREAD * serving_threads(opts.io_threads) as u64
+}
+
+/// What [`fit_fd_limit`] found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdLimit {
+    /// The soft limit already allows `needed` descriptors.
+    Enough { soft: u64 },
+    /// The soft limit was raised (up to at most the hard limit).
+    Raised { from: u64, to: u64 },
+    /// The hard limit is below what is needed; the soft limit is now the
+    /// hard one. Connections beyond it fail at accept (which backs off).
+    Short { limit: u64, needed: u64 },
+}
+
+/// Makes room for `needed` open file descriptors (see [`fds_needed`]): raises the soft RLIMIT_NOFILE when it is lower and the
+/// hard limit allows, as Go's runtime does at start-up (the common default
+/// soft limit of 1024 is below `--max-connections 1024` plus the daemon's
+/// own descriptors).
+pub fn fit_fd_limit(needed: u64) -> std::io::Result<FdLimit> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let plan = fd_plan(r.rlim_cur, r.rlim_max, needed);
+    let to = match plan {
+        FdLimit::Enough { .. } => return Ok(plan),
+        FdLimit::Raised { to, .. } => to,
+        FdLimit::Short { limit, .. } => limit,
+    };
+    r.rlim_cur = to;
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(plan)
+}
+
+/// [`fit_fd_limit`], with what it did or could not do in the log (for
+/// start-up).
+pub fn make_room_for_fds(needed: u64) {
+    match fit_fd_limit(needed) {
+        Ok(FdLimit::Enough { .. }) => {}
+        Ok(FdLimit::Raised { from, to }) => tracing::info!(
+            from,
+            to,
+            "raised the open-file limit (RLIMIT_NOFILE) to fit --max-connections"
+        ),
+        Ok(FdLimit::Short { limit, needed }) => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit (RLIMIT_NOFILE, hard) is below what --max-connections needs: connections beyond it wait in the listen backlog; raise the limit (ulimit -n, LimitNOFILE=) or lower --max-connections"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
+/// The decision of [`fit_fd_limit`], without the system calls.
+pub(super) fn fd_plan(soft: u64, hard: u64, needed: u64) -> FdLimit {
+    if soft >= needed {
+        FdLimit::Enough { soft }
+    } else if hard >= needed {
+        FdLimit::Raised {
+            from: soft,
+            to: needed,
+        }
+    } else {
+        FdLimit::Short {
+            limit: hard,
+            needed,
+        }
+    }
+}
+
+/// At most one log line per `every` for one kind of repeated event, so a
+/// flood of failures costs a line per interval rather than one each; the
+/// line that is written says how many were suppressed since the last one.
+///
+/// ```
+/// use std::time::Duration;
+/// let t = minibatchd::server::LogThrottle::new(Duration::from_secs(5));
+/// if let Some(suppressed) = t.allow() {
+///     eprintln!("accept failed (and {suppressed} more since the last line)");
+/// }
+/// ```
+#[derive(Debug)]
+pub struct LogThrottle {
+    pub(super) every: Duration,
+    pub(super) state: Mutex<ThrottleState>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct ThrottleState {
+    pub(super) last: Option<Instant>,
+    pub(super) suppressed: u64,
+}
+
+impl LogThrottle {
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: Mutex::new(ThrottleState {
+                last: None,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(events suppressed since the last line)` when a line may be
+    /// written now; `None` (and one more suppressed) otherwise.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_at(Instant::now())
+    }
+
+    /// [`Self::allow`] at a given time (for tests).
+    pub fn allow_at(&self, now: Instant) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.last {
+            Some(t) if now.saturating_duration_since(t) < self.every => {
+                s.suppressed += 1;
+                None
+            }
+            _ => {
+                s.last = Some(now);
+                Some(std::mem::take(&mut s.suppressed))
+            }
+        }
+    }
+}
+
+/// Accept errors, told apart by what to do next: an error about one
+/// connection (it was reset while queued) is skipped; any other (out of
+/// file descriptors or memory) leaves the connection queued and would fail
+/// again at once, so the loop pauses, doubling the pause while it lasts.
+pub(crate) struct AcceptErrors {
+    pub(super) backoff: Duration,
+    pub(super) log: LogThrottle,
+    /// What the listener is for, in log lines.
+    pub(super) what: &'static str,
+}
+
+impl AcceptErrors {
+    pub(crate) fn new(what: &'static str) -> Self {
+        Self {
+            backoff: ACCEPT_BACKOFF_MIN,
+            log: LogThrottle::new(LOG_EVERY),
+            what,
+        }
+    }
+
+    /// After a successful accept.
+    pub(crate) fn ok(&mut self) {
+        self.backoff = ACCEPT_BACKOFF_MIN;
+    }
+
+    /// Logs (throttled) and, unless the error concerns only one
+    /// connection, sleeps before the next accept.
+    pub(crate) async fn failed(&mut self, e: &std::io::Error) {
+        let one_connection = matches!(
+            e.raw_os_error(),
+            Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO | libc::EPERM | libc::EINTR)
+        );
+        let pause = (!one_connection).then_some(self.backoff);
+        if let Some(suppressed) = self.log.allow() {
+            tracing::warn!(
+                error = %e,
+                listener = self.what,
+                retry_in_ms = pause.map_or(0, |p| p.as_millis() as u64),
+                suppressed,
+                "accept failed"
+            );
+        }
+        if let Some(p) = pause {
+            tokio::time::sleep(p).await;
+            self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+        }
+    }
+}
+
+/// Accepts connections and hands each, with a slot (see [`Slots`]), to the
+/// serving thread with the fewest; refused connections are closed at once
+/// (the client sees UNAVAILABLE and can try a replica). Runs until dropped.
+pub(super) async fn accept(
+    listener: TcpListener,
+    slots: Arc<Slots>,
+    io_threads: &[IoThread],
+    metrics: &Metrics,
+) {
+    let mut errors = AcceptErrors::new("grpc");
+    let refused_log = LogThrottle::new(LOG_EVERY);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => {
+                errors.ok();
+                c
+            }
+            Err(e) => {
+                metrics.conns.accept_errors.fetch_add(1, Ordering::Relaxed);
+                errors.failed(&e).await;
+                continue;
+            }
+        };
+        metrics.conns.accepted.fetch_add(1, Ordering::Relaxed);
+        // Without nodelay small minibatches stall 40 ms on delayed ACKs.
+        let _ = stream.set_nodelay(true);
+        let Some(slot) = slots.take() else {
+            metrics.conns.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = refused_log.allow() {
+                tracing::warn!(%peer, max = slots.max, suppressed, "connection refused: --max-connections reached, all of them past their handshake");
+            }
+            continue;
+        };
+        let Some(io_thread) = io_threads
+            .iter()
+            .min_by_key(|s| s.open.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        let slot = ConnSlot::new(slot, io_thread.open.clone());
+        match stream.into_std() {
+            Ok(std) => {
+                // Fails only once the thread is gone (shutting down).
+                let _ = io_thread.conns.send((std, slot));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot hand over an accepted connection"),
+        }
+    }
+}
