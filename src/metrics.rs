@@ -328,3 +328,59 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counters, histogram buckets (cumulative, with +Inf, sum and count)
+    /// and gauges in exposition format 0.0.4, each with HELP and TYPE.
+    #[test]
+    fn renders_exposition_text() {
+        let m = Metrics::default();
+        m.request("GetBatch", tonic::Code::Ok, Duration::from_micros(300));
+        m.request("GetBatch", tonic::Code::Ok, Duration::from_secs(2));
+        m.request("GetBatch", tonic::Code::ResourceExhausted, Duration::ZERO);
+        m.minibatch("GetBatch", 1000);
+        m.minibatch("GetBatch", 24);
+        m.set_budget(crate::batch::budget::Budget::new(
+            4096,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ));
+        let page = m.render();
+        for line in [
+            "minibatchd_requests_total{method=\"GetBatch\",code=\"Ok\"} 2",
+            "minibatchd_requests_total{method=\"GetBatch\",code=\"ResourceExhausted\"} 1",
+            "minibatchd_minibatches_total{method=\"GetBatch\"} 2",
+            "minibatchd_sent_bytes_total{method=\"GetBatch\"} 1024",
+            "minibatchd_request_duration_seconds_bucket{method=\"GetBatch\",le=\"0.0001\"} 1",
+            "minibatchd_request_duration_seconds_bucket{method=\"GetBatch\",le=\"0.0005\"} 2",
+            "minibatchd_request_duration_seconds_bucket{method=\"GetBatch\",le=\"1\"} 2",
+            "minibatchd_request_duration_seconds_bucket{method=\"GetBatch\",le=\"10\"} 3",
+            "minibatchd_request_duration_seconds_bucket{method=\"GetBatch\",le=\"+Inf\"} 3",
+            "minibatchd_request_duration_seconds_count{method=\"GetBatch\"} 3",
+            "# TYPE minibatchd_budget_bytes gauge",
+            "minibatchd_budget_bytes 4096",
+            "minibatchd_budget_held_bytes 0",
+            "# TYPE minibatchd_budget_refusals_total counter",
+            "# TYPE minibatchd_active_streams gauge",
+        ] {
+            assert!(
+                page.lines().any(|l| l == line),
+                "{line:?} missing from:\n{page}"
+            );
+        }
+        // Every sample line belongs to a family announced with HELP and TYPE.
+        for l in page.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| page.contains(&format!("# TYPE {f} histogram")))
+                .unwrap_or(name);
+            assert!(page.contains(&format!("# HELP {family} ")), "{family}");
+            assert!(page.contains(&format!("# TYPE {family} ")), "{family}");
+        }
+    }
+}
