@@ -1,73 +1,13 @@
 //! The real binary: inspect, serve, and the client subcommands.
 mod common;
 
-use common::vm_rss;
+use common::{eventually, free_port, run, vm_rss, Daemon, BIN};
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_minibatchd");
-
-fn run(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("MINIBATCHD_LOG", "error")
-        .output()
-        .expect("binary runs")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Daemon(Child, String);
-
-impl Daemon {
-    fn start(extra: &[&str]) -> Daemon {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut args = vec!["serve", "--addr", &addr];
-        if !extra.contains(&"--metrics-addr") {
-            args.extend_from_slice(&["--metrics-addr", "off"]);
-        }
-        args.extend_from_slice(extra);
-        let child = Command::new(BIN)
-            .args(&args)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut d = Daemon(child, addr);
-        let t0 = Instant::now();
-        while !run(&["health", "--server", &d.1]).status.success() {
-            if let Some(st) = d.0.try_wait().unwrap() {
-                panic!("daemon exited before it became healthy: {st}");
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "daemon did not become healthy"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn sigterm(&mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        self.0.wait().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[test]
 fn inspect_json_of_the_bundled_sample() {
@@ -230,7 +170,7 @@ fn idx_directory_reproduces_the_pickle_split() {
         let o = run(&[
             "get",
             "--server",
-            &d.1,
+            &d.addr,
             "--set",
             "valid",
             "--index",
@@ -258,7 +198,7 @@ fn idx_directory_reproduces_the_pickle_split() {
 #[test]
 fn serve_get_info_health_and_sigterm() {
     let mut d = Daemon::start(&[]);
-    let o = run(&["info", "--server", &d.1]);
+    let o = run(&["info", "--server", &d.addr]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -269,7 +209,7 @@ fn serve_get_info_health_and_sigterm() {
     let o = run(&[
         "get",
         "--server",
-        &d.1,
+        &d.addr,
         "--index",
         "2",
         "--size",
@@ -288,14 +228,14 @@ fn serve_get_info_health_and_sigterm() {
     )
     .unwrap();
     assert_eq!(&x[128..], &ds.sets[0].x.rows(1000, 1500)[..]);
-    let o = run(&["bench", "--server", &d.1, "--count", "20", "--json"]);
+    let o = run(&["bench", "--server", &d.addr, "--count", "20", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["minibatches"], 20);
     let st = d.sigterm();
     assert!(st.success(), "graceful exit on SIGTERM: {st:?}");
     assert!(
-        !run(&["health", "--server", &d.1]).status.success(),
+        !run(&["health", "--server", &d.addr]).status.success(),
         "health fails once the daemon is gone"
     );
 }
@@ -344,7 +284,7 @@ fn metric(page: &str, name: &str) -> u64 {
 fn slow_and_vanishing_clients_cost_bounded_server_memory() {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start(&["--no-pin", "--metrics-addr", &metrics_addr]);
-    let pid = d.0.id();
+    let pid = d.child.id();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -353,7 +293,7 @@ fn slow_and_vanishing_clients_cost_bounded_server_memory() {
     rt.block_on(async {
         use tokio_stream::StreamExt;
         // Warm up: stats computed, allocator settled.
-        let mut c = minibatchd::client::Client::connect(&d.1).await.unwrap();
+        let mut c = minibatchd::client::Client::connect(&d.addr).await.unwrap();
         c.info().await.unwrap();
         drop(c);
         let rss0 = vm_rss(pid);
@@ -361,22 +301,36 @@ fn slow_and_vanishing_clients_cost_bounded_server_memory() {
         let mut rounds = Vec::new();
         for round in 0..2u64 {
             let mut tasks = Vec::new();
+            // Clients that have read their first 3 minibatches.
+            let streaming = Arc::new(AtomicU64::new(0));
             for k in 0..clients {
-                let addr = d.1.clone();
+                let addr = d.addr.clone();
+                let streaming = streaming.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut c = minibatchd::client::Client::connect(&addr).await.unwrap();
                     let mut r = minibatchd::client::BatchRequest::new("train", 0, 100);
                     r.order.shuffle = true; // gathered: the server allocates each minibatch
                     r.order.epoch = round * 100 + k;
                     let mut s = c.stream_batches(&r).await.unwrap();
-                    for _ in 0..if k % 2 == 0 { 3 } else { 20 } {
+                    for i in 0..if k % 2 == 0 { 3 } else { 20 } {
                         s.next().await.unwrap().unwrap();
+                        if i == 2 {
+                            streaming.fetch_add(1, Ordering::Relaxed);
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     // Even k: vanish mid-epoch (drop the stream and connection).
                 }));
             }
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // Every client is streaming (the odd ones have 1.7 s of slow
+            // reading left).
+            assert!(
+                eventually(Duration::from_secs(30), || {
+                    streaming.load(Ordering::Relaxed) == clients
+                })
+                .await,
+                "round {round}: every client streams"
+            );
             let during = vm_rss(pid);
             for t in tasks {
                 t.await.unwrap();

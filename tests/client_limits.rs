@@ -179,6 +179,24 @@ fn chunk_error(e: ClientError) -> ChunkError {
     }
 }
 
+/// Minibatch `index` of `size` examples of "train" fails with a chunk error.
+async fn get_batch_error(c: &mut Client, index: u64, size: u32) -> ChunkError {
+    chunk_error(
+        c.get_batch(&BatchRequest::new("train", index, size))
+            .await
+            .unwrap_err(),
+    )
+}
+
+/// `head`, then chunks of its bytes at ever later offsets, forever.
+fn endless_tensor(head: TensorChunk) -> Box<dyn Iterator<Item = TensorChunk> + Send> {
+    Box::new(std::iter::successors(Some(head), |c| {
+        let mut next = c.clone();
+        next.offset += c.data.len() as u64;
+        Some(next)
+    }))
+}
+
 /// The server ended (dropped) the response stream: the client cancelled it.
 async fn cut(dropped: &Notify) {
     // Not a timing assertion: a bound so that a regression fails instead
@@ -194,19 +212,11 @@ async fn total_bytes_of_2_pow_40_is_refused_before_any_bytes_are_kept() {
         // x claims 2^40 bytes, then sends its "bytes" forever.
         let mut head = tensor(first, "x", Dtype::Float32, vec![size as u64, 4], false);
         head.total_bytes = 1 << 40;
-        Box::new(std::iter::successors(Some(head), |c| {
-            let mut next = c.clone();
-            next.offset += c.data.len() as u64;
-            Some(next)
-        }))
+        endless_tensor(head)
     })
     .await;
     let mut c = Client::connect(&addr).await.unwrap();
-    let e = c
-        .get_batch(&BatchRequest::new("train", 0, 10))
-        .await
-        .unwrap_err();
-    let e = chunk_error(e);
+    let e = get_batch_error(&mut c, 0, 10).await;
     assert_eq!(
         e,
         ChunkError::TooLarge {
@@ -222,11 +232,7 @@ async fn total_bytes_of_2_pow_40_is_refused_before_any_bytes_are_kept() {
     // Once GetInfo gave the shapes, the bound is the exact size: 10 rows of
     // 16 bytes.
     c.info().await.unwrap();
-    let e = chunk_error(
-        c.get_batch(&BatchRequest::new("train", 0, 10))
-            .await
-            .unwrap_err(),
-    );
+    let e = get_batch_error(&mut c, 0, 10).await;
     assert!(
         matches!(
             e,
@@ -244,11 +250,7 @@ async fn total_bytes_of_2_pow_40_is_refused_before_any_bytes_are_kept() {
 async fn an_endless_get_batch_is_cut_after_its_one_minibatch() {
     let (addr, dropped) = serve(endless).await;
     let mut c = Client::connect(&addr).await.unwrap();
-    let e = chunk_error(
-        c.get_batch(&BatchRequest::new("train", 3, 5))
-            .await
-            .unwrap_err(),
-    );
+    let e = get_batch_error(&mut c, 3, 5).await;
     assert_eq!(e, ChunkError::TooManyBatches { index: 4, max: 1 });
     cut(&dropped).await;
 }
@@ -286,19 +288,11 @@ async fn an_endless_stream_is_cut_after_the_requested_count() {
 async fn endless_chunks_of_one_tensor_are_cut_at_its_total_bytes() {
     let (addr, dropped) = serve(|first, size| {
         let head = tensor(first, "x", Dtype::Float32, vec![size as u64, 4], false);
-        Box::new(std::iter::successors(Some(head), |c| {
-            let mut next = c.clone();
-            next.offset += c.data.len() as u64;
-            Some(next)
-        }))
+        endless_tensor(head)
     })
     .await;
     let mut c = Client::connect(&addr).await.unwrap();
-    let e = chunk_error(
-        c.get_batch(&BatchRequest::new("train", 0, 10))
-            .await
-            .unwrap_err(),
-    );
+    let e = get_batch_error(&mut c, 0, 10).await;
     assert_eq!(
         e,
         ChunkError::PastEnd {
@@ -317,11 +311,7 @@ async fn shapes_and_dtypes_disagreeing_with_the_request_are_refused() {
     // Twice the rows asked for.
     let (addr, _) = serve(|first, size| Box::new(batch(first, 2 * size as u64).into_iter())).await;
     let mut c = Client::connect(&addr).await.unwrap();
-    let e = chunk_error(
-        c.get_batch(&BatchRequest::new("train", 0, 10))
-            .await
-            .unwrap_err(),
-    );
+    let e = get_batch_error(&mut c, 0, 10).await;
     assert!(
         matches!(
             e,
@@ -358,11 +348,7 @@ async fn shapes_and_dtypes_disagreeing_with_the_request_are_refused() {
         .unwrap();
     assert_eq!(b.x.shape, vec![10, 4]);
     c.info().await.unwrap();
-    let e = chunk_error(
-        c.get_batch(&BatchRequest::new("train", 2, 10))
-            .await
-            .unwrap_err(),
-    );
+    let e = get_batch_error(&mut c, 2, 10).await;
     assert!(
         matches!(
             e,
@@ -388,11 +374,7 @@ async fn shapes_and_dtypes_disagreeing_with_the_request_are_refused() {
         .await
         .expect("without GetInfo any example shape within the bound passes");
     c.info().await.unwrap();
-    let e = chunk_error(
-        c.get_batch(&BatchRequest::new("train", 0, 10))
-            .await
-            .unwrap_err(),
-    );
+    let e = get_batch_error(&mut c, 0, 10).await;
     assert_eq!(
         e,
         ChunkError::Shape {

@@ -7,15 +7,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{sample, TestPki, TestServer};
+use common::{eventually, free_port, run, sample, TestPki, TestServer, BIN};
 use minibatchd::client::{Client, ClientOptions};
 use minibatchd::server::ServerOptions;
-
-const BIN: &str = env!("CARGO_BIN_EXE_minibatchd");
 
 /// The HTTP/2 client preface and an empty SETTINGS frame: what a real
 /// client sends first, enough for the server to count it established.
@@ -33,18 +31,6 @@ fn established(addr: SocketAddr) -> TcpStream {
     s.read_exact(&mut head).unwrap();
     assert_eq!(head[3], 4, "the server's first frame is SETTINGS");
     s
-}
-
-/// Polls `f` until it holds or `limit` passes.
-async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    f()
 }
 
 /// Opens `n` TCP connections that send nothing.
@@ -203,99 +189,49 @@ async fn idle_sockets_are_closed_after_the_handshake_deadline() {
     );
 }
 
-/// Port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// The real binary serving the bundled sample, its stderr in its log
+/// (level info), under an open-file limit of `nofile` (soft and hard) when
+/// given.
+struct Daemon(common::Daemon);
 
-/// The real binary serving the bundled sample, its stderr in `log`, under
-/// an open-file limit of `nofile` (soft and hard) when given.
-struct Daemon {
-    child: Child,
-    addr: String,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+impl std::ops::Deref for Daemon {
+    type Target = common::Daemon;
+    fn deref(&self) -> &common::Daemon {
+        &self.0
+    }
 }
 
 impl Daemon {
     fn start(nofile: Option<u64>, extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("daemon.log");
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--addr", &addr, "--no-pin", "--io-threads", "2"])
-            .args(extra)
+        let args = [&["--no-pin", "--io-threads", "2"], extra].concat();
+        let d = common::Daemon::start_with(&args, |cmd| {
             // Debug for the service: it says when start-up work is done.
-            .env("MINIBATCHD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if !extra.contains(&"--metrics-addr") {
-            cmd.args(["--metrics-addr", "off"]);
-        }
-        if let Some(n) = nofile {
-            // SAFETY: setrlimit is async-signal-safe; it runs in the child
-            // between fork and exec and touches nothing else.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let r = libc::rlimit {
-                        rlim_cur: n as libc::rlim_t,
-                        rlim_max: n as libc::rlim_t,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+            cmd.env("MINIBATCHD_LOG", "info");
+            if let Some(n) = nofile {
+                // SAFETY: setrlimit is async-signal-safe; it runs in the child
+                // between fork and exec and touches nothing else.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        let r = libc::rlimit {
+                            rlim_cur: n as libc::rlim_t,
+                            rlim_max: n as libc::rlim_t,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
             }
-        }
-        let mut d = Daemon {
-            child: cmd.spawn().unwrap(),
-            addr,
-            log,
-            _dir: dir,
-        };
-        let t0 = Instant::now();
-        while !d.healthy() {
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!(
-                    "daemon exited before it became healthy: {st}\n{}",
-                    d.log_text()
-                );
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "daemon did not become healthy"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        });
         // Start-up work (dataset statistics, row checksums) goes on in the
         // background after health says SERVING: wait until it is done, so
         // CPU measured later is the daemon's reaction to the test alone.
-        let t0 = Instant::now();
-        while !["dataset statistics ready", "row CRCs ready"]
-            .iter()
-            .all(|l| d.log_text().contains(l))
-        {
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "start-up work never finished:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn healthy(&self) -> bool {
-        health_cmd(&self.addr).status.success()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        d.wait_for_log(
+            &["dataset statistics ready", "row CRCs ready"],
+            Duration::from_secs(120),
+        );
+        Daemon(d)
     }
 
     fn log_lines(&self) -> usize {
@@ -315,21 +251,6 @@ impl Daemon {
         // SAFETY: sysconf has no preconditions.
         ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn health_cmd(addr: &str) -> std::process::Output {
-    Command::new(BIN)
-        .args(["health", "--server", addr])
-        .env("MINIBATCHD_LOG", "error")
-        .output()
-        .unwrap()
 }
 
 /// Log lines and CPU seconds the daemon spends over `window`.
@@ -515,10 +436,13 @@ async fn health_reports_a_reset_as_an_error_not_a_signal() {
     let held = tokio::task::block_in_place(|| established(srv.addr));
     assert_eq!(open(), 1);
     let addr = srv.addr.to_string();
-    let outs =
-        tokio::task::spawn_blocking(move || (0..30).map(|_| health_cmd(&addr)).collect::<Vec<_>>())
-            .await
-            .unwrap();
+    let outs = tokio::task::spawn_blocking(move || {
+        (0..30)
+            .map(|_| run(&["health", "--server", &addr]))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
     for o in &outs {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(

@@ -7,21 +7,15 @@
 //!
 //! The hostile inputs are checked in work units (`load::Work`), never by the
 //! clock: each must fail with its own error after work linear in its size.
+mod common;
+
 use std::path::Path;
+
+use common::rng;
 
 use minibatchd::load::pickle::MAX_DIMS;
 use minibatchd::load::{self, LoadError, LoadOptions, PinPolicy, Stream, Work};
 use minibatchd::store::{Dataset, Format};
-
-fn rng(seed: u64) -> impl FnMut() -> u64 {
-    let mut s = seed | 1;
-    move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    }
-}
 
 /// A protocol-2 pickle in the original mnist.pkl.gz form, 3 sets of 2 x 3 float32.
 fn py2_pickle() -> Vec<u8> {

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::{synthetic, TestServer};
+use common::{indices, synthetic, TestServer};
 use minibatchd::batch::prepared::{Limits, MIN_CHUNK_BYTES};
 use minibatchd::client::BatchRequest;
 use minibatchd::proto;
@@ -48,6 +48,30 @@ fn post(addr: std::net::SocketAddr, method: &str) -> http::Request<()> {
         .unwrap()
 }
 
+/// Asks on `conn` for a shuffled 10,000-example minibatch of "train"
+/// (shuffle seed `seed`) in 4 MiB chunks, and reads none of it.
+async fn unread_minibatch(
+    conn: &mut h2::client::SendRequest<Bytes>,
+    addr: std::net::SocketAddr,
+    seed: u64,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    *conn = conn.clone().ready().await.unwrap();
+    let req = proto::GetBatchRequest {
+        set: "train".into(),
+        size: 10_000,
+        order: Some(proto::Order {
+            shuffle: true,
+            seed,
+            ..Default::default()
+        }),
+        max_chunk_bytes: 4 << 20,
+        ..Default::default()
+    };
+    let (resp, mut send) = conn.send_request(post(addr, "GetBatch"), false).unwrap();
+    send.send_data(grpc(&req), true).unwrap();
+    (resp, send)
+}
+
 /// The value of an unlabelled metric on the server's page.
 fn metric(srv: &TestServer, name: &str) -> u64 {
     let page = srv.metrics.render();
@@ -77,10 +101,7 @@ async fn status_of(resp: h2::client::ResponseFuture) -> String {
 #[tokio::test]
 async fn one_byte_chunks_are_floored() {
     let srv = TestServer::start(synthetic()).await;
-    let mut raw =
-        proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr))
-            .await
-            .unwrap();
+    let mut raw = srv.raw_client().await;
     let req = proto::GetBatchRequest {
         set: "train".into(),
         index: 0,
@@ -138,22 +159,7 @@ async fn streams_never_read_stay_within_the_memory_budget() {
     let mut attacker = h2_client(srv.addr, 1).await;
     let mut held_streams = Vec::new();
     for seed in 0..64u64 {
-        attacker = attacker.ready().await.unwrap();
-        let req = proto::GetBatchRequest {
-            set: "train".into(),
-            size: 10_000,
-            order: Some(proto::Order {
-                shuffle: true,
-                seed,
-                ..Default::default()
-            }),
-            max_chunk_bytes: 4 << 20,
-            ..Default::default()
-        };
-        let (resp, mut send) = attacker
-            .send_request(post(srv.addr, "GetBatch"), false)
-            .unwrap();
-        send.send_data(grpc(&req), true).unwrap();
+        let (resp, _) = unread_minibatch(&mut attacker, srv.addr, seed).await;
         held_streams.push(resp);
     }
     // Until the streams that got no budget have been refused and ended,
@@ -194,14 +200,9 @@ async fn streams_never_read_stay_within_the_memory_budget() {
     r.order.shuffle = true;
     r.with_indices = true;
     let b = c.get_batch(&r).await.unwrap();
-    let idx = b.indices.unwrap();
-    let want: Vec<u8> = idx
-        .data
-        .chunks(8)
-        .flat_map(|i| {
-            let i = i64::from_le_bytes(i.try_into().unwrap()) as usize;
-            srv.dataset.sets[0].x.row(i).to_vec()
-        })
+    let want: Vec<u8> = indices(&b)
+        .into_iter()
+        .flat_map(|i| srv.dataset.sets[0].x.row(i).to_vec())
         .collect();
     assert_eq!(&b.x.data[..], &want[..]);
 
@@ -240,23 +241,7 @@ async fn stalled_holders_are_evicted_for_a_waiting_client() {
     let mut held_streams = Vec::new();
     for seed in 0..8u64 {
         let attacker = &mut attackers[seed as usize % 2];
-        *attacker = attacker.clone().ready().await.unwrap();
-        let req = proto::GetBatchRequest {
-            set: "train".into(),
-            size: 10_000,
-            order: Some(proto::Order {
-                shuffle: true,
-                seed,
-                ..Default::default()
-            }),
-            max_chunk_bytes: 4 << 20,
-            ..Default::default()
-        };
-        let (resp, mut send) = attacker
-            .send_request(post(srv.addr, "GetBatch"), false)
-            .unwrap();
-        send.send_data(grpc(&req), true).unwrap();
-        held_streams.push((resp, send));
+        held_streams.push(unread_minibatch(attacker, srv.addr, seed).await);
     }
     // Wait until the attacker holds most of the budget.
     let mut held = 0;
@@ -275,7 +260,7 @@ async fn stalled_holders_are_evicted_for_a_waiting_client() {
     r.order.shuffle = true;
     r.with_indices = true;
     let b = c.get_batch(&r).await.expect("served after the eviction");
-    let first = i64::from_le_bytes(b.indices.unwrap().data[..8].try_into().unwrap()) as usize;
+    let first = indices(&b)[0];
     assert_eq!(&b.x.data[..784 * 4], srv.dataset.sets[0].x.row(first));
     assert!(metric(&srv, "minibatchd_budget_evictions_total") >= 1);
     // The attackers' connections were closed: their streams end with an error.

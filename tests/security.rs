@@ -4,17 +4,10 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::{sample, TestServer};
-use minibatchd::client::{BatchRequest, Client, ClientError, ClientOptions};
+use common::{code, sample, TestPki, TestServer};
+use minibatchd::client::{BatchRequest, Client, ClientOptions};
 use minibatchd::server::ServerOptions;
 use tonic::Code;
-
-fn code(e: ClientError) -> Code {
-    match e {
-        ClientError::Status(s) => s.code(),
-        other => panic!("expected a status, got {other}"),
-    }
-}
 
 #[tokio::test]
 async fn bearer_token_guards_the_service_but_not_health() {
@@ -56,45 +49,9 @@ async fn bearer_token_guards_the_service_but_not_health() {
     );
 }
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// A CA, a server certificate for "localhost" and a client certificate.
-    fn new() -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
-        write("ca.pem", ca.pem());
-        for (name, sans) in [
-            ("server", vec!["localhost".to_string()]),
-            ("client", vec!["trainer".to_string()]),
-        ] {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(sans)
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            write(&format!("{name}.pem"), cert.pem());
-            write(&format!("{name}.key"), key.serialize_pem());
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, f: &str) -> std::path::PathBuf {
-        self.dir.path().join(f)
-    }
-}
-
 #[tokio::test]
 async fn mutual_tls() {
-    let pki = Pki::new();
+    let pki = TestPki::new();
     let tls = minibatchd::access::TlsFiles {
         cert: pki.path("server.pem"),
         key: pki.path("server.key"),

@@ -2,7 +2,7 @@
 //! real tonic client, for every RPC and status code.
 mod common;
 
-use common::{sample, synthetic, TestServer};
+use common::{code, indices, int64s, sample, synthetic, TestServer};
 use minibatchd::client::{BatchRequest, Client};
 use minibatchd::proto;
 use minibatchd::server::ServerOptions;
@@ -14,13 +14,6 @@ fn rows(ds: &Dataset, set: &str, name: &str, idx: &[usize]) -> Vec<u8> {
     let s = ds.set(set).unwrap();
     let t = if name == "x" { &s.x } else { &s.y };
     idx.iter().flat_map(|&i| t.row(i).to_vec()).collect()
-}
-
-fn code(e: minibatchd::client::ClientError) -> Code {
-    match e {
-        minibatchd::client::ClientError::Status(s) => s.code(),
-        other => panic!("expected a status, got {other}"),
-    }
 }
 
 #[tokio::test]
@@ -135,10 +128,7 @@ async fn status_codes_for_bad_requests() {
         Code::FailedPrecondition
     );
     // A dtype number the contract does not define.
-    let mut raw =
-        proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr))
-            .await
-            .unwrap();
+    let mut raw = srv.raw_client().await;
     let e = raw
         .get_batch(proto::GetBatchRequest {
             set: "train".into(),
@@ -174,10 +164,7 @@ async fn status_codes_for_bad_requests() {
 #[tokio::test]
 async fn a_minibatch_larger_than_a_chunk_arrives_whole_in_small_messages() {
     let srv = TestServer::start(synthetic()).await;
-    let mut raw =
-        proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr))
-            .await
-            .unwrap();
+    let mut raw = srv.raw_client().await;
     let mut s = raw
         .get_batch(proto::GetBatchRequest {
             set: "train".into(),
@@ -238,16 +225,6 @@ async fn epoch(
     r.with_indices = true;
     let s = c.stream_batches(&r).await.unwrap();
     s.map(|b| b.unwrap()).collect().await
-}
-
-fn indices(b: &minibatchd::client::Batch) -> Vec<usize> {
-    b.indices
-        .as_ref()
-        .unwrap()
-        .data
-        .chunks(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize)
-        .collect()
 }
 
 #[tokio::test]
@@ -382,12 +359,7 @@ async fn wire_conversions_are_exact() {
     assert_eq!(u8s.x.data.len(), want.len());
     let back: Vec<f32> = u8s.x.data.iter().map(|&b| b as f32 / 256.0).collect();
     assert_eq!(back, want);
-    let labels: Vec<i64> = f32s
-        .y
-        .data
-        .chunks(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let labels = int64s(&f32s.y.data);
     let l32: Vec<i64> = u8s
         .y
         .data
@@ -566,10 +538,7 @@ async fn connections_are_served_on_every_io_thread() {
 #[tokio::test]
 async fn clients_choose_their_chunk_size_within_the_message_limit() {
     let srv = TestServer::start(synthetic()).await;
-    let mut raw =
-        proto::batch_service_client::BatchServiceClient::connect(format!("http://{}", srv.addr))
-            .await
-            .unwrap();
+    let mut raw = srv.raw_client().await;
     for (asked, most) in [
         (64 << 10, 64 << 10),
         (

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{rng, synthetic, TestServer};
+use common::{indices, rng, synthetic, TestServer};
 use minibatchd::client::BatchRequest;
 use minibatchd::store::Dataset;
 use tokio_stream::StreamExt;
@@ -20,14 +20,7 @@ fn rss_bytes() -> u64 {
 
 fn check(ds: &Dataset, set: &str, b: &minibatchd::client::Batch) {
     let s = ds.set(set).unwrap();
-    let idx: Vec<usize> = b
-        .indices
-        .as_ref()
-        .unwrap()
-        .data
-        .chunks(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize)
-        .collect();
+    let idx = indices(b);
     let want_x: Vec<u8> = idx.iter().flat_map(|&i| s.x.row(i).to_vec()).collect();
     let want_y: Vec<u8> = idx.iter().flat_map(|&i| s.y.row(i).to_vec()).collect();
     assert!(b.x.data == want_x, "wrong x bytes in minibatch {}", b.index);

@@ -2,17 +2,22 @@
 //! client, and deterministic datasets.
 #![allow(dead_code)]
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use minibatchd::client::Client;
+use minibatchd::client::{Batch, Client, ClientError};
 use minibatchd::load::{self, LoadOptions, PinPolicy};
 use minibatchd::memory::PinState;
 use minibatchd::metrics::Metrics;
+use minibatchd::proto::batch_service_client::BatchServiceClient;
 use minibatchd::server::ServerOptions;
 use minibatchd::store::{DType, Dataset, Format, Set, Tensor};
+
+/// How long a test server or daemon may take to serve.
+pub const START_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A server running in this process; shuts down when dropped.
 pub struct TestServer {
@@ -52,16 +57,36 @@ impl TestServer {
         }
     }
 
+    /// A client of the server, once it serves: bounded by
+    /// [`START_UP_TIMEOUT`], and failing at once when the server exited.
     pub async fn client(&self) -> Client {
         // The listener is bound before `run` starts, so connecting can only
         // race the server's first poll; retry briefly.
-        for _ in 0..50 {
-            if let Ok(c) = Client::connect(&self.addr.to_string()).await {
-                return c;
+        let addr = self.addr.to_string();
+        let connect = async {
+            loop {
+                if let Ok(c) = Client::connect(&addr).await {
+                    return c;
+                }
+                if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                    panic!("test server at {addr} exited before serving");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("cannot connect to test server at {}", self.addr);
+        };
+        tokio::time::timeout(START_UP_TIMEOUT, connect)
+            .await
+            .unwrap_or_else(|_| panic!("cannot connect to test server at {addr}"))
+    }
+
+    /// A plain tonic client of the service (no checks of its own), for
+    /// requests the Rust client would not send.
+    pub async fn raw_client(&self) -> BatchServiceClient<tonic::transport::Channel> {
+        let connect = BatchServiceClient::connect(format!("http://{}", self.addr));
+        tokio::time::timeout(START_UP_TIMEOUT, connect)
+            .await
+            .expect("test server answers")
+            .unwrap()
     }
 
     /// Asks the server to shut down (graceful) without waiting.
@@ -220,6 +245,154 @@ impl TestPki {
             tls_ca: Some(self.path("ca.pem")),
             tls_identity: Some((self.path("client.pem"), self.path("client.key"))),
             ..Default::default()
+        }
+    }
+}
+
+/// The status code of a client error that must be a gRPC status.
+pub fn code(e: ClientError) -> tonic::Code {
+    match e {
+        ClientError::Status(s) => s.code(),
+        other => panic!("expected a status, got {other}"),
+    }
+}
+
+/// The values of an int64 tensor's bytes (little-endian).
+pub fn int64s(data: &[u8]) -> Vec<i64> {
+    data.chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// The example indices of a minibatch asked `with_indices`.
+pub fn indices(b: &Batch) -> Vec<usize> {
+    let t = b.indices.as_ref().expect("asked with indices");
+    int64s(&t.data).into_iter().map(|i| i as usize).collect()
+}
+
+/// Polls `f` every 20 ms until it holds or `limit` passes; whether it held.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// The real binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_minibatchd");
+
+/// Runs the binary with `args` (logging errors only) and waits for it.
+pub fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("MINIBATCHD_LOG", "error")
+        .output()
+        .expect("binary runs")
+}
+
+/// Port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real binary serving on a free loopback port, its stderr in a log
+/// file; killed when dropped (its log then printed if the test failed).
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// `serve --addr ADDR` with `extra` (and `--metrics-addr off` unless
+    /// `extra` sets it), once health says SERVING.
+    pub fn start(extra: &[&str]) -> Daemon {
+        Self::start_with(extra, |_| {})
+    }
+
+    /// As [`Daemon::start`], with `configure` applied to the command
+    /// (environment, limits) before it is spawned.
+    pub fn start_with(extra: &[&str], configure: impl FnOnce(&mut Command)) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("daemon.log");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--addr", &addr])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if !extra.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "off"]);
+        }
+        configure(&mut cmd);
+        let mut d = Daemon {
+            child: cmd.spawn().unwrap(),
+            addr,
+            log,
+            _dir: dir,
+        };
+        let t0 = Instant::now();
+        while !d.healthy() {
+            if let Some(st) = d.child.try_wait().unwrap() {
+                panic!(
+                    "daemon exited before it became healthy: {st}\n{}",
+                    d.log_text()
+                );
+            }
+            assert!(
+                t0.elapsed() < START_UP_TIMEOUT,
+                "daemon did not become healthy:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    /// Waits until every one of `lines` is in the log, for at most `limit`.
+    pub fn wait_for_log(&self, lines: &[&str], limit: Duration) {
+        let t0 = Instant::now();
+        while !lines.iter().all(|l| self.log_text().contains(l)) {
+            assert!(
+                t0.elapsed() < limit,
+                "{lines:?} not logged within {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        run(&["health", "--server", &self.addr]).status.success()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("daemon log:\n{}", self.log_text());
         }
     }
 }

@@ -182,10 +182,11 @@ impl Buf for Segments {
     }
 }
 
-/// A request body of one message, sent as one frame.
-struct OneMessage(Option<Bytes>);
+/// A body that yields queued frames in order (a request: one data frame
+/// holding its one message).
+struct Queued(VecDeque<Frame<Bytes>>);
 
-impl Body for OneMessage {
+impl Body for Queued {
     type Data = Bytes;
     type Error = Status;
 
@@ -193,15 +194,16 @@ impl Body for OneMessage {
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Poll::Ready(self.get_mut().0.take().map(|b| Ok(Frame::data(b))))
+        Poll::Ready(self.get_mut().0.pop_front().map(Ok))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_none()
+        self.0.is_empty()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
+        let data = self.0.iter().filter_map(Frame::data_ref);
+        http_body::SizeHint::with_exact(data.map(|b| b.len() as u64).sum())
     }
 }
 
@@ -223,7 +225,9 @@ pub fn request(
         .uri(path)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
-        .body(tonic::body::Body::new(OneMessage(Some(body.freeze()))))
+        .body(tonic::body::Body::new(Queued(VecDeque::from([
+            Frame::data(body.freeze()),
+        ]))))
         .map_err(|e| Status::invalid_argument(format!("bad request path {path:?}: {e}")))?;
     req.headers_mut().extend(metadata);
     Ok(req)
@@ -444,20 +448,6 @@ where
 mod tests {
     use super::*;
 
-    /// A body that yields the given frames, then the given trailers.
-    struct Frames(VecDeque<Frame<Bytes>>);
-
-    impl Body for Frames {
-        type Data = Bytes;
-        type Error = Status;
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-            Poll::Ready(self.get_mut().0.pop_front().map(Ok))
-        }
-    }
-
     fn ok_trailers() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("grpc-status", "0".parse().unwrap());
@@ -476,7 +466,7 @@ mod tests {
         if let Some(t) = trailers {
             q.push_back(Frame::trailers(t));
         }
-        let mut r = MessageReader::new(Frames(q), 1 << 20);
+        let mut r = MessageReader::new(Queued(q), 1 << 20);
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
         let mut out = Vec::new();

@@ -122,20 +122,24 @@ struct Asked<'a> {
     with_indices: bool,
 }
 
+/// The [`Asked`] fields of a GetBatch or StreamBatches request.
+macro_rules! asked {
+    ($r:expr) => {
+        Asked {
+            set: &$r.set,
+            size: $r.size,
+            order: $r.order.as_ref(),
+            x_dtype: $r.x_dtype,
+            y_dtype: $r.y_dtype,
+            with_indices: $r.with_indices,
+        }
+    };
+}
+
 impl Expect {
     /// Exactly minibatch `r.index`, once.
     pub fn get_batch(r: &proto::GetBatchRequest, known: Known<'_>) -> Self {
-        let mut e = Self::new(
-            Asked {
-                set: &r.set,
-                size: r.size,
-                order: r.order.as_ref(),
-                x_dtype: r.x_dtype,
-                y_dtype: r.y_dtype,
-                with_indices: r.with_indices,
-            },
-            known,
-        );
+        let mut e = Self::new(asked!(r), known);
         e.first = r.index;
         e.min_batches = 1;
         e.max_batches = Some(1);
@@ -145,17 +149,7 @@ impl Expect {
     /// Minibatches `r.start ..`, `r.count` of them (0: to the end of the
     /// epoch), fewer when the epoch ends first.
     pub fn stream_batches(r: &proto::StreamBatchesRequest, known: Known<'_>) -> Self {
-        let mut e = Self::new(
-            Asked {
-                set: &r.set,
-                size: r.size,
-                order: r.order.as_ref(),
-                x_dtype: r.x_dtype,
-                y_dtype: r.y_dtype,
-                with_indices: r.with_indices,
-            },
-            known,
-        );
+        let mut e = Self::new(asked!(r), known);
         e.first = r.start;
         let left = e.epoch_batches().map(|n| n.saturating_sub(r.start));
         e.max_batches = match (r.count, left) {

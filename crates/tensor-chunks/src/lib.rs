@@ -120,6 +120,22 @@ struct Partial {
     chunks: u64,
 }
 
+impl Partial {
+    /// An error when the last tensor begun has fewer bytes than its
+    /// `total_bytes`.
+    fn last_tensor_full(&self) -> Result<(), ChunkError> {
+        match self.tensors.last() {
+            Some(t) if self.filled != t.total_bytes => Err(ChunkError::TensorShort {
+                index: self.index,
+                tensor: t.name.clone(),
+                received: self.filled,
+                total_bytes: t.total_bytes,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Turns chunks into verified minibatches (see the crate docs).
 ///
 /// Every size is bounded by the call's [`Expect`] and checked when a
@@ -200,16 +216,7 @@ impl Assembler {
         };
         let index = b.index;
         if b.tensors.last().is_none_or(|t| t.name != c.name) {
-            if let Some(t) = b.tensors.last() {
-                if b.filled != t.total_bytes {
-                    return Err(ChunkError::TensorShort {
-                        index,
-                        tensor: t.name.clone(),
-                        received: b.filled,
-                        total_bytes: t.total_bytes,
-                    });
-                }
-            }
+            b.last_tensor_full()?;
             let t = Self::start_tensor(&self.expect, b, &c)?;
             b.tensors.push(t);
             b.filled = 0;
@@ -273,14 +280,7 @@ impl Assembler {
         if !c.last {
             return Ok(None);
         }
-        if b.filled != t.total_bytes {
-            return Err(ChunkError::TensorShort {
-                index,
-                tensor: t.name.clone(),
-                received: b.filled,
-                total_bytes: t.total_bytes,
-            });
-        }
+        b.last_tensor_full()?;
         if let Some(&missing) = self.expect.names().get(b.tensors.len()) {
             return Err(ChunkError::Missing {
                 index,

@@ -216,17 +216,13 @@ impl Channel {
         metadata: Option<Vec<(String, String)>>,
         timeout: Option<f64>,
     ) -> PyResult<Call> {
-        let (headers, deadline) = prepare(metadata, timeout)?;
         // The bounds, if this call returns minibatches (only `next_batch`
         // needs them; iterating raw messages does not).
         let expect = self.conn.expect(&Request::Encoded { path, request });
-        let mut conn = self.conn.clone();
-        let rt = self.rt.clone();
-        let reader = py.detach(|| {
-            rt.block_on(within(deadline, async {
+        let (reader, deadline) =
+            self.run(py, metadata, timeout, |mut conn, headers| async move {
                 conn.messages(path, request, headers).await
-            }))
-        });
+            })?;
         match reader {
             Ok(reader) => Ok(Call {
                 rt: self.rt.clone(),
@@ -254,21 +250,35 @@ impl Channel {
         timeout: Option<f64>,
         verify_crc: bool,
     ) -> PyResult<Py<PyAny>> {
-        let (headers, deadline) = prepare(metadata, timeout)?;
-        let mut conn = self.conn.clone();
-        let rt = self.rt.clone();
-        let got = py.detach(|| {
-            rt.block_on(within(deadline, async {
-                let req = Request::Encoded { path, request };
-                let b = conn.one_batch(req, headers, verify_crc).await?;
-                Ok(Received::copy(b))
-            }))
-        });
+        let (got, _) = self.run(py, metadata, timeout, |mut conn, headers| async move {
+            let req = Request::Encoded { path, request };
+            let b = conn.one_batch(req, headers, verify_crc).await?;
+            Ok(Received::copy(b))
+        })?;
         got.map_err(py_error)?.into_python(py)
     }
 
     fn __repr__(&self) -> String {
         format!("minibatch_client_native.Channel({:?})", self.address)
+    }
+}
+
+impl Channel {
+    /// Runs `call` on this channel's connection, with `metadata` as its
+    /// headers, until the deadline `timeout` sets, with the GIL released.
+    /// Returns the deadline too (a streaming call keeps to it).
+    fn run<T: Send, E: From<Status> + Send, F: std::future::Future<Output = Result<T, E>>>(
+        &self,
+        py: Python<'_>,
+        metadata: Option<Vec<(String, String)>>,
+        timeout: Option<f64>,
+        call: impl FnOnce(Connection, http::HeaderMap) -> F + Send,
+    ) -> PyResult<(Result<T, E>, Option<tokio::time::Instant>)> {
+        let (headers, deadline) = prepare(metadata, timeout)?;
+        let conn = self.conn.clone();
+        let rt = self.rt.clone();
+        let r = py.detach(|| rt.block_on(within(deadline, call(conn, headers))));
+        Ok((r, deadline))
     }
 }
 
@@ -337,6 +347,32 @@ enum Stream {
 }
 
 impl Call {
+    /// The next item `read` takes from the stream, with the GIL released
+    /// (and the lock taken so: a thread waiting for it must not hold the
+    /// GIL the holder needs to return). CANCELLED once `cancel()` was
+    /// called. When the stream ended, failed or was cancelled, or was
+    /// cancelled by another thread while this item arrived (its cancel()
+    /// found the lock taken), it is freed now, not when the call is
+    /// collected.
+    fn next_with<T: Send>(
+        &self,
+        py: Python<'_>,
+        read: impl FnOnce(&mut Option<Stream>) -> Result<Option<T>, ClientError> + Send,
+    ) -> Result<Option<T>, ClientError> {
+        py.detach(|| {
+            let mut guard = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+            if self.cancelled.load(Ordering::Acquire) {
+                *guard = None;
+                return Err(cancelled());
+            }
+            let r = read(&mut guard);
+            if !matches!(r, Ok(Some(_))) || self.cancelled.load(Ordering::Acquire) {
+                *guard = None;
+            }
+            r
+        })
+    }
+
     /// Awaits `f`, waiting (GIL released by the caller) until it is done,
     /// the deadline passes or `cancel()` is called.
     fn wait<T>(
@@ -346,12 +382,15 @@ impl Call {
         self.rt.block_on(async {
             tokio::select! {
                 r = within(self.deadline, f) => r,
-                _ = self.cancel.notified() => {
-                    Err(Status::cancelled("call cancelled by the client").into())
-                }
+                _ = self.cancel.notified() => Err(cancelled()),
             }
         })
     }
+}
+
+/// The error of a call the client cancelled.
+fn cancelled() -> ClientError {
+    Status::cancelled("call cancelled by the client").into()
 }
 
 /// A minibatch whose tensors were copied out of the received frames.
@@ -468,30 +507,14 @@ impl Call {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<Message>> {
-        // The lock is taken with the GIL released: a thread waiting for it
-        // must not hold the GIL the holder needs to return.
-        let next = py.detach(|| {
-            let mut guard = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-            if self.cancelled.load(Ordering::Acquire) {
-                *guard = None;
-                return Err(Status::cancelled("call cancelled by the client").into());
+        let next = self.next_with(py, |stream| match stream.as_mut() {
+            None => Ok(None),
+            Some(Stream::Messages { reader, .. }) => {
+                self.wait(async { reader.message().await.transpose().map_err(Into::into) })
             }
-            let r = match guard.as_mut() {
-                None => return Ok(None),
-                Some(Stream::Messages { reader, .. }) => {
-                    self.wait(async { reader.message().await.transpose().map_err(Into::into) })
-                }
-                Some(Stream::Batches(_)) => Err(ClientError::Config(
-                    "this call is read with next_batch(), not iterated".into(),
-                )),
-            };
-            // Ended, failed or cancelled, or cancelled by another thread
-            // while this message arrived (its cancel() found the lock
-            // taken): free the stream now, not when the call is collected.
-            if !matches!(r, Ok(Some(_))) || self.cancelled.load(Ordering::Acquire) {
-                *guard = None;
-            }
-            r
+            Some(Stream::Batches(_)) => Err(ClientError::Config(
+                "this call is read with next_batch(), not iterated".into(),
+            )),
         });
         match next {
             Ok(m) => Ok(m.map(|parts| Message {
@@ -513,29 +536,18 @@ impl Call {
     /// stream. Use either this or iteration on one call, not both.
     #[pyo3(signature = (verify_crc = true))]
     fn next_batch(&self, py: Python<'_>, verify_crc: bool) -> PyResult<Option<Py<PyAny>>> {
-        let got = py.detach(|| {
-            let mut guard = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-            if self.cancelled.load(Ordering::Acquire) {
-                *guard = None;
-                return Err(Status::cancelled("call cancelled by the client").into());
-            }
-            let stream = match guard.take() {
+        let got = self.next_with(py, |slot| {
+            let stream = match slot.take() {
                 None => return Ok(None),
                 Some(Stream::Batches(s)) => s,
                 Some(Stream::Messages { reader, expect }) => {
                     BatchStream::new(reader, expect?, verify_crc)
                 }
             };
-            let stream = guard.insert(Stream::Batches(stream));
-            let Stream::Batches(batches) = stream else {
+            let Stream::Batches(batches) = slot.insert(Stream::Batches(stream)) else {
                 unreachable!("inserted above")
             };
             let r = self.wait(async { batches.next_batch().await.transpose() });
-            if !matches!(r, Ok(Some(_))) || self.cancelled.load(Ordering::Acquire) {
-                // As in `__next__`: a cancel() that found the lock taken
-                // leaves the stream to be freed here.
-                *guard = None;
-            }
             r.map(|b| b.map(Received::copy))
         });
         match got.map_err(py_error)? {
