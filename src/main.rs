@@ -57,24 +57,8 @@ fn main() -> std::process::ExitCode {
 /// tool does, by SIGPIPE, instead of panicking on EPIPE.
 macro_rules! say {
     ($($arg:tt)*) => {
-        say(format_args!($($arg)*))
+        minibatchd::cli::say(format_args!($($arg)*))
     };
-}
-
-fn say(args: std::fmt::Arguments) {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            // SAFETY: default disposition, then the signal to ourselves.
-            unsafe {
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-                libc::raise(libc::SIGPIPE);
-            }
-        }
-        eprintln!("error: writing to stdout: {e}");
-        std::process::exit(1);
-    }
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
