@@ -63,7 +63,9 @@ def main() -> None:
     ap.add_argument("--file", default=str(ROOT / "bench" / "out" / "mnist-full.pkl.gz"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--only", default="", help="run only the tests whose name contains this")
     a = ap.parse_args()
+    tests = [t for t in TESTS if a.only in t[0]]
     if not Path(a.file).exists():
         sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "scripts")]
         import load  # bench/load.py
@@ -74,7 +76,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     try:
         for r in range(a.rounds):
-            for name, args in TESTS:
+            for name, args in tests:
                 for who in ("old", "new"):
                     out = subprocess.run(
                         [a.new, "bench", "--server", servers[who][1], "--duration", str(a.seconds), "--json", *args],
@@ -86,11 +88,12 @@ def main() -> None:
         for p, _ in servers.values():
             p.terminate()
             p.wait()
-    print(f"\n`bench/ab.py {a.old} {a.new} --rounds {a.rounds} --seconds {a.seconds}`, "
+    only = f" --only '{a.only}'" if a.only else ""
+    print(f"\n`bench/ab.py {a.old} {a.new} --rounds {a.rounds} --seconds {a.seconds}{only}`, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs; medians over rounds (min..max)\n")
     print("| test | old MB/s | new MB/s | new/old | old p50 ms | new p50 ms |")
     print("|---|--:|--:|--:|--:|--:|")
-    for name, _ in TESTS:
+    for name, _ in tests:
         o, n = results[(name, "old")], results[(name, "new")]
 
         def col(rs: list[dict], k: str, fmt: str) -> str:
