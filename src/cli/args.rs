@@ -200,6 +200,33 @@ pub struct ServeArgs {
     /// PEM CA: require client certificates signed by it (mutual TLS).
     #[arg(long, env = "MINIBATCHD_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Also serve on this Unix domain socket (same services and limits, never
+    /// TLS: the file's mode and group say who may connect); empty = off. A
+    /// stale socket file there is replaced; the file is removed at exit.
+    #[arg(long, env = "MINIBATCHD_UDS", value_name = "PATH", value_parser = path_or_empty)]
+    pub uds: Option<PathBuf>,
+    /// Mode of the unix socket file, in octal (connecting needs write
+    /// permission).
+    #[arg(long, env = "MINIBATCHD_UDS_MODE", default_value = "660", value_parser = octal_mode)]
+    pub uds_mode: u32,
+    /// Group to give the unix socket file (name or number); default: the
+    /// daemon's.
+    #[arg(long, env = "MINIBATCHD_UDS_GROUP", value_name = "NAME")]
+    pub uds_group: Option<String>,
+}
+
+/// A path, or "" for off (clap refuses empty paths of its own).
+fn path_or_empty(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
+/// A file mode in octal ("660", "0660", "0o660"), at most 777.
+fn octal_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
+        _ => Err(format!("{s:?} is not an octal file mode from 0 to 777")),
+    }
 }
 
 #[derive(Args)]
@@ -353,6 +380,16 @@ impl ServeArgs {
                     key,
                     client_ca: a.tls_client_ca.clone(),
                 }),
+            uds: a
+                .uds
+                .as_ref()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|path| crate::server::UdsOptions {
+                    path: path.clone(),
+                    mode: a.uds_mode,
+                    group: a.uds_group.clone().filter(|g| !g.is_empty()),
+                }),
+            uds_backlog: a.listen_backlog,
         })
     }
 
@@ -415,6 +452,37 @@ pub fn secs(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--uds` is off by default and when empty; its mode is octal.
+    #[test]
+    fn uds_flags() {
+        let serve = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["minibatchd", "serve"], args].concat())?;
+            let Cmd::Serve(a) = cli.cmd else {
+                unreachable!()
+            };
+            Ok::<_, clap::Error>(a.options().unwrap())
+        };
+        assert_eq!(serve(&[]).unwrap().uds, None);
+        assert_eq!(serve(&["--uds", ""]).unwrap().uds, None);
+        let u = serve(&["--uds", "/run/m.sock"]).unwrap().uds.unwrap();
+        assert_eq!(u, crate::server::UdsOptions::new("/run/m.sock"));
+        assert_eq!(u.mode, 0o660);
+        let o = serve(&[
+            "--uds",
+            "/run/m.sock",
+            "--uds-mode",
+            "0600",
+            "--uds-group",
+            "train",
+        ])
+        .unwrap();
+        let u = o.uds.unwrap();
+        assert_eq!((u.mode, u.group.as_deref()), (0o600, Some("train")));
+        for bad in ["888", "1777", "", "rw"] {
+            assert!(serve(&["--uds", "/x", "--uds-mode", bad]).is_err(), "{bad}");
+        }
+    }
 
     /// The duration flags' defaults (strings, for clap) are the library's.
     #[test]

@@ -2,21 +2,22 @@
 //! `max_connections` (a newcomer may evict the oldest one still in its
 //! handshake), the TLS handshake and HTTP/2 preface under the handshake
 //! deadline, and the stream tonic serves ([`LimitedConn`]), which carries
-//! the connection's memory-budget [`Holder`].
+//! the connection's memory-budget [`Holder`]. Connections from the Unix
+//! socket go the same way, without TLS.
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tonic::transport::server::Connected;
 
 use crate::batch::budget::Holder;
 use crate::metrics::Metrics;
 
-use super::listen::LogThrottle;
+use super::listen::{LogThrottle, Peer};
 
 /// The HTTP/2 client preface (RFC 9113 section 3.4): the first bytes of
 /// every HTTP/2 connection, so their arrival marks a connection as a real
@@ -162,7 +163,25 @@ pub(super) enum HandshakeError {
     Io(#[from] std::io::Error),
 }
 
-/// How serving threads establish connections: TLS (if on), then the
+/// An accepted connection on its way to a serving thread.
+pub(super) enum Accepted {
+    Tcp(std::net::TcpStream),
+    /// From the Unix socket: never TLS (the socket file's permissions say
+    /// who may connect).
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Accepted {
+    /// The peer, for log lines.
+    fn peer(&self) -> Peer {
+        match self {
+            Accepted::Tcp(s) => s.peer_addr().map_or(Peer::Unknown, Peer::Tcp),
+            Accepted::Unix(_) => Peer::Unix,
+        }
+    }
+}
+
+/// How serving threads establish connections: TLS (if on, TCP only), then the
 /// HTTP/2 preface, all within `timeout` of the connection's arrival.
 pub(super) struct Handshake {
     pub(super) tls: Option<tokio_rustls::TlsAcceptor>,
@@ -178,13 +197,9 @@ pub(super) struct Handshake {
 impl Handshake {
     /// The established connection, or `None` (logged, counted) when it
     /// failed, timed out or was evicted.
-    pub(super) async fn run(
-        &self,
-        std: std::net::TcpStream,
-        slot: ConnSlot,
-    ) -> Option<LimitedConn> {
-        let peer = std.peer_addr().ok();
-        match self.establish(std, slot).await {
+    pub(super) async fn run(&self, conn: Accepted, slot: ConnSlot) -> Option<LimitedConn> {
+        let peer = conn.peer();
+        match self.establish(conn, slot).await {
             Ok(c) => Some(c),
             Err(HandshakeError::Timeout(t)) => {
                 self.metrics
@@ -192,7 +207,7 @@ impl Handshake {
                     .handshake_timeouts
                     .fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = self.timeouts_log.allow() {
-                    tracing::warn!(peer = ?peer, timeout_s = t.as_secs_f64(), suppressed, "closed a connection that sent no HTTP/2 preface in time (--handshake-timeout-secs)");
+                    tracing::warn!(%peer, timeout_s = t.as_secs_f64(), suppressed, "closed a connection that sent no HTTP/2 preface in time (--handshake-timeout-secs)");
                 }
                 None
             }
@@ -204,7 +219,7 @@ impl Handshake {
                     .handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = self.failures_log.allow() {
-                    tracing::info!(peer = ?peer, error = %e, suppressed, "connection closed during its handshake");
+                    tracing::info!(%peer, error = %e, suppressed, "connection closed during its handshake");
                 }
                 None
             }
@@ -213,17 +228,22 @@ impl Handshake {
 
     pub(super) async fn establish(
         &self,
-        std: std::net::TcpStream,
+        conn: Accepted,
         mut slot: ConnSlot,
     ) -> Result<LimitedConn, HandshakeError> {
-        let stream = TcpStream::from_std(std)?;
         let evicted = slot.slot.evicted.clone();
         let work = async {
-            let mut io = match &self.tls {
-                Some(acceptor) => Io::Tls(Box::new(
-                    acceptor.accept(stream).await.map_err(HandshakeError::Tls)?,
-                )),
-                None => Io::Plain(stream),
+            let mut io = match conn {
+                Accepted::Tcp(std) => {
+                    let stream = TcpStream::from_std(std)?;
+                    match &self.tls {
+                        Some(acceptor) => Io::Tls(Box::new(
+                            acceptor.accept(stream).await.map_err(HandshakeError::Tls)?,
+                        )),
+                        None => Io::Plain(stream),
+                    }
+                }
+                Accepted::Unix(std) => Io::Unix(UnixStream::from_std(std)?),
             };
             let mut preface = [0u8; PREFACE.len()];
             io.read_exact(&mut preface).await?;
@@ -254,6 +274,7 @@ impl Handshake {
 pub(super) enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 macro_rules! io_delegate {
@@ -265,6 +286,10 @@ macro_rules! io_delegate {
             }
             Io::Tls($s) => {
                 let $s = std::pin::Pin::new(&mut **$s);
+                $e
+            }
+            Io::Unix($s) => {
+                let $s = std::pin::Pin::new($s);
                 $e
             }
         }
@@ -300,6 +325,7 @@ impl AsyncWrite for Io {
         match self {
             Io::Plain(s) => s.is_write_vectored(),
             Io::Tls(s) => s.is_write_vectored(),
+            Io::Unix(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(

@@ -1,16 +1,22 @@
-//! The listening side: binding with a backlog, fitting the file-descriptor
-//! limit, and the accept loop that backs off on errors that repeat and
-//! logs repeated events once per interval.
+//! The listening side: binding with a backlog, the Unix socket's file
+//! (stale ones replaced, its mode and group, removal at exit), fitting the
+//! file-descriptor limit, and the accept loop (one, for TCP and the Unix
+//! socket alike) that backs off on errors that repeat and logs repeated
+//! events once per interval.
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use anyhow::Context as _;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::metrics::Metrics;
 
-use super::conn::{ConnSlot, Slots};
-use super::{serving_threads, IoThread, ServerOptions, FDS_PER_IO_THREAD, FD_RESERVE};
+use super::conn::{Accepted, ConnSlot, Slots};
+use super::{serving_threads, IoThread, ServerOptions, UdsOptions, FDS_PER_IO_THREAD, FD_RESERVE};
 
 /// First pause after an accept error that will repeat (out of file
 /// descriptors, out of memory): the failed connection stays queued, so
@@ -256,19 +262,81 @@ impl AcceptErrors {
     }
 }
 
-/// Accepts connections and hands each, with a slot (see [`Slots`]), to the
-/// serving thread with the fewest; refused connections are closed at once
-/// (the client sees UNAVAILABLE and can try a replica). Runs until dropped.
+/// A listening socket the accept loop takes connections from: TCP or the
+/// Unix socket (see [`UdsOptions`]).
+pub(super) trait Listen {
+    /// The next connection, with its peer for log lines.
+    fn next(&self) -> impl Future<Output = std::io::Result<(Incoming, Peer)>> + Send;
+}
+
+/// Who connected, for log lines.
+pub(super) enum Peer {
+    Tcp(std::net::SocketAddr),
+    /// Peers of a listening Unix socket are unnamed.
+    Unix,
+    /// A TCP peer gone before it could be asked.
+    Unknown,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => a.fmt(f),
+            Peer::Unix => f.write_str("unix socket"),
+            Peer::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
+/// An accepted connection still registered with the accepting runtime.
+pub(super) enum Incoming {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Incoming {
+    /// Deregistered, to be registered again on a serving thread.
+    fn into_std(self) -> std::io::Result<Accepted> {
+        Ok(match self {
+            Incoming::Tcp(s) => Accepted::Tcp(s.into_std()?),
+            Incoming::Unix(s) => Accepted::Unix(s.into_std()?),
+        })
+    }
+}
+
+impl Listen for TcpListener {
+    async fn next(&self) -> std::io::Result<(Incoming, Peer)> {
+        let (stream, peer) = self.accept().await?;
+        // Without nodelay small minibatches stall 40 ms on delayed ACKs.
+        let _ = stream.set_nodelay(true);
+        Ok((Incoming::Tcp(stream), Peer::Tcp(peer)))
+    }
+}
+
+impl Listen for UnixListener {
+    async fn next(&self) -> std::io::Result<(Incoming, Peer)> {
+        let (stream, _) = self.accept().await?;
+        Ok((Incoming::Unix(stream), Peer::Unix))
+    }
+}
+
+/// Accepts connections on `listener` (`what` names it in log lines) and
+/// hands each, with a slot (see [`Slots`]), to the serving thread with the
+/// fewest; refused connections are closed at once (the client sees
+/// UNAVAILABLE and can try a replica). The TCP listener and the Unix
+/// socket each run one, over the same slots and serving threads. Runs
+/// until dropped.
 pub(super) async fn accept(
-    listener: TcpListener,
+    listener: impl Listen,
+    what: &'static str,
     slots: Arc<Slots>,
     io_threads: &[IoThread],
     metrics: &Metrics,
 ) {
-    let mut errors = AcceptErrors::new("grpc");
+    let mut errors = AcceptErrors::new(what);
     let refused_log = LogThrottle::new(LOG_EVERY);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, peer) = match listener.next().await {
             Ok(c) => {
                 errors.ok();
                 c
@@ -280,12 +348,10 @@ pub(super) async fn accept(
             }
         };
         metrics.conns.accepted.fetch_add(1, Ordering::Relaxed);
-        // Without nodelay small minibatches stall 40 ms on delayed ACKs.
-        let _ = stream.set_nodelay(true);
         let Some(slot) = slots.take() else {
             metrics.conns.refused.fetch_add(1, Ordering::Relaxed);
             if let Some(suppressed) = refused_log.allow() {
-                tracing::warn!(%peer, max = slots.max, suppressed, "connection refused: --max-connections reached, all of them past their handshake");
+                tracing::warn!(%peer, listener = what, max = slots.max, suppressed, "connection refused: --max-connections reached, all of them past their handshake");
             }
             continue;
         };
@@ -303,5 +369,118 @@ pub(super) async fn accept(
             }
             Err(e) => tracing::warn!(error = %e, "cannot hand over an accepted connection"),
         }
+    }
+}
+
+/// The Unix socket's file, removed when dropped (when [`super::run`]
+/// returns, on every path after binding) unless another file has taken
+/// its place since.
+#[derive(Debug)]
+pub struct UdsFile {
+    path: PathBuf,
+    /// Device and inode of the socket bound, to remove only that one.
+    id: (u64, u64),
+}
+
+impl Drop for UdsFile {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.id => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the unix socket file");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Binds the Unix socket `o.path` with a listen backlog of `backlog`:
+/// a socket file left there by a daemon that is gone (connecting is
+/// refused) is replaced; a live one (another daemon answers) is an error,
+/// and so is any other kind of file, which is never deleted. The file gets
+/// mode `o.mode` and group `o.group` before the socket listens, so no
+/// client connects through looser permissions.
+pub fn bind_uds(o: &UdsOptions, backlog: u32) -> anyhow::Result<(UnixListener, UdsFile)> {
+    let path = &o.path;
+    let gid = o.group.as_deref().map(group_id).transpose()?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => anyhow::bail!(
+                    "{}: another process is serving on this unix socket (is another minibatchd running?)",
+                    path.display()
+                ),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    std::fs::remove_file(path).with_context(|| {
+                        format!("{}: cannot remove the stale unix socket", path.display())
+                    })?;
+                    tracing::info!(path = %path.display(), "removed a stale unix socket file (nothing was listening on it)");
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("{}: cannot tell whether this unix socket is in use", path.display())
+                    })
+                }
+            }
+        }
+        Ok(_) => anyhow::bail!(
+            "{}: exists and is not a socket; not replacing it (remove it or choose another --uds path)",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+    }
+    let socket = tokio::net::UnixSocket::new_stream()?;
+    socket
+        .bind(path)
+        .with_context(|| format!("cannot bind the unix socket {}", path.display()))?;
+    let meta = std::fs::symlink_metadata(path)?;
+    let file = UdsFile {
+        path: path.clone(),
+        id: (meta.dev(), meta.ino()),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(o.mode))
+        .with_context(|| format!("cannot set mode {:04o} on {}", o.mode, path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+            format!(
+                "cannot give {} to group {}",
+                path.display(),
+                o.group.as_deref().unwrap_or_default()
+            )
+        })?;
+    }
+    let listener = socket.listen(backlog)?;
+    Ok((listener, file))
+}
+
+/// The id of group `name` (a name, or a number).
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    let c = std::ffi::CString::new(name).context("the group name holds a NUL byte")?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    loop {
+        // SAFETY: all-zero is a valid `group` (null pointers, zero id).
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, `buf` for its length.
+        let r = unsafe {
+            libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out)
+        };
+        if r == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if r == 0 && !out.is_null() {
+            return Ok(grp.gr_gid);
+        }
+        if let Ok(gid) = name.parse::<u32>() {
+            return Ok(gid);
+        }
+        if r != 0 {
+            return Err(std::io::Error::from_raw_os_error(r))
+                .with_context(|| format!("cannot look up group {name}"));
+        }
+        anyhow::bail!("unknown group {name} (--uds-group)");
     }
 }

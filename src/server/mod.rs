@@ -10,6 +10,12 @@
 //! connection holds its slot until it closes; one that has not sent its
 //! preface yet may lose it to a newcomer when all slots are taken, so idle
 //! sockets cannot lock real clients out.
+//!
+//! With [`ServerOptions::uds`] the same services are served on a Unix
+//! domain socket as well, for trainers on the same host: a second accept
+//! loop over the same slots, serving threads, handshake deadline, bearer
+//! token and limits. TLS never applies there; the socket file's mode and
+//! group say who may connect (see [`UdsOptions`]).
 use std::future::Future;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -30,10 +36,12 @@ use crate::store::Dataset;
 mod conn;
 mod listen;
 
-use conn::{ConnSlot, Handshake, LimitedConn, Slots};
+use conn::{Accepted, ConnSlot, Handshake, LimitedConn, Slots};
 pub(crate) use listen::AcceptErrors;
 use listen::{accept, LOG_EVERY};
-pub use listen::{bind, fds_needed, fit_fd_limit, make_room_for_fds, FdLimit, LogThrottle};
+pub use listen::{
+    bind, bind_uds, fds_needed, fit_fd_limit, make_room_for_fds, FdLimit, LogThrottle, UdsFile,
+};
 
 /// Default connection cap: far above a training fleet's trainers per
 /// replica, far below what exhausts file descriptors.
@@ -64,7 +72,8 @@ pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 /// keeps `Instant + duration` arithmetic far from overflowing (it panics).
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// File descriptors the daemon holds besides its connections and serving
-/// threads: stdio, the two listeners, the main runtime's epoll and eventfds.
+/// threads: stdio, the listeners (gRPC, metrics, the Unix socket), the main
+/// runtime's epoll and eventfds.
 /// Measured: 13 (17 open at idle with one serving thread, metrics on, `ls
 /// /proc/PID/fd`); 32 leaves room for the dataset file while loading and a
 /// log sink.
@@ -75,6 +84,34 @@ pub const FDS_PER_IO_THREAD: u64 = 4;
 
 /// How often the shutdown drain looks at the number of open streams.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Default mode of the Unix socket file: owner and group may connect
+/// (connecting needs write permission), others may not.
+pub const DEFAULT_UDS_MODE: u32 = 0o660;
+
+/// The Unix domain socket (`--uds`): who can open its file can connect, so
+/// its mode and group are the access control there (TLS does not apply;
+/// the bearer token, when set, does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdsOptions {
+    pub path: std::path::PathBuf,
+    /// Permission bits of the socket file (at most 0o777).
+    pub mode: u32,
+    /// Group to give the socket file (a name or a number); `None` keeps the
+    /// daemon's own.
+    pub group: Option<String>,
+}
+
+impl UdsOptions {
+    /// `path` with the default mode and group.
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            mode: DEFAULT_UDS_MODE,
+            group: None,
+        }
+    }
+}
 
 /// Server settings beyond the dataset.
 #[derive(Debug, Clone)]
@@ -105,6 +142,11 @@ pub struct ServerOptions {
     /// Serving threads; 0 = one per CPU. See [`run`] for why connections
     /// are spread over single-threaded runtimes.
     pub io_threads: usize,
+    /// Also serve on this Unix domain socket (off by default); bound by
+    /// [`run`], which removes the file when it returns.
+    pub uds: Option<UdsOptions>,
+    /// Listen backlog of the Unix socket (the TCP listener comes bound).
+    pub uds_backlog: u32,
 }
 
 impl Default for ServerOptions {
@@ -121,6 +163,8 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(30),
             eager_stats: true,
             io_threads: 0,
+            uds: None,
+            uds_backlog: DEFAULT_LISTEN_BACKLOG,
         }
     }
 }
@@ -163,6 +207,23 @@ pub fn validate(o: &ServerOptions) -> Result<(), String> {
     if o.auth_token.as_deref() == Some("") {
         return Err("the auth token is empty".into());
     }
+    if let Some(u) = &o.uds {
+        if u.path.as_os_str().is_empty() {
+            return Err("the unix socket path is empty".into());
+        }
+        if u.mode > 0o777 {
+            return Err(format!(
+                "unix socket mode {:o} is not a permission mode (at most 777)",
+                u.mode
+            ));
+        }
+        if u.group.as_deref() == Some("") {
+            return Err("the unix socket group is empty".into());
+        }
+    }
+    if o.uds_backlog == 0 {
+        return Err("the unix socket listen backlog must be at least 1".into());
+    }
     for (name, d) in [
         ("shutdown grace", o.shutdown_grace),
         ("keepalive interval", o.keepalive_interval),
@@ -196,7 +257,9 @@ fn serving_threads(io_threads: usize) -> usize {
     }
 }
 
-/// Serves `dataset` on `listener` until `shutdown` resolves; then reports
+/// Serves `dataset` on `listener` (and on the Unix socket of
+/// [`ServerOptions::uds`], bound here with [`bind_uds`] and removed when
+/// this returns) until `shutdown` resolves; then reports
 /// NOT_SERVING (so balancers drain), lets in-flight streams finish for up
 /// to `shutdown_grace` while still answering, stops accepting, closes the
 /// connections, and returns.
@@ -221,6 +284,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     validate(&opts).map_err(anyhow::Error::msg)?;
+    // Bound first, so that a live daemon on the path stops this one before
+    // it does anything; the file goes when `_uds_file` drops, on every
+    // return below.
+    let (uds, _uds_file) = match &opts.uds {
+        Some(u) => {
+            let (l, f) = bind_uds(u, opts.uds_backlog)?;
+            (Some(l), Some(f))
+        }
+        None => (None, None),
+    };
     let prepared = Prepared::new(dataset, opts.limits, metrics.clone());
     prepare_in_background(&prepared, opts.eager_stats)?;
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -263,8 +336,28 @@ pub async fn run(
     // Boxed, not pinned on the stack, so that dropping it below really ends
     // it (and closes the listening socket).
     let slots = Arc::new(Slots::new(opts.max_connections, metrics.clone()));
-    let mut accept = Box::pin(accept(listener, slots, &io_threads, &metrics));
+    let tcp = accept(listener, "grpc", slots.clone(), &io_threads, &metrics);
+    let unix = async {
+        match uds {
+            Some(l) => accept(l, "grpc-unix", slots, &io_threads, &metrics).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut accept = Box::pin(async {
+        tokio::join!(tcp, unix);
+    });
     tracing::info!(%addr, io_threads = threads, "serving gRPC");
+    if let Some(u) = &opts.uds {
+        tracing::info!(
+            group = u.group.as_deref(),
+            "serving gRPC on unix socket {} (mode {:04o})",
+            u.path.display(),
+            u.mode
+        );
+        if u.mode & 0o002 != 0 && opts.auth_token.is_none() {
+            tracing::warn!(path = %u.path.display(), "the unix socket is open to every user of this host (--uds-mode) and there is no bearer token: any of them can read the dataset");
+        }
+    }
     tokio::select! {
         _ = &mut accept => unreachable!("the accept loop runs until dropped"),
         r = first_done(&mut done) => return Err(io_thread_ended(r)),
@@ -396,7 +489,7 @@ enum Phase {
 /// One serving thread (see [`run`]): a single-threaded runtime serving the
 /// connections handed to it.
 struct IoThread {
-    conns: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, ConnSlot)>,
+    conns: tokio::sync::mpsc::UnboundedSender<(Accepted, ConnSlot)>,
     /// Connections it serves now (for placing new ones).
     open: Arc<AtomicUsize>,
 }
@@ -441,7 +534,7 @@ impl IoThread {
 async fn serve_io_thread(
     router: Router,
     handshake: Arc<Handshake>,
-    mut conns: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, ConnSlot)>,
+    mut conns: tokio::sync::mpsc::UnboundedReceiver<(Accepted, ConnSlot)>,
     mut phase: tokio::sync::watch::Receiver<Phase>,
 ) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = tokio::sync::mpsc::unbounded_channel::<LimitedConn>();

@@ -161,8 +161,16 @@ def _serialize(m) -> bytes:
 
 def grpcio_channel(address: str, options: Sequence[tuple[str, object]],
                    credentials: Optional[grpc.ChannelCredentials], single_threaded: bool) -> grpc.Channel:
-    """A grpcio channel to `address`, in SingleThreadedUnaryStream mode if asked."""
+    """A grpcio channel to `address`, in SingleThreadedUnaryStream mode if asked.
+
+    For a Unix socket (`unix:PATH`, `unix:///PATH`) the :authority is
+    "localhost" unless the options name one: grpcio's default there is the
+    socket's path, which is no valid HTTP/2 authority, and minibatchd's HTTP/2
+    stack resets every call that carries it (PROTOCOL_ERROR)."""
     opts = list(options) + ([SINGLE_THREADED] if single_threaded else [])
+    if address.startswith(("unix:", "unix-abstract:")) and not any(
+            k == "grpc.default_authority" for k, _ in opts):
+        opts.append(("grpc.default_authority", "localhost"))
     if credentials is not None:
         return grpc.secure_channel(address, credentials, options=opts)
     return grpc.insecure_channel(address, options=opts)
