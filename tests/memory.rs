@@ -7,23 +7,12 @@ mod common;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::{indices, synthetic, TestServer};
+use common::{grpc, indices, synthetic, TestServer};
 use minibatchd::batch::prepared::{Limits, MIN_CHUNK_BYTES};
 use minibatchd::client::BatchRequest;
 use minibatchd::proto;
 use minibatchd::server::ServerOptions;
-use prost::Message;
 use tokio_stream::StreamExt;
-
-/// A gRPC message: prefix and bytes.
-fn grpc(m: &impl Message) -> Bytes {
-    let body = m.encode_to_vec();
-    let mut b = BytesMut::new();
-    b.put_u8(0);
-    b.put_u32(body.len() as u32);
-    b.put_slice(&body);
-    b.freeze()
-}
 
 /// A raw HTTP/2 connection whose every stream window is `window` bytes.
 async fn h2_client(addr: std::net::SocketAddr, window: u32) -> h2::client::SendRequest<Bytes> {

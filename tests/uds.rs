@@ -8,8 +8,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use common::{eventually, synthetic, Daemon, TestServer, START_UP_TIMEOUT};
+use bytes::{Buf, Bytes, BytesMut};
+use common::{eventually, grpc, synthetic, Daemon, TestServer, START_UP_TIMEOUT};
 use minibatchd::proto;
 use minibatchd::server::{ServerOptions, UdsOptions};
 use prost::Message;
@@ -53,16 +53,6 @@ async fn h2_unix(path: &Path) -> h2::client::SendRequest<Bytes> {
         let _ = conn.await;
     });
     client
-}
-
-/// A gRPC message: prefix and bytes.
-fn grpc(m: &impl Message) -> Bytes {
-    let body = m.encode_to_vec();
-    let mut b = BytesMut::new();
-    b.put_u8(0);
-    b.put_u32(body.len() as u32);
-    b.put_slice(&body);
-    b.freeze()
 }
 
 /// Calls `method` (a full path, "/pkg.Service/Method") with `req` over

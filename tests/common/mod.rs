@@ -396,3 +396,16 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A request as a gRPC message (prefix and bytes), for raw HTTP/2 clients.
+pub fn grpc(m: &impl prost::Message) -> Bytes {
+    let body = m.encode_to_vec();
+    let mut b = bytes::BytesMut::with_capacity(grpc_frames::PREFIX + body.len());
+    b.extend_from_slice(
+        &grpc_frames::Prefix::uncompressed(body.len())
+            .expect("a small message")
+            .to_bytes(),
+    );
+    b.extend_from_slice(&body);
+    b.freeze()
+}
