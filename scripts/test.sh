@@ -27,6 +27,9 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
+step "cargo doc (warnings are errors: broken links in the docs fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
+
 step "cargo build"
 cargo build --locked
 

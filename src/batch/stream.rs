@@ -6,7 +6,7 @@
 //! takes the previous one, so a stream holds at most the chunk in flight
 //! (plus, shuffled, its minibatch's index list), never a minibatch or an
 //! epoch, whatever the client's chunk size or reading speed. Gathered bytes
-//! are leased from the server's memory [`Budget`]; a chunk that cannot get
+//! are leased from the server's memory [`Budget`](super::budget::Budget); a chunk that cannot get
 //! budget waits, then the stream ends with RESOURCE_EXHAUSTED.
 use std::future::Future;
 use std::pin::Pin;

@@ -180,7 +180,7 @@ pub struct ServeArgs {
     /// peer silent for 10 s more is dropped.
     #[arg(long, env = "MINIBATCHD_KEEPALIVE_SECS", default_value = "30", value_parser = secs)]
     pub keepalive_secs: Duration,
-    /// Require "authorization: Bearer <token>" on BatchService calls; the token
+    /// Require "authorization: Bearer TOKEN" on BatchService calls; the token
     /// is this file's content (health stays open for probes).
     #[arg(
         long,

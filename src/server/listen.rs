@@ -36,7 +36,7 @@ pub const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Binds a listening socket on `addr` (the first of its addresses that
 /// binds) with a listen backlog of `backlog` (see
-/// [`DEFAULT_LISTEN_BACKLOG`]); SO_REUSEADDR as tokio's own `bind` sets it.
+/// [`super::DEFAULT_LISTEN_BACKLOG`]); SO_REUSEADDR as tokio's own `bind` sets it.
 /// The kernel silently caps the backlog at `net.core.somaxconn`: this warns
 /// when it will.
 pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
