@@ -70,10 +70,11 @@ impl Mirrors {
 
     /// The mirror of `x` as `conv`, if built; otherwise starts its build
     /// (once) and returns None, so the caller converts meanwhile. `label`
-    /// names the tensor in logs (`train.x`).
+    /// names the tensor in logs (`train.x`); it is called only when a build
+    /// starts.
     pub fn get_or_start(
         &self,
-        label: &str,
+        label: impl FnOnce() -> String,
         x: &Tensor,
         conv: Conversion,
         pin: bool,
@@ -88,7 +89,7 @@ impl Mirrors {
         }
         slots.insert(key, Slot::Building);
         let (x, shared, metrics) = (x.clone(), self.slots.clone(), metrics.clone());
-        let label = label.to_string();
+        let label = label();
         let spawned = std::thread::Builder::new()
             .name("mirror".into())
             .spawn(move || {

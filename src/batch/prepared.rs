@@ -142,11 +142,12 @@ impl PreparedTensor {
     /// dtype (starting its build on first demand), else the tensor itself.
     fn source(&self, set: &str, conv: Conversion, p: &Prepared) -> Source {
         if Mirrors::wanted(&conv) {
-            let label = format!("{set}.{}", self.name);
+            // Named only when a build starts: this runs per minibatch.
+            let label = || format!("{set}.{}", self.name);
             let pin = p.dataset.pin == PinState::Pinned;
             if let Some(m) = self
                 .mirrors
-                .get_or_start(&label, &self.tensor, conv, pin, &p.metrics)
+                .get_or_start(label, &self.tensor, conv, pin, &p.metrics)
             {
                 return Source {
                     rows: Rows::Tensor {
