@@ -176,7 +176,7 @@ def test_minibatches_are_zero_copy_read_only_views(uds):
         addr = lambda v: v.__array_interface__["data"][0]  # noqa: E731
         assert addr(x1) - addr(x0) == 500 * 784 * 4
         for v in (x0, y0, x1, xa):
-            assert isinstance(v.base, mmap.mmap), type(v.base)
+            assert isinstance(_root(v), mmap.mmap), type(_root(v))
             assert not v.flags.writeable and not v.flags.owndata
             assert v.flags.c_contiguous
             with pytest.raises(ValueError, match="read-only"):
@@ -193,6 +193,13 @@ def test_minibatches_are_zero_copy_read_only_views(uds):
         assert x0.sum() == xa[:500].sum()
     del x0, y0, x1, xa, gx
     gc.collect()
+
+
+def _root(a: np.ndarray):
+    """The object at the end of an array's chain of bases."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a
 
 
 EPOCHS = [
@@ -516,7 +523,7 @@ def test_max_attached(tmp_path):
         with mc.Client(d.target, timeout=30) as c:
             base = stable_fds(d.pid)
             held = [c.attach() for _ in range(3)]
-            with pytest.raises(mc.ResourceExhausted, match="3") as e:
+            with pytest.raises(mc.ResourceExhausted, match="max-attached") as e:
                 c.attach()
             assert e.value.code.name == "RESOURCE_EXHAUSTED"
             # gRPC on the same socket is not an attachment: it still serves.

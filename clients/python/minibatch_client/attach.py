@@ -301,11 +301,15 @@ class Attachment:
         self.server_version: str = reply.server_version
         self.regions: tuple[Region, ...] = ()
         self.sets: dict[str, AttachedSet] = {}
+        # per region: (numpy dtype, elements per example)
+        self._layout: dict[Region, tuple[np.dtype, int]] = {}
         try:
             self._check_files(reply, fds)
             self.regions = tuple(self._check_region(i, r, reply) for i, r in enumerate(reply.regions))
             self.sets = self._sets(x_code)
             self._check_fingerprint(reply.fingerprint)
+            self._layout = {r: (DTYPES[dtype_code(r.dtype)][1], int(np.prod(r.shape[1:], dtype=np.int64)))
+                            for r in self.regions}
             for fd, f in zip(fds, reply.files):
                 self._maps.append(_map(fd, f.bytes))
         except BaseException:
@@ -478,8 +482,11 @@ class Attachment:
 
     def _view(self, r: Region, start: int, stop: int) -> np.ndarray:
         """Examples [start, stop) of region r: a read-only view of the mapping."""
-        dt = DTYPES[dtype_code(r.dtype)][1]
-        per = int(np.prod(r.shape[1:], dtype=np.int64))
+        dt, per = self._layout[r]
+        # frombuffer, not ndarray(buffer=): frombuffer holds a buffer export
+        # on the mmap for the array's life, so mmap.close() cannot unmap
+        # memory a view still points at (it raises BufferError instead);
+        # ndarray(buffer=) releases the export at once.
         a = np.frombuffer(self._maps[r.file], dtype=dt, count=(stop - start) * per,
                           offset=r.offset + start * per * dt.itemsize)
         return a.reshape((stop - start,) + r.shape[1:])
