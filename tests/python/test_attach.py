@@ -355,7 +355,7 @@ def test_daemon_exit_keeps_the_data_and_a_restart_is_a_new_generation(tmp_path, 
     sx, sy = sample["train"]
     d1 = UdsDaemon(tmp_path)
     try:
-        a1 = mc.Client(d1.target).attach()
+        a1 = mc.attach.connect(d1.target)
         x1, y1 = a1.arrays("train")
         t = time.monotonic()
         d1.kill(signal.SIGTERM)  # exits with a trainer attached
@@ -366,7 +366,7 @@ def test_daemon_exit_keeps_the_data_and_a_restart_is_a_new_generation(tmp_path, 
         d1.stop()
     d2 = UdsDaemon(tmp_path)  # the same socket path
     try:
-        a2 = mc.Client(d2.target).attach()
+        a2 = mc.attach.connect(d2.target)
         assert a2.generation != a1.generation and a2.fingerprint == a1.fingerprint
         d2.kill(signal.SIGKILL)
         assert np.array_equal(a2.batch("train", 1, 500)[0], sx[500:1000]) and a2.verify()
@@ -447,7 +447,7 @@ def test_garbage_after_the_magic(daemon, baseline, case):
     assert fds == [], f"{case}: descriptors passed for garbage"
     if data:
         resp = pb.AttachResponse.FromString(data[16:])
-        assert resp.WhichOneof("result") == "error" and resp.error.code in (3, 8, 9), (case, resp)
+        assert resp.WhichOneof("result") == "error" and resp.error.code != 0, (case, resp)
     _attach_ok(daemon)
 
 
@@ -546,6 +546,36 @@ def test_max_attached(tmp_path):
                 a.close()
         assert settle_fds(d.pid, base) == base
     finally:
+        d.stop()
+
+
+def test_unfinished_attach_requests_are_bounded_by_max_connections(tmp_path):
+    """Connections that send the magic and then nothing (on the Unix socket
+    or on TCP) are held by no attachment yet: like any connection still in
+    its handshake they count against --max-connections, and newcomers evict
+    the oldest, so they cannot pile up descriptors in the daemon for the
+    whole handshake timeout."""
+    d = UdsDaemon(tmp_path, "--max-connections", "8", "--handshake-timeout-secs", "30")
+    held = []
+    try:
+        base = stable_fds(d.pid)
+        host, port = d.address.rsplit(":", 1)
+        for i in range(60):
+            if i % 2:
+                s = socket.create_connection((host, int(port)))
+            else:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(d.sock))
+            s.sendall(b"MBATTACH")
+            held.append(s)
+        time.sleep(0.5)
+        n = stable_fds(d.pid)
+        assert n <= base + 8 + 2, f"60 unfinished attach requests hold {n - base} descriptors of the daemon's"
+        with mc.attach.connect(d.target, timeout=10) as a:  # a real client still gets in
+            assert a.batch("test", 0, 1)[1].shape == (1,)
+    finally:
+        for s in held:
+            s.close()
         d.stop()
 
 
