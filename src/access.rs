@@ -97,7 +97,8 @@ impl BearerAuth {
         }
     }
 
-    fn check(&self, presented: &[u8]) -> bool {
+    /// Whether `presented` is the token (in constant time).
+    pub fn check(&self, presented: &[u8]) -> bool {
         let d: [u8; 32] = Sha256::digest(presented).into();
         d.iter()
             .zip(self.digest.iter())

@@ -47,6 +47,16 @@ pub enum ServeError {
     RequestTimeout(Duration),
     #[error("reading the request failed: {0}")]
     Transport(String),
+    #[error("attach passes the dataset's memory as file descriptors, which travel only over a Unix socket on the daemon's host: connect to the daemon's --uds socket (this connection is TCP)")]
+    AttachNeedsUnixSocket,
+    #[error("{attached} processes are attached, the most this daemon allows (--max-attached {max}); close an attachment or raise the limit")]
+    AttachLimit { attached: usize, max: usize },
+    #[error("the dataset's memory cannot be shared: {0}")]
+    NotShareable(String),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("attach protocol version {0}; this daemon speaks version {v}", v = crate::attach::VERSION)]
+    AttachVersion(u32),
 }
 
 impl ServeError {
@@ -73,7 +83,12 @@ impl From<ServeError> for Status {
             ServeError::Order(_) | ServeError::BadDType(_) | ServeError::BadRequest(_) => {
                 Status::invalid_argument(msg)
             }
-            ServeError::Conversion { .. } => Status::failed_precondition(msg),
+            ServeError::Conversion { .. }
+            | ServeError::AttachNeedsUnixSocket
+            | ServeError::NotShareable(_) => Status::failed_precondition(msg),
+            ServeError::Unauthenticated(_) => Status::unauthenticated(msg),
+            ServeError::AttachLimit { .. } => Status::resource_exhausted(msg),
+            ServeError::AttachVersion(_) => Status::unimplemented(msg),
             ServeError::Stats(_) => Status::internal(msg),
             ServeError::Budget(_) | ServeError::ConnectionRequests { .. } => {
                 Status::resource_exhausted(msg)
@@ -156,6 +171,23 @@ mod tests {
                 Code::DeadlineExceeded,
             ),
             (ServeError::Transport("reset".into()), Code::Cancelled),
+            (ServeError::AttachNeedsUnixSocket, Code::FailedPrecondition),
+            (
+                ServeError::AttachLimit {
+                    attached: 3,
+                    max: 3,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                ServeError::NotShareable("anonymous memory".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ServeError::Unauthenticated("invalid bearer token"),
+                Code::Unauthenticated,
+            ),
+            (ServeError::AttachVersion(2), Code::Unimplemented),
         ];
         for (e, code) in cases {
             let text = e.to_string();

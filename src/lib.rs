@@ -5,7 +5,8 @@
 //! A minibatch flows top to bottom once:
 //! load → store → order → batch → service → routes → server.
 //!
-//! - [`memory`]: page-aligned, lockable host buffers the loader fills.
+//! - [`memory`]: page-aligned, lockable host buffers (memfds) the loader
+//!   fills, sealed read-only once loaded.
 //! - [`load`]: file → tensors: gzip ([`load::gzip`]), a restricted pickle
 //!   reader ([`load::pickle`]), the dataset layout ([`load::layout`]) and IDX
 //!   files ([`load::idx`]); one error type with file and byte offsets.
@@ -22,6 +23,9 @@
 //! - [`service`]: BatchService's requests validated and answered (GetInfo,
 //!   or a [`batch::stream::BatchStream`]); [`error`] maps every failure to
 //!   one status code.
+//! - [`attach`]: the same-host tier beside the service: a client on the
+//!   Unix socket receives the dataset's sealed memfds and maps them
+//!   (the daemon's side and the Rust client's).
 //! - [`routes`]: the service over HTTP/2: token check, bounded request
 //!   reading, response frames.
 //! - [`server`]: `run(listener, shutdown)`: thread-per-core serving (each
@@ -39,6 +43,7 @@
 //! - [`proto`]: the generated wire contract (`proto/minibatch/v1/minibatch.proto`).
 pub mod access;
 pub mod analyze;
+pub mod attach;
 pub mod background;
 pub mod batch;
 pub mod cli;

@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
     init_tracing(cli.log_format, &cli.log);
     let r = match cli.cmd {
         Cmd::Inspect(a) => inspect(a),
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => serve(*a),
         Cmd::Health(a) => rt().and_then(|rt| rt.block_on(health(a))),
         Cmd::Info(a) => rt().and_then(|rt| rt.block_on(info(a))),
         Cmd::Get(a) => rt().and_then(|rt| rt.block_on(get(a))),

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub budget_refusals: AtomicU64,
     /// Connection slots and handshakes (see `server`).
     pub conns: ConnMetrics,
+    pub attach: AttachMetrics,
 }
 
 impl Metrics {
@@ -200,7 +201,40 @@ impl Metrics {
             self.budget_refusals.load(Ordering::Relaxed),
         );
         self.conns.render(&mut o);
+        self.attach.render(&mut o);
         o
+    }
+}
+
+/// Same-host clients attached to the dataset's memory (`crate::attach`).
+#[derive(Debug, Default)]
+pub struct AttachMetrics {
+    /// Attachments open now (each a process's connection on the socket).
+    pub attached: AtomicU64,
+    /// Attach exchanges answered with descriptors.
+    pub accepted: AtomicU64,
+    /// Attach exchanges refused (token, limit, bad request, TCP).
+    pub refused: AtomicU64,
+}
+
+impl AttachMetrics {
+    fn render(&self, o: &mut String) {
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = write!(
+            o,
+            "# HELP minibatchd_attached_processes Same-host clients attached to the dataset's memory now (open attach connections).\n# TYPE minibatchd_attached_processes gauge\nminibatchd_attached_processes {}\n",
+            v(&self.attached)
+        );
+        for (name, help, a) in [
+            ("accepted", "Attach requests answered with the dataset's memory descriptors.", &self.accepted),
+            ("refused", "Attach requests refused (token, --max-attached, malformed, or not on the Unix socket).", &self.refused),
+        ] {
+            let _ = write!(
+                o,
+                "# HELP minibatchd_attach_{name}_total {help}\n# TYPE minibatchd_attach_{name}_total counter\nminibatchd_attach_{name}_total {}\n",
+                v(a)
+            );
+        }
     }
 }
 

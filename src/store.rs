@@ -14,7 +14,7 @@
 use bytes::Bytes;
 
 pub use crate::dtype::DType;
-use crate::memory::PinState;
+use crate::memory::{PinState, Resident};
 
 /// One tensor: `shape[0]` examples of `shape[1..]` elements each.
 #[derive(Debug, Clone)]
@@ -123,11 +123,22 @@ pub struct Dataset {
     pub memory_bytes: usize,
     /// Whether every buffer is locked in RAM.
     pub pin: PinState,
+    /// The sealed buffers the tensors are slices of (what same-host
+    /// clients attach to); empty for datasets built in memory by tests.
+    pub memory: Vec<Resident>,
 }
 
 impl Dataset {
     pub fn set(&self, name: &str) -> Option<&Set> {
         self.sets.iter().find(|s| s.name == name)
+    }
+
+    /// Where `t`'s bytes lie in [`memory`](Self::memory): (buffer, offset).
+    pub fn locate(&self, t: &Tensor) -> Option<(usize, usize)> {
+        self.memory
+            .iter()
+            .enumerate()
+            .find_map(|(i, m)| m.offset_of(&t.data).map(|o| (i, o)))
     }
 
     /// Bytes of tensor data (what a user would call the dataset's size).

@@ -16,11 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
-
 use super::convert::{self, Conversion};
 use super::crc::RowCrcs;
-use crate::memory::HostBuffer;
+use crate::memory::{HostBuffer, Resident};
 use crate::metrics::Metrics;
 use crate::store::{DType, Tensor};
 
@@ -29,6 +27,10 @@ pub struct Mirror {
     pub conv: Conversion,
     pub tensor: Tensor,
     pub crcs: Arc<RowCrcs>,
+    /// The sealed memory `tensor` is, for same-host clients to attach.
+    pub memory: Resident,
+    /// sha256 (hex) of `tensor`'s bytes, which attached clients verify.
+    pub sha256: String,
 }
 
 impl Mirror {
@@ -40,11 +42,19 @@ impl Mirror {
         if pin {
             buf.lock();
         }
-        let mut tensor = Tensor::new(conv.to, t.shape.clone(), Bytes::from_owner(buf))
+        let memory = buf.freeze()?;
+        let mut tensor = Tensor::new(conv.to, t.shape.clone(), memory.bytes().clone())
             .map_err(std::io::Error::other)?;
         tensor.scale_divisor = (conv.scale_divisor != 0).then_some(conv.scale_divisor);
         let crcs = Arc::new(RowCrcs::new(&tensor));
-        Ok(Self { conv, tensor, crcs })
+        let sha256 = crate::analyze::sha256_hex(&tensor.data);
+        Ok(Self {
+            conv,
+            tensor,
+            crcs,
+            memory,
+            sha256,
+        })
     }
 }
 
@@ -122,13 +132,51 @@ impl Mirrors {
         }
         None
     }
+
+    /// The mirror of `x` as `conv`, building it first if it is not yet
+    /// (blocking this task until it is, polling): for clients that map the
+    /// mirror itself rather than have minibatches converted.
+    pub async fn ready(
+        &self,
+        label: impl Fn() -> String,
+        x: &Tensor,
+        conv: Conversion,
+        pin: bool,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Arc<Mirror>, String> {
+        loop {
+            if let Some(m) = self.get_or_start(&label, x, conv, pin, metrics) {
+                return Ok(m);
+            }
+            let failed = matches!(
+                self.slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&conv.to),
+                Some(Slot::Failed)
+            );
+            if failed {
+                return Err(format!(
+                    "the {} mirror of {} could not be built (see the daemon's log)",
+                    conv.to,
+                    label()
+                ));
+            }
+            tokio::time::sleep(MIRROR_POLL).await;
+        }
+    }
 }
+
+/// How often [`Mirrors::ready`] looks whether a build has finished (a
+/// build takes ~100 ms for MNIST's train set).
+const MIRROR_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::batch::gather::tests::gather_all;
     use crate::order::Selection;
+    use bytes::Bytes;
 
     /// A mirror holds exactly what per-request conversion sends, and its
     /// folded CRCs are those of the bytes.

@@ -12,7 +12,7 @@ use super::budget::{self, Budget};
 use super::convert::Conversion;
 use super::crc::RowCrcs;
 use super::gather::Rows;
-use super::mirror::Mirrors;
+use super::mirror::{Mirror, Mirrors};
 use crate::analyze::DatasetStats;
 use crate::memory::PinState;
 use crate::metrics::Metrics;
@@ -168,6 +168,22 @@ impl PreparedTensor {
                 conv,
             },
         }
+    }
+}
+
+impl PreparedTensor {
+    /// The mirror of this tensor as `conv` (see [`Mirrors::ready`]).
+    pub async fn mirror(
+        &self,
+        set: &str,
+        conv: Conversion,
+        p: &Prepared,
+    ) -> Result<Arc<Mirror>, String> {
+        let label = || format!("{set}.{}", self.name);
+        let pin = p.dataset.pin == PinState::Pinned;
+        self.mirrors
+            .ready(label, &self.tensor, conv, pin, &p.metrics)
+            .await
     }
 }
 

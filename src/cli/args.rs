@@ -44,7 +44,7 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Load a dataset and serve it over gRPC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load a dataset and describe it: sets, shapes, dtypes, ranges, sha256s.
     Inspect(InspectArgs),
     /// Ask a server for its dataset description (GetInfo).
@@ -213,6 +213,11 @@ pub struct ServeArgs {
     /// daemon's.
     #[arg(long, env = "MINIBATCHD_UDS_GROUP", value_name = "NAME")]
     pub uds_group: Option<String>,
+    /// Most same-host clients attached to the dataset's memory at once (on
+    /// the unix socket; README "Attach"); more are refused with
+    /// RESOURCE_EXHAUSTED. Each holds one descriptor of the daemon's.
+    #[arg(long, env = "MINIBATCHD_MAX_ATTACHED", default_value_t = crate::attach::serve::DEFAULT_MAX_ATTACHED)]
+    pub max_attached: usize,
 }
 
 /// A path, or "" for off (clap refuses empty paths of its own).
@@ -390,6 +395,7 @@ impl ServeArgs {
                     group: a.uds_group.clone().filter(|g| !g.is_empty()),
                 }),
             uds_backlog: a.listen_backlog,
+            max_attached: a.max_attached,
         })
     }
 

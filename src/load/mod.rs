@@ -15,8 +15,6 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use bytes::Bytes;
-
 pub use error::{At, LoadError, Stream};
 pub use work::Work;
 
@@ -347,9 +345,16 @@ fn assemble(
 ) -> Result<Dataset, LoadError> {
     let pin = pin_all(bufs.iter_mut(), pin)?;
     let memory_bytes = bufs.iter().map(|b| b.capacity()).sum();
-    let frozen: Vec<Bytes> = bufs.into_iter().map(Bytes::from_owner).collect();
+    let memory = bufs
+        .into_iter()
+        .map(|b| {
+            let bytes = b.len();
+            b.freeze()
+                .map_err(|source| LoadError::Memory { bytes, source })
+        })
+        .collect::<Result<Vec<_>, LoadError>>()?;
     let tensor = |t: TensorSpec| -> Result<Tensor, LoadError> {
-        let mut tensor = Tensor::new(t.dtype, t.shape, frozen[t.buf].slice(t.range))
+        let mut tensor = Tensor::new(t.dtype, t.shape, memory[t.buf].bytes().slice(t.range))
             .map_err(|what| LoadError::Dataset { path: t.file, what })?;
         tensor.scale_divisor = t.scale_divisor;
         Ok(tensor)
@@ -370,6 +375,7 @@ fn assemble(
         sets,
         memory_bytes,
         pin,
+        memory,
     };
     tracing::info!(
         format = format.name(),

@@ -14,6 +14,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tonic::transport::server::Connected;
 
+use crate::attach::serve::Attacher;
+use crate::attach::MAGIC as ATTACH_MAGIC;
 use crate::batch::budget::Holder;
 use crate::metrics::Metrics;
 
@@ -197,7 +199,7 @@ pub(super) struct Handshake {
 impl Handshake {
     /// The established connection, or `None` (logged, counted) when it
     /// failed, timed out or was evicted.
-    pub(super) async fn run(&self, conn: Accepted, slot: ConnSlot) -> Option<LimitedConn> {
+    pub(super) async fn run(&self, conn: Accepted, slot: ConnSlot) -> Option<Established> {
         let peer = conn.peer();
         match self.establish(conn, slot).await {
             Ok(c) => Some(c),
@@ -230,7 +232,7 @@ impl Handshake {
         &self,
         conn: Accepted,
         mut slot: ConnSlot,
-    ) -> Result<LimitedConn, HandshakeError> {
+    ) -> Result<Established, HandshakeError> {
         let evicted = slot.slot.evicted.clone();
         let work = async {
             let mut io = match conn {
@@ -245,28 +247,56 @@ impl Handshake {
                 }
                 Accepted::Unix(std) => Io::Unix(UnixStream::from_std(std)?),
             };
+            // The first 8 bytes tell HTTP/2 from an attach request.
             let mut preface = [0u8; PREFACE.len()];
-            io.read_exact(&mut preface).await?;
+            io.read_exact(&mut preface[..ATTACH_MAGIC.len()]).await?;
+            if &preface[..ATTACH_MAGIC.len()] == ATTACH_MAGIC {
+                return Ok((io, true));
+            }
+            io.read_exact(&mut preface[ATTACH_MAGIC.len()..]).await?;
             if &preface != PREFACE {
                 return Err(HandshakeError::NotHttp2);
             }
-            Ok(io)
+            Ok((io, false))
         };
-        let io = tokio::select! {
+        let (io, attach) = tokio::select! {
             r = tokio::time::timeout(self.timeout, work) => {
                 r.map_err(|_| HandshakeError::Timeout(self.timeout))??
             }
             _ = evicted.notified() => return Err(HandshakeError::Evicted),
         };
+        if attach {
+            // Attachments have their own limit (--max-attached): the
+            // connection slot is free again when `slot` drops here.
+            return Ok(Established::Attach(io));
+        }
         if !slot.slot.establish() {
             return Err(HandshakeError::Evicted);
         }
-        Ok(LimitedConn {
+        Ok(Established::Http2(LimitedConn {
             io,
             replayed: 0,
             holder: Arc::new(Holder::new(self.conn_share)),
             _slot: slot,
-        })
+        }))
+    }
+}
+
+/// What a connection turned out to be.
+pub(super) enum Established {
+    Http2(LimitedConn),
+    /// Sent [`ATTACH_MAGIC`] (read) instead of the HTTP/2 preface.
+    Attach(Io),
+}
+
+impl Established {
+    /// Hands an attach request to `attacher`: served on the Unix socket,
+    /// refused on TCP.
+    pub(super) async fn attach(io: Io, attacher: &Attacher) {
+        match io {
+            Io::Unix(s) => attacher.serve(s).await,
+            other => attacher.refuse_remote(other).await,
+        }
     }
 }
 

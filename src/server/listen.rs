@@ -77,7 +77,13 @@ pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
 /// `metrics_connections` metrics connections open too (0 when metrics are
 /// off): what [`fit_fd_limit`] makes room for.
 pub fn fds_needed(opts: &ServerOptions, metrics_connections: usize) -> u64 {
-    (opts.max_connections + metrics_connections) as u64
+    // Attachments come on the Unix socket only.
+    let attached = if opts.uds.is_some() {
+        opts.max_attached
+    } else {
+        0
+    };
+    (opts.max_connections + metrics_connections + attached) as u64
         + FD_RESERVE
         + FDS_PER_IO_THREAD * serving_threads(opts.io_threads) as u64
 }

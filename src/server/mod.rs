@@ -26,6 +26,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 
+use crate::attach::serve::{Attacher, DEFAULT_MAX_ATTACHED};
 use crate::batch::prepared::{Limits, Prepared};
 use crate::metrics::Metrics;
 use crate::proto;
@@ -36,7 +37,7 @@ use crate::store::Dataset;
 mod conn;
 mod listen;
 
-use conn::{Accepted, ConnSlot, Handshake, LimitedConn, Slots};
+use conn::{Accepted, ConnSlot, Established, Handshake, LimitedConn, Slots};
 pub(crate) use listen::AcceptErrors;
 use listen::{accept, LOG_EVERY};
 pub use listen::{
@@ -75,8 +76,9 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// threads: stdio, the listeners (gRPC, metrics, the Unix socket), the main
 /// runtime's epoll and eventfds.
 /// Measured: 13 (17 open at idle with one serving thread, metrics on, `ls
-/// /proc/PID/fd`); 32 leaves room for the dataset file while loading and a
-/// log sink.
+/// /proc/PID/fd`); 32 leaves room for the dataset file while loading, a
+/// log sink, and the dataset's memfds (one per loaded buffer: 1 for a
+/// pickle, 4 for IDX files, plus one per uint8 mirror).
 pub const FD_RESERVE: u64 = 32;
 /// File descriptors per serving thread (its runtime's epoll instances and
 /// eventfd). Measured: 17, 21 and 45 open at idle with 1, 2 and 8 threads.
@@ -147,6 +149,9 @@ pub struct ServerOptions {
     pub uds: Option<UdsOptions>,
     /// Listen backlog of the Unix socket (the TCP listener comes bound).
     pub uds_backlog: u32,
+    /// Same-host clients attached to the dataset's memory at once (see
+    /// [`crate::attach`]); more are refused with RESOURCE_EXHAUSTED.
+    pub max_attached: usize,
 }
 
 impl Default for ServerOptions {
@@ -165,6 +170,7 @@ impl Default for ServerOptions {
             io_threads: 0,
             uds: None,
             uds_backlog: DEFAULT_LISTEN_BACKLOG,
+            max_attached: DEFAULT_MAX_ATTACHED,
         }
     }
 }
@@ -220,6 +226,12 @@ pub fn validate(o: &ServerOptions) -> Result<(), String> {
         if u.group.as_deref() == Some("") {
             return Err("the unix socket group is empty".into());
         }
+    }
+    if o.max_attached == 0 {
+        return Err(
+            "max attached must be at least 1 (attach needs --uds; without it nothing attaches)"
+                .into(),
+        );
     }
     if o.uds_backlog == 0 {
         return Err("the unix socket listen backlog must be at least 1".into());
@@ -300,7 +312,17 @@ pub async fn run(
     health
         .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
         .await;
-    let router = router(prepared, &opts, health_svc)?;
+    let auth = opts
+        .auth_token
+        .as_deref()
+        .map(crate::access::BearerAuth::new);
+    let attacher = Arc::new(Attacher::new(
+        prepared.clone(),
+        auth.clone(),
+        opts.max_attached,
+        opts.handshake_timeout,
+    ));
+    let router = router(prepared, &opts, auth, health_svc)?;
 
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() && opts.auth_token.is_none() && opts.tls.is_none() {
@@ -327,7 +349,10 @@ pub async fn run(
     let threads = serving_threads(opts.io_threads);
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Serving);
     let (io_threads, mut done): (Vec<IoThread>, Vec<_>) = (0..threads)
-        .map(|i| IoThread::start(i, router.clone(), handshake.clone(), phase_rx.clone()))
+        .map(|i| {
+            let (r, h, a) = (router.clone(), handshake.clone(), attacher.clone());
+            IoThread::start(i, r, h, a, phase_rx.clone())
+        })
         .collect::<std::io::Result<Vec<_>>>()?
         .into_iter()
         .unzip();
@@ -451,6 +476,7 @@ fn prepare_in_background(prepared: &Arc<Prepared>, eager: bool) -> std::io::Resu
 fn router(
     prepared: Arc<Prepared>,
     opts: &ServerOptions,
+    auth: Option<crate::access::BearerAuth>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -461,10 +487,6 @@ fn router(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let (v1, v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
-    let auth = opts
-        .auth_token
-        .as_deref()
-        .map(crate::access::BearerAuth::new);
     let svc = crate::routes::BatchRoutes::new(BatchService::new(prepared), auth);
     Ok(Server::builder()
         .max_concurrent_streams(opts.max_concurrent_streams)
@@ -502,6 +524,7 @@ impl IoThread {
         i: usize,
         router: Router,
         handshake: Arc<Handshake>,
+        attacher: Arc<Attacher>,
         phase: tokio::sync::watch::Receiver<Phase>,
     ) -> std::io::Result<(Self, Done)> {
         let (conns, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -513,7 +536,9 @@ impl IoThread {
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(serve_io_thread(router, handshake, rx, phase)));
+                    .and_then(|rt| {
+                        rt.block_on(serve_io_thread(router, handshake, attacher, rx, phase))
+                    });
                 let _ = done_tx.send(r);
             })?;
         Ok((
@@ -534,17 +559,22 @@ impl IoThread {
 async fn serve_io_thread(
     router: Router,
     handshake: Arc<Handshake>,
+    attacher: Arc<Attacher>,
     mut conns: tokio::sync::mpsc::UnboundedReceiver<(Accepted, ConnSlot)>,
     mut phase: tokio::sync::watch::Receiver<Phase>,
 ) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = tokio::sync::mpsc::unbounded_channel::<LimitedConn>();
     tokio::spawn(async move {
         while let Some((std, slot)) = conns.recv().await {
-            let (hs, ready) = (handshake.clone(), ready_tx.clone());
+            let (hs, ready, attacher) = (handshake.clone(), ready_tx.clone(), attacher.clone());
             tokio::spawn(async move {
-                if let Some(conn) = hs.run(std, slot).await {
+                match hs.run(std, slot).await {
                     // Fails only once the server is closing.
-                    let _ = ready.send(conn);
+                    Some(Established::Http2(conn)) => _ = ready.send(conn),
+                    // Held on this thread until the client closes it (or
+                    // the thread ends, at shutdown).
+                    Some(Established::Attach(io)) => Established::attach(io, &attacher).await,
+                    None => {}
                 }
             });
         }

@@ -174,6 +174,7 @@ pub fn synthetic() -> Dataset {
         sets,
         memory_bytes,
         pin: PinState::NotPinned("test".into()),
+        memory: vec![],
     }
 }
 

@@ -1,0 +1,383 @@
+//! The daemon's side of attach: read the request (bounded, under the
+//! handshake deadline), check the token and the `--max-attached` limit,
+//! describe the dataset's memory, send the description with the
+//! descriptors, then hold the connection as the attachment until the
+//! client closes it.
+//!
+//! Abuse stays bounded: a request is at most [`MAX_REQUEST_BYTES`] and must
+//! arrive within the handshake timeout; the reply is one `sendmsg` of a few
+//! KiB, so a client that never reads it holds only its own socket buffer
+//! (and the descriptors in flight, which the kernel closes with its socket);
+//! an attachment is one descriptor of the daemon's until it closes, and
+//! there are at most `max_attached` of them. Any byte a client sends after
+//! its request ends its attachment.
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
+
+use super::{fds, header, parse_header, HeaderError, HEADER_BYTES, MAGIC, MAX_CLIENT_NAME};
+use super::{MAX_FILES, MAX_REQUEST_BYTES};
+use crate::access::BearerAuth;
+use crate::batch::convert;
+use crate::batch::prepared::Prepared;
+use crate::error::ServeError;
+use crate::memory::Resident;
+use crate::proto;
+use crate::store::DType;
+
+/// Default `--max-attached`: a host runs a few hundred trainer processes at
+/// most (8 GPUs, each rank with a dozen data-loader workers is 104); each
+/// attachment costs the daemon one descriptor and no memory.
+pub const DEFAULT_MAX_ATTACHED: usize = 512;
+
+/// The attach side of one daemon.
+pub struct Attacher {
+    prepared: Arc<Prepared>,
+    auth: Option<BearerAuth>,
+    /// This start of the daemon (see [`generation`]).
+    generation: u64,
+    max_attached: usize,
+    attached: Arc<AtomicUsize>,
+    /// For the request to arrive whole (the handshake timeout).
+    timeout: Duration,
+}
+
+/// A number that differs for each start of a daemon on a host: the start
+/// time in nanoseconds since the Unix epoch, mixed with the pid (two
+/// daemons started in the same nanosecond differ by pid).
+pub fn generation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 48)
+}
+
+/// A place among the attached, released when the attachment ends.
+struct AttachSlot {
+    attached: Arc<AtomicUsize>,
+    prepared: Arc<Prepared>,
+}
+
+impl Drop for AttachSlot {
+    fn drop(&mut self) {
+        let now = self.attached.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.prepared
+            .metrics
+            .attach
+            .attached
+            .store(now as u64, Ordering::Relaxed);
+    }
+}
+
+impl Attacher {
+    pub fn new(
+        prepared: Arc<Prepared>,
+        auth: Option<BearerAuth>,
+        max_attached: usize,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            prepared,
+            auth,
+            generation: generation(),
+            max_attached,
+            attached: Arc::new(AtomicUsize::new(0)),
+            timeout,
+        }
+    }
+
+    /// Attachments open now.
+    pub fn attached(&self) -> usize {
+        self.attached.load(Ordering::Relaxed)
+    }
+
+    /// Serves an attach exchange on the Unix socket whose first
+    /// [`MAGIC`] bytes were read, then holds the attachment until the
+    /// client closes it (or the serving thread ends).
+    pub async fn serve(&self, mut sock: UnixStream) {
+        let t0 = Instant::now();
+        let peer = sock.peer_cred().ok();
+        let (pid, uid) = (peer.and_then(|c| c.pid()), peer.map(|c| c.uid()));
+        let answered = async {
+            let req = self.read_request(&mut sock).await?;
+            self.check_token(&req)?;
+            let slot = self.take_slot()?;
+            let (reply, files) = self.describe(&req).await?;
+            Ok::<_, ServeError>((req, slot, reply, files))
+        }
+        .await;
+        let (req, _slot, reply, files) = match answered {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(pid, uid, error = %e, "attach refused");
+                self.refuse(&mut sock, e).await;
+                return;
+            }
+        };
+        let msg = proto::AttachResponse {
+            result: Some(proto::attach_response::Result::Attached(reply)),
+        };
+        let fds: Vec<BorrowedFd<'_>> = files.iter().filter_map(|f| f.fd()).collect();
+        if let Err(e) = send(&sock, &msg, &fds, self.timeout).await {
+            tracing::info!(pid, uid, error = %e, "attach reply not delivered");
+            return;
+        }
+        let m = &self.prepared.metrics.attach;
+        m.accepted.fetch_add(1, Ordering::Relaxed);
+        let client: String = req
+            .client
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_CLIENT_NAME)
+            .collect();
+        tracing::info!(
+            pid,
+            uid,
+            client,
+            files = fds.len(),
+            attached = self.attached(),
+            us = t0.elapsed().as_micros() as u64,
+            "attached"
+        );
+        // The attachment: until the client closes (or sends anything).
+        let mut b = [0u8; 64];
+        let why = match sock.read(&mut b).await {
+            Ok(0) => "closed by the client",
+            Ok(_) => "the client sent bytes after its request",
+            Err(_) => "connection error",
+        };
+        tracing::debug!(pid, uid, why, "detached");
+    }
+
+    /// Answers an attach request that came over TCP (or TLS): refused,
+    /// after reading it, so the reply is not lost to a reset.
+    pub async fn refuse_remote(&self, mut io: impl AsyncRead + AsyncWrite + Unpin) {
+        let e = match self.read_request(&mut io).await {
+            Ok(_) => ServeError::AttachNeedsUnixSocket,
+            Err(e) => e,
+        };
+        self.refuse(&mut io, e).await;
+    }
+
+    /// Reads the request after its magic: version, length, message.
+    async fn read_request(
+        &self,
+        io: &mut (impl AsyncRead + Unpin),
+    ) -> Result<proto::AttachRequest, ServeError> {
+        let read = async {
+            let mut h = [0u8; HEADER_BYTES];
+            h[..MAGIC.len()].copy_from_slice(MAGIC);
+            io.read_exact(&mut h[MAGIC.len()..]).await?;
+            let len = match parse_header(&h, MAX_REQUEST_BYTES) {
+                Ok(n) => n,
+                Err(HeaderError::Version(v)) => return Ok(Err(ServeError::AttachVersion(v))),
+                Err(e) => return Ok(Err(ServeError::BadRequest(format!("attach request: {e}")))),
+            };
+            let mut body = vec![0u8; len];
+            io.read_exact(&mut body).await?;
+            Ok::<_, std::io::Error>(proto::AttachRequest::decode(&body[..]).map_err(|e| {
+                ServeError::BadRequest(format!(
+                    "attach request: bytes 16..{} are not an AttachRequest message: {e}",
+                    16 + len
+                ))
+            }))
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Err(_) => Err(ServeError::RequestTimeout(self.timeout)),
+            Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    fn check_token(&self, req: &proto::AttachRequest) -> Result<(), ServeError> {
+        match &self.auth {
+            Some(_) if req.token.is_empty() => Err(ServeError::Unauthenticated(
+                "missing bearer token: this daemon needs one (AttachRequest.token)",
+            )),
+            Some(a) if !a.check(req.token.as_bytes()) => {
+                Err(ServeError::Unauthenticated("invalid bearer token"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn take_slot(&self) -> Result<AttachSlot, ServeError> {
+        let max = self.max_attached;
+        self.attached
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|attached| ServeError::AttachLimit { attached, max })?;
+        self.prepared
+            .metrics
+            .attach
+            .attached
+            .store(self.attached() as u64, Ordering::Relaxed);
+        Ok(AttachSlot {
+            attached: self.attached.clone(),
+            prepared: self.prepared.clone(),
+        })
+    }
+
+    /// The description of every region and the files they lie in.
+    async fn describe(
+        &self,
+        req: &proto::AttachRequest,
+    ) -> Result<(proto::AttachReply, Vec<Resident>), ServeError> {
+        let p = &self.prepared;
+        let ds = &p.dataset;
+        let stats = p.stats().await.map_err(ServeError::Stats)?;
+        let mut files: Vec<Resident> = Vec::new();
+        let mut regions = Vec::new();
+        let not_shared = || {
+            ServeError::NotShareable(
+                "it is not in memfds (memfd_create was refused at load; see the daemon's log)"
+                    .into(),
+            )
+        };
+        for r in &ds.memory {
+            if r.fd().is_none() {
+                return Err(not_shared());
+            }
+            files.push(r.clone());
+        }
+        let mut mirrors = Vec::new();
+        for &d in &req.x_dtypes {
+            let dt = proto::Dtype::try_from(d).map_err(|_| ServeError::BadDType(d))?;
+            if let Some(to) = DType::from_proto(dt) {
+                mirrors.push(to);
+            }
+        }
+        for s in &p.sets {
+            for t in s.tensors() {
+                let (file, offset) = ds.locate(&t.tensor).ok_or_else(not_shared)?;
+                let st = stats
+                    .get(&s.name, t.name)
+                    .expect("stats cover every tensor");
+                regions.push(region(&s.name, t.name, &t.tensor, file, offset, &st.sha256));
+            }
+            for &to in &mirrors {
+                if to == s.x.tensor.dtype {
+                    continue;
+                }
+                let st = stats.get(&s.name, "x").expect("stats cover every tensor");
+                let conv = convert::conversion(&s.x.tensor, st, to).map_err(|why| {
+                    ServeError::Conversion {
+                        tensor: format!("{}.x", s.name),
+                        from: s.x.tensor.dtype,
+                        to,
+                        why,
+                    }
+                })?;
+                if !crate::batch::mirror::Mirrors::wanted(&conv) {
+                    return Err(ServeError::NotShareable(format!(
+                        "{}.x has no {to} copy to share (the daemon keeps uint8 copies of x only)",
+                        s.name
+                    )));
+                }
+                let m =
+                    s.x.mirror(&s.name, conv, p)
+                        .await
+                        .map_err(ServeError::NotShareable)?;
+                files.push(m.memory.clone());
+                let file = files.len() - 1;
+                regions.push(region(&s.name, "x", &m.tensor, file, 0, &m.sha256));
+            }
+        }
+        if files.len() > MAX_FILES {
+            return Err(ServeError::NotShareable(format!(
+                "it is {} files, more than the {MAX_FILES} one reply may pass",
+                files.len()
+            )));
+        }
+        let reply = proto::AttachReply {
+            fingerprint: stats.fingerprint.clone(),
+            generation: self.generation,
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            files: files
+                .iter()
+                .map(|f| proto::SharedFile {
+                    bytes: f.file_len() as u64,
+                })
+                .collect(),
+            regions,
+        };
+        Ok((reply, files))
+    }
+
+    /// Sends `e` as the reply (best effort: the client may be gone) and
+    /// counts the refusal.
+    async fn refuse(&self, io: &mut (impl AsyncWrite + Unpin), e: ServeError) {
+        self.prepared
+            .metrics
+            .attach
+            .refused
+            .fetch_add(1, Ordering::Relaxed);
+        let st = tonic::Status::from(e);
+        let msg = proto::AttachResponse {
+            result: Some(proto::attach_response::Result::Error(proto::AttachError {
+                code: st.code() as i32,
+                message: st.message().to_string(),
+            })),
+        };
+        let mut out = header(msg.encoded_len()).to_vec();
+        msg.encode(&mut out).expect("a Vec grows");
+        let _ = tokio::time::timeout(self.timeout, async {
+            io.write_all(&out).await?;
+            io.shutdown().await
+        })
+        .await;
+    }
+}
+
+fn region(
+    set: &str,
+    tensor: &str,
+    t: &crate::store::Tensor,
+    file: usize,
+    offset: usize,
+    sha256: &str,
+) -> proto::Region {
+    proto::Region {
+        set: set.into(),
+        tensor: tensor.into(),
+        dtype: t.dtype.to_proto() as i32,
+        shape: t.shape.iter().map(|&d| d as u64).collect(),
+        file: file as u32,
+        offset: offset as u64,
+        length: t.data.len() as u64,
+        sha256: sha256.into(),
+        scale_divisor: t.scale_divisor.unwrap_or(0),
+    }
+}
+
+/// Sends `msg` with `fds` riding on its first byte, within `timeout`.
+async fn send(
+    sock: &UnixStream,
+    msg: &proto::AttachResponse,
+    fds: &[BorrowedFd<'_>],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let mut out = header(msg.encoded_len()).to_vec();
+    msg.encode(&mut out).expect("a Vec grows");
+    let write = async {
+        let mut sent = 0;
+        while sent < out.len() {
+            let with = if sent == 0 { fds } else { &[] };
+            sent += sock
+                .async_io(Interest::WRITABLE, || {
+                    fds::send_with_fds(sock.as_raw_fd(), &out[sent..], with)
+                })
+                .await?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
