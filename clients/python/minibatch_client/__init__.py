@@ -5,9 +5,12 @@
         x, y = c.get_batch("train", 2, 500)            # float32 [500, 784], int64 [500]
         for x, y in c.epoch("train", 600, shuffle=True, seed=1, epoch=0):
             ...
+    with Client("unix:///run/minibatchd.sock").attach() as a:   # same host: map the daemon's memory
+        x, y = a.batch("train", 2, 500)                # read-only views, no copy
 
 See README.md in this package's source folder (clients/python).
 """
+from .attach import AttachedSet, Attachment, Region
 from .client import Client
 from .dtypes import decode_x
 from .epoch import EpochIterator, Failover
@@ -22,6 +25,7 @@ from .errors import (
     OutOfRange,
     PermissionDenied,
     ProtocolError,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -32,9 +36,9 @@ from .transport import DEFAULT_OPTIONS, MAX_RECEIVE_MESSAGE_BYTES, SINGLE_THREAD
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "DatasetInfo", "SetInfo", "TensorInfo", "Limits", "EpochIterator", "Failover", "DEFAULT_OPTIONS", "SINGLE_THREADED",
+    "Client", "Attachment", "AttachedSet", "Region", "DatasetInfo", "SetInfo", "TensorInfo", "Limits", "EpochIterator", "Failover", "DEFAULT_OPTIONS", "SINGLE_THREADED",
     "MAX_RECEIVE_MESSAGE_BYTES",
     "MinibatchError", "NotFound", "OutOfRange", "InvalidArgument", "FailedPrecondition", "Unavailable",
-    "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ChecksumError", "ProtocolError", "InsecureTokenWarning",
+    "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ResourceExhausted", "ChecksumError", "ProtocolError", "InsecureTokenWarning",
     "permutation", "batch_indices", "epoch_order", "num_batches", "SplitMix64", "decode_x",
 ]

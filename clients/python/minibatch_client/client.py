@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import Callable, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -41,6 +41,9 @@ from .transport import (
     minibatch_errors,
     use_native,
 )
+
+if TYPE_CHECKING:
+    from .attach import Attachment
 
 T = TypeVar("T")
 
@@ -170,6 +173,7 @@ class Client:
                     "the token. Serve with --tls-cert/--tls-key and pass tls_ca= (or an https:// address).",
                     InsecureTokenWarning, stacklevel=2)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._token = token
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.verify_crc = verify_crc
@@ -336,6 +340,34 @@ class Client:
                                       x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
                                       with_indices=bool(with_indices), max_chunk_bytes=self._chunk_bytes)
         return EpochIterator(self, req, int(start), int(count), int(prefetch), bool(decode), bool(with_indices))
+
+    def attach(self, x_dtype=None, *, name: Optional[str] = None) -> "Attachment":
+        """Maps the daemon's resident dataset into this process (same host,
+        over the daemon's Unix socket: an address `unix:///PATH` of a daemon
+        run with --uds PATH): an Attachment, whose minibatches are read-only
+        views of the daemon's own memory (see attach.py). x_dtype="uint8"
+        maps the daemon's uint8 mirror of x as well and returns it as x.
+        With several addresses, the Unix sockets among them are tried in
+        turn; with none, FailedPrecondition (attach passes memory by
+        descriptor, which TCP cannot carry)."""
+        from . import attach as _attach
+
+        sockets = [a for a in self.addresses if _attach.socket_path(a) is not None]
+        if not sockets:
+            raise FailedPrecondition(
+                f"cannot attach over {', '.join(self.addresses)}: attach passes the dataset's memory by descriptor, "
+                "which works only over the daemon's Unix socket on the same host (serve --uds PATH; "
+                "Client(\"unix:///PATH\"))", address=",".join(self.addresses))
+        errors: list[MinibatchError] = []
+        for target in sockets:
+            try:
+                return _attach.connect(target, token=self._token, x_dtype=x_dtype, timeout=self.timeout, name=name)
+            except Unavailable as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise Unavailable("no daemon socket could be attached to: " + "; ".join(str(e) for e in errors),
+                          address=",".join(sockets))
 
 
 def _order_msg(shuffle, seed, epoch, rank, world_size, drop_last) -> pb.Order:

@@ -13,7 +13,9 @@ catch it too (``except IndexError`` for a minibatch index past the end).
     ├── DeadlineExceeded(TimeoutError)    the call's timeout passed
     ├── Unauthenticated(PermissionError)  missing or wrong bearer token (server run with --auth-token*)
     ├── PermissionDenied(PermissionError)
-    ├── ChecksumError                     a chunk failed its CRC-32C check
+    ├── ResourceExhausted                 a limit of the server (e.g. --max-attached)
+    ├── ChecksumError                     a chunk failed its CRC-32C check, or attached
+    │                                     memory its sha256 (Attachment.verify)
     └── ProtocolError                     the server's stream broke the chunk protocol or
                                           sent more, or other, than the request asked for
 
@@ -81,8 +83,16 @@ class PermissionDenied(MinibatchError, PermissionError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class ResourceExhausted(MinibatchError):
+    """A limit of the server was reached (too many attached processes,
+    --max-attached; a message over the size limit)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class ChecksumError(MinibatchError):
-    """A chunk's data does not match its CRC-32C: corrupted in transit."""
+    """A chunk's data does not match its CRC-32C (corrupted in transit), or
+    attached memory does not match its region's sha256 (Attachment.verify)."""
 
 
 class ProtocolError(MinibatchError):
@@ -94,8 +104,12 @@ class ProtocolError(MinibatchError):
 _BY_CODE = {
     cls.code: cls
     for cls in (NotFound, OutOfRange, InvalidArgument, FailedPrecondition, Unavailable, DeadlineExceeded,
-                Unauthenticated, PermissionDenied)
+                Unauthenticated, PermissionDenied, ResourceExhausted)
 }
+
+# gRPC status code numbers (as the attach protocol's AttachError.code carries
+# them) -> grpc.StatusCode.
+_CODE_NUMBERS = {c.value[0]: c for c in grpc.StatusCode}
 
 
 # Errors after which a call moves on to the next server. UNAVAILABLE is a
@@ -110,6 +124,17 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELL
 def for_status(code: grpc.StatusCode, details: str, address: Optional[str] = None) -> MinibatchError:
     """The MinibatchError for a call that failed with gRPC status `code`."""
     return _BY_CODE.get(code, MinibatchError)(details, code=code, address=address)
+
+
+def for_code_number(number: int, details: str, address: Optional[str] = None) -> MinibatchError:
+    """The MinibatchError for gRPC status code `number` (an AttachError's
+    code): the same table as for_status; a number that is no failure code
+    (0 = OK, or unknown) is the server's ProtocolError."""
+    code = _CODE_NUMBERS.get(number)
+    if code is None or code == grpc.StatusCode.OK:
+        return ProtocolError(f"the server reported an error with status code {number}, which is not a gRPC "
+                             f"failure code: {details}", address=address)
+    return for_status(code, details, address)
 
 
 class InsecureTokenWarning(UserWarning):

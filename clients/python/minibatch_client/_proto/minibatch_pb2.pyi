@@ -181,3 +181,71 @@ class TensorChunk(_message.Message):
     scale_divisor: int
     last: bool
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., total_bytes: _Optional[int] = ..., scale_divisor: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("token", "x_dtypes", "client")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    X_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    x_dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
+    client: str
+    def __init__(self, token: _Optional[str] = ..., x_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., client: _Optional[str] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("attached", "error")
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    attached: AttachReply
+    error: AttachError
+    def __init__(self, attached: _Optional[_Union[AttachReply, _Mapping]] = ..., error: _Optional[_Union[AttachError, _Mapping]] = ...) -> None: ...
+
+class AttachError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AttachReply(_message.Message):
+    __slots__ = ("fingerprint", "generation", "server_version", "files", "regions")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    generation: int
+    server_version: str
+    files: _containers.RepeatedCompositeFieldContainer[SharedFile]
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    def __init__(self, fingerprint: _Optional[str] = ..., generation: _Optional[int] = ..., server_version: _Optional[str] = ..., files: _Optional[_Iterable[_Union[SharedFile, _Mapping]]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
+
+class SharedFile(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("set", "tensor", "dtype", "shape", "file", "offset", "length", "sha256", "scale_divisor")
+    SET_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DIVISOR_FIELD_NUMBER: _ClassVar[int]
+    set: str
+    tensor: str
+    dtype: Dtype
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    file: int
+    offset: int
+    length: int
+    sha256: str
+    scale_divisor: int
+    def __init__(self, set: _Optional[str] = ..., tensor: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., file: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., sha256: _Optional[str] = ..., scale_divisor: _Optional[int] = ...) -> None: ...
