@@ -1,0 +1,431 @@
+"""PyTorch: minibatchd as an IterableDataset, with exact, elastic resumption.
+
+    from minibatch_client.torch import MinibatchDataset
+    ds = MinibatchDataset("127.0.0.1:50051", "train", 500, shuffle=True, seed=1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None)   # the server batches
+    for epoch in range(start_epoch, epochs):
+        ds.set_epoch(epoch)
+        for x, y in loader:                # float32 [500, 784], int64 [500] torch tensors
+            ...
+    ckpt["data"] = ds.state_dict()          # with num_workers=k: ds.state_dict(consumed=steps)
+    ...
+    ds.load_state_dict(ckpt["data"])        # same epoch, next minibatch; any world size
+
+Only this module imports torch (the extra `minibatch-client[torch]`).
+
+Order. Each rank gets the documented order (README "Order") of its shard:
+rank and world size come from the constructor, else from torch.distributed
+when it is initialized, else from the RANK / WORLD_SIZE environment
+variables (torchrun sets them), else 0 / 1. Every rank gets the same number
+of minibatches (the order rule cuts the epoch to a multiple of the world
+size), so DDP's collectives never wait on a rank that ran out.
+
+DataLoader workers. With `DataLoader(ds, batch_size=None, num_workers=k)`,
+worker j fetches the rank's minibatches p+j, p+j+k, ... (p: where the pass
+starts) and the DataLoader hands them to the trainer round-robin, i.e. in
+order, each exactly once.
+
+State. `state_dict()` names the dataset (its fingerprint), the set, batch
+size, shuffle, seed, drop_last, epoch, world size, `offset` (positions of
+the epoch's order consumed before the current world size took over: 0
+unless the world size changed mid-epoch) and `position` (minibatches of this
+epoch the rank has consumed since `offset`). The dataset counts the
+minibatches it yielded in the process that iterates it, which is the
+trainer's process with num_workers=0 (also inside torchdata's
+StatefulDataLoader). With num_workers > 0 the iterating processes are the
+workers, which run ahead of the trainer; the dataset in the trainer's
+process cannot see what was consumed, so the trainer passes it:
+`ds.state_dict(consumed=k)`, k = minibatches taken from the loader in the
+current pass (state_dict() called in a worker raises; without `consumed`
+in the trainer's process it would count 0, as that process yielded none).
+With workers, call set_epoch(e) before each epoch, as with
+DistributedSampler: the trainer's copy of the dataset does not see a pass
+end.
+
+`load_state_dict()` refuses (ValueError, naming both values) a state of
+another dataset, set, batch size, shuffle, seed or drop_last. The next pass
+starts at the saved position. With another world size it continues the same
+epoch: the consumed positions are exactly the first offset + position *
+batch_size * world_size of the epoch's order (every rank consumed `position`
+full minibatches), which becomes the new offset; the rest is re-strided over
+the new world size, which leaves out at most new_world_size - 1 positions at
+its end (and, with drop_last, each rank's final partial minibatch). A state
+saved at the end of an epoch resumes with nothing left in it; `set_epoch(e +
+1)` then starts the next epoch at offset 0.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from types import SimpleNamespace
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from . import order as _order
+from .attach import socket_path
+from .client import Client
+from .dtypes import decode_x, dtype_code, dtype_name
+
+#: state_dict()["format"]: what kind of state this is, and its version
+STATE_FORMAT = "minibatchd.MinibatchDataset/1"
+
+# Keys that must match for a state to load: it describes another order otherwise.
+_IDENTITY = ("fingerprint", "set", "batch_size", "shuffle", "seed", "drop_last")
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size): torch.distributed's when initialized, else the
+    RANK / WORLD_SIZE environment variables, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is not None and world is not None:
+        return int(rank), int(world)
+    return 0, 1
+
+
+def _nb(n: int, size: int, world: int, drop_last: bool, offset: int) -> int:
+    """Minibatches per rank of (n, size, world, drop_last) from `offset`;
+    0 when fewer than `world` positions are left (the truncation takes them all)."""
+    if n - offset < world:
+        return 0
+    return _order.num_batches(n, size, world_size=world, drop_last=drop_last, **_off(offset))
+
+
+def _off(offset: int) -> dict:
+    return {"offset": offset} if offset else {}
+
+
+class MinibatchDataset(IterableDataset):
+    """One set of a minibatchd dataset as a torch IterableDataset of
+    minibatches: yields (x, y) tensors of `batch_size` examples (the last
+    one smaller unless drop_last) in the documented order. Use it with
+    `DataLoader(ds, batch_size=None)` (the server batches), or iterate it
+    directly.
+
+    address:     "host:port", a list of them (replicas: an epoch fails over
+                 to the next, each minibatch exactly once), or
+                 "unix:///path/to.sock": the daemon's Unix socket on this
+                 host, where the dataset ATTACHES (Client.attach(): the
+                 daemon's memory mapped, no network, no copy but the gather).
+    set, batch_size, shuffle, seed, drop_last: the order (README "Order").
+    x_dtype:     the wire dtype of x (None: as stored; "uint8" carries a
+                 quarter of float32's bytes). decode=True (default) turns
+                 it into float32 exactly (uint8 bytes / scale_divisor);
+                 decode=False yields it as is (bfloat16 as torch.bfloat16).
+    y_dtype:     None (as stored, int64 for MNIST) or "int32".
+    device:      move each minibatch there (e.g. "cuda"); pin_memory=True
+                 copies it into pinned memory first and moves it with
+                 non_blocking=True (overlapping the copy with compute).
+                 Without device, pin_memory only pins (as DataLoader's).
+                 Inside DataLoader workers, leave device unset and use the
+                 DataLoader's pin_memory=True instead (CUDA does not work
+                 in forked workers).
+    rank, world_size: override torch.distributed / RANK, WORLD_SIZE.
+    epoch:       the first epoch (set_epoch changes it).
+    prefetch:    minibatches the TCP stream keeps ready (Client.epoch).
+    token:       the daemon's bearer token.
+    client_options: more keyword arguments for Client (timeout, tls_ca, native, ...).
+
+    Minibatches arrive as fresh numpy arrays, which become tensors without
+    a copy (torch.from_numpy).
+    """
+
+    def __init__(self, address: Union[str, Sequence[str]], set: str = "train", batch_size: int = 500, *,
+                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, x_dtype=None, y_dtype=None,
+                 decode: bool = True, device: Union[None, str, torch.device] = None, pin_memory: bool = False,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, epoch: int = 0, prefetch: int = 2,
+                 token: Optional[str] = None, **client_options: Any):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give rank and world_size together (or neither: from torch.distributed / env)")
+        self.address = address
+        self.set = set
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.x_dtype = dtype_name(dtype_code(x_dtype)) if dtype_code(x_dtype) else None
+        self.y_dtype = dtype_name(dtype_code(y_dtype)) if dtype_code(y_dtype) else None
+        self.decode = bool(decode)
+        self.device = torch.device(device) if device is not None else None
+        self.pin_memory = bool(pin_memory)
+        self.prefetch = int(prefetch)
+        self.token = token
+        self.client_options = dict(client_options)
+        self._rank_world = (int(rank), int(world_size)) if rank is not None else None
+        self._attach = isinstance(address, str) and socket_path(address) is not None
+        # (fingerprint, examples of the set), read once
+        self._meta: Optional[tuple[str, int]] = None
+        # the connection of the process that made it: (pid, Client or Attachment)
+        self._conn: Optional[tuple[int, Any]] = None
+        # Where the next pass starts: epoch, offset of the epoch's order,
+        # minibatch `start` of the rank's order from there.
+        self.epoch = int(epoch)
+        self._offset = 0
+        self._start = 0
+        # the pass now running or last run in this process
+        self._yielded = 0        # minibatches it yielded
+        self._finished = False   # it yielded every minibatch
+        self._resumed = False    # the start point came from load_state_dict and no pass used it yet
+        self._warned_pin = False
+        #: every switch of this process's epoch streams to another server (Client.epoch's Failover records)
+        self.failovers: list = []
+
+    # -- rank, world, metadata, connection --
+
+    def rank_world(self) -> tuple[int, int]:
+        """(rank, world size) this dataset shards by."""
+        rw = self._rank_world if self._rank_world is not None else dist_rank_world()
+        r, w = rw
+        if not 0 <= r < max(w, 1):
+            raise ValueError(f"rank {r} is not below world size {w}")
+        return r, max(w, 1)
+
+    def __getstate__(self):
+        # Pickled for DataLoader workers (spawn) in the trainer's process,
+        # where torch.distributed knows the rank; a worker may not.
+        state = dict(self.__dict__)
+        state["_rank_world"] = self.rank_world()
+        state["_conn"] = None
+        return state
+
+    def _connection(self):
+        pid = os.getpid()
+        if self._conn is None or self._conn[0] != pid:
+            # A connection from another process (before a fork) is left alone.
+            opts = dict(self.client_options)
+            if self._attach:
+                c = Client(self.address, token=self.token, **opts).attach(x_dtype=self.x_dtype)
+            else:
+                c = Client(self.address, token=self.token, **opts)
+            self._conn = (pid, c)
+        return self._conn[1]
+
+    def _fetch_meta(self) -> tuple[str, int]:
+        if self._meta is None:
+            if self._conn is not None and self._conn[0] == os.getpid():
+                self._meta = self._describe(self._conn[1])
+            elif self._attach:
+                with Client(self.address, token=self.token, **self.client_options).attach() as a:
+                    self._meta = self._describe(a)
+            else:
+                # A short-lived client: the trainer's process may fork
+                # DataLoader workers later, which make their own.
+                with Client(self.address, token=self.token, **self.client_options) as c:
+                    self._meta = self._describe(c)
+        return self._meta
+
+    def _describe(self, conn) -> tuple[str, int]:
+        if isinstance(conn, Client):
+            info = conn.info()
+            sets, fp = info.sets, info.fingerprint
+        else:
+            sets, fp = conn.sets, conn.fingerprint
+        if self.set not in sets:
+            raise KeyError(f"the dataset at {self.address} has no set {self.set!r}; it has {', '.join(sets)}")
+        return fp, sets[self.set].examples
+
+    @property
+    def fingerprint(self) -> str:
+        """The dataset's fingerprint (GetInfo's, or the attachment's)."""
+        return self._fetch_meta()[0]
+
+    @property
+    def examples(self) -> int:
+        """Examples in the set."""
+        return self._fetch_meta()[1]
+
+    def close(self) -> None:
+        """Closes this process's connection (a new pass reconnects)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and conn[0] == os.getpid():
+            conn[1].close()
+
+    # -- epochs and lengths --
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next pass iterates (as DistributedSampler.set_epoch):
+        it starts at its beginning, unless it is the epoch a loaded state
+        left off in and no pass has run since (then it resumes there)."""
+        epoch = int(epoch)
+        if epoch == self.epoch and self._resumed:
+            return
+        self.epoch = epoch
+        self._offset = self._start = 0
+        self._finished = False
+        self._resumed = False
+        self._yielded = 0
+
+    def num_batches(self, *, world_size: Optional[int] = None, offset: int = 0) -> int:
+        """Minibatches per rank in a whole epoch (from `offset`)."""
+        w = self.rank_world()[1] if world_size is None else int(world_size)
+        return _nb(self.examples, self.batch_size, w, self.drop_last, offset)
+
+    def _next_pass(self) -> tuple[int, int, int]:
+        """(epoch, offset, start) of the pass __iter__ would begin now."""
+        if self._finished:  # the last pass ran to the end: the next one repeats the epoch from its start
+            return self.epoch, 0, 0
+        return self.epoch, self._offset, self._start
+
+    def __len__(self) -> int:
+        """Minibatches this rank gets in the pass that iterating begins (or
+        is running): a whole epoch's, or what is left of it after a resume.
+        The same on every rank."""
+        _, offset, start = self._next_pass()
+        return max(self.num_batches(offset=offset) - start, 0)
+
+    # -- iteration --
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rank, world = self.rank_world()
+        worker = get_worker_info()
+        k, j = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        if worker is not None and self.device is not None and self.device.type != "cpu":
+            raise ValueError(f"MinibatchDataset(device={self.device}) inside a DataLoader worker: leave device "
+                             "unset there, and use DataLoader(pin_memory=True) and .to(device) in the trainer")
+        epoch, offset, start = self._next_pass()
+        self.epoch, self._offset, self._start = epoch, offset, start
+        self._finished = self._resumed = False
+        self._yielded = 0
+        n = self.examples
+        nb = _nb(n, self.batch_size, world, self.drop_last, offset)
+        return self._iterate(rank, world, epoch, offset, start, nb, k, j)
+
+    def _iterate(self, rank, world, epoch, offset, start, nb, k, j):
+        mine = range(start + j, nb, k)
+        if len(mine):
+            for x, y in self._batches(rank, world, epoch, offset, mine, k):
+                self._yielded += 1
+                yield self._tensor(x), self._tensor(y)
+        self._finished = True
+
+    def _order_kw(self, rank, world, epoch, offset) -> dict:
+        return dict(shuffle=self.shuffle, seed=self.seed, epoch=epoch, rank=rank, world_size=world,
+                    drop_last=self.drop_last, **_off(offset))
+
+    def _batches(self, rank, world, epoch, offset, mine: range, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        conn = self._connection()
+        kw = self._order_kw(rank, world, epoch, offset)
+        if not self._attach:
+            if k == 1:  # one prefetched, failing-over stream
+                with conn.epoch(self.set, self.batch_size, start=mine.start, x_dtype=self.x_dtype,
+                                y_dtype=self.y_dtype, decode=self.decode, prefetch=self.prefetch, **kw) as it:
+                    try:
+                        yield from it
+                    finally:
+                        self.failovers.extend(it.failovers)
+            else:  # every k-th minibatch: one GetBatch each (failing over too)
+                for i in mine:
+                    yield conn.get_batch(self.set, i, self.batch_size, x_dtype=self.x_dtype, y_dtype=self.y_dtype,
+                                         decode=self.decode, **kw)
+            return
+        if k == 1:
+            yield from conn.epoch(self.set, self.batch_size, start=mine.start, decode=self.decode, **kw)
+            return
+        # Workers: the rank's order once, every k-th minibatch gathered from
+        # the mapping into fresh arrays (the bytes Attachment.epoch gathers).
+        s = conn.sets[self.set]
+        xs, ys = conn.arrays(self.set)
+        order = _order.epoch_order(s.examples, **{a: kw[a] for a in kw if a != "drop_last"})
+        for i in mine:
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = xs.take(idx, axis=0)
+            if self.decode:
+                x = decode_x(SimpleNamespace(array=x, dtype=s.x.dtype, scale_divisor=s.x.scale_divisor))
+            yield x, ys.take(idx, axis=0)
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        if a.dtype == np.uint16 and self.x_dtype == "bfloat16" and not self.decode and a.ndim > 1:
+            t = torch.from_numpy(a).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
+        pin = self.pin_memory
+        if pin and not torch.cuda.is_available():
+            if not self._warned_pin:
+                warnings.warn("MinibatchDataset(pin_memory=True) but no CUDA device: not pinning", stacklevel=3)
+                self._warned_pin = True
+            pin = False
+        if pin:
+            t = t.pin_memory()
+        if self.device is not None:
+            t = t.to(self.device, non_blocking=pin)
+        return t
+
+    # -- state --
+
+    def state_dict(self, consumed: Optional[int] = None) -> dict:
+        """Where this rank is in the epoch (see the module's docstring).
+
+        consumed: minibatches the trainer took in the current pass, when a
+        DataLoader with workers sits in between (this process then did not
+        iterate and cannot count). None: what this process yielded."""
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "MinibatchDataset.state_dict() in a DataLoader worker: workers run ahead of the trainer and each "
+                "sees only its own minibatches; call ds.state_dict(consumed=k) in the trainer's process instead, "
+                "k = minibatches taken from the loader in this pass")
+        _, w = self.rank_world()
+        fp, n = self._fetch_meta()
+        if consumed is None:
+            done = self._yielded
+        else:
+            done = int(consumed)
+            if done < 0:
+                raise ValueError(f"consumed must not be negative, not {done}")
+        nb = _nb(n, self.batch_size, w, self.drop_last, self._offset)
+        position = self._start + done
+        if position > nb:
+            raise ValueError(f"consumed={done} from minibatch {self._start} is past the end of the epoch: "
+                             f"{nb} minibatches per rank")
+        return {
+            "format": STATE_FORMAT,
+            "fingerprint": fp,
+            "set": self.set,
+            "examples": n,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "drop_last": self.drop_last,
+            "epoch": self.epoch,
+            "world_size": w,
+            "offset": self._offset,
+            "position": position,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume where `state` left off: the next pass starts at its
+        position (its epoch; re-strided when the world size differs)."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a MinibatchDataset state (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
+                             f"expected {STATE_FORMAT!r})")
+        fp, n = self._fetch_meta()
+        mine = {"fingerprint": fp, "set": self.set, "batch_size": self.batch_size, "shuffle": self.shuffle,
+                "seed": self.seed, "drop_last": self.drop_last}
+        for key in _IDENTITY:
+            if state[key] != mine[key]:
+                what = "dataset (fingerprint)" if key == "fingerprint" else key
+                raise ValueError(f"this state is of another {what}: it has {key}={state[key]!r}, this dataset has "
+                                 f"{key}={mine[key]!r}; resuming would train on other minibatches than the "
+                                 "checkpoint's run")
+        epoch, w, offset, position = (int(state[k]) for k in ("epoch", "world_size", "offset", "position"))
+        nb = _nb(n, self.batch_size, w, self.drop_last, offset)
+        if not (0 <= offset <= n and 0 <= position <= nb):
+            raise ValueError(f"state out of range: offset {offset}, position {position} with {nb} minibatches "
+                             f"per rank of world size {w}")
+        _, w2 = self.rank_world()
+        if w2 != w:
+            if position == nb:  # the epoch is complete: nothing left under any world size
+                offset, position = n, 0
+            else:  # `position` full minibatches on each of w ranks: a prefix of the order
+                offset, position = offset + position * self.batch_size * w, 0
+        self.epoch, self._offset, self._start = epoch, offset, position
+        self._yielded = 0
+        self._finished = False
+        self._resumed = True
