@@ -32,7 +32,8 @@ unless the world size changed mid-epoch) and `position` (minibatches of this
 epoch the rank has consumed since `offset`). The dataset counts the
 minibatches it yielded in the process that iterates it, which is the
 trainer's process with num_workers=0 (also inside torchdata's
-StatefulDataLoader). With num_workers > 0 the iterating processes are the
+StatefulDataLoader, which saves and restores it; StatefulDataLoader with
+workers would save each worker's part, and is refused). With num_workers > 0 the iterating processes are the
 workers, which run ahead of the trainer; the dataset in the trainer's
 process cannot see what was consumed, so the trainer passes it:
 `ds.state_dict(consumed=k)`, k = minibatches taken from the loader in the
@@ -89,15 +90,9 @@ def dist_rank_world() -> tuple[int, int]:
 
 
 def _nb(n: int, size: int, world: int, drop_last: bool, offset: int) -> int:
-    """Minibatches per rank of (n, size, world, drop_last) from `offset`;
-    0 when fewer than `world` positions are left (the truncation takes them all)."""
-    if n - offset < world:
-        return 0
-    return _order.num_batches(n, size, world_size=world, drop_last=drop_last, **_off(offset))
-
-
-def _off(offset: int) -> dict:
-    return {"offset": offset} if offset else {}
+    """Minibatches per rank of (n, size, world, drop_last) from `offset`
+    (0 when fewer than `world` positions are left)."""
+    return _order.num_batches(n, size, world_size=world, drop_last=drop_last, offset=offset)
 
 
 class MinibatchDataset(IterableDataset):
@@ -117,7 +112,7 @@ class MinibatchDataset(IterableDataset):
                  quarter of float32's bytes). decode=True (default) turns
                  it into float32 exactly (uint8 bytes / scale_divisor);
                  decode=False yields it as is (bfloat16 as torch.bfloat16).
-    y_dtype:     None (as stored, int64 for MNIST) or "int32".
+    y_dtype:     None (as stored, int64 for MNIST) or "int32" (TCP only).
     device:      move each minibatch there (e.g. "cuda"); pin_memory=True
                  copies it into pinned memory first and moves it with
                  non_blocking=True (overlapping the copy with compute).
@@ -161,6 +156,9 @@ class MinibatchDataset(IterableDataset):
         self.client_options = dict(client_options)
         self._rank_world = (int(rank), int(world_size)) if rank is not None else None
         self._attach = isinstance(address, str) and socket_path(address) is not None
+        if self._attach and self.y_dtype is not None:
+            raise ValueError(f"y_dtype={self.y_dtype!r} with {address}: an attached daemon shares y as stored "
+                             "(convert the tensor instead, e.g. y.int())")
         # (fingerprint, examples of the set), read once
         self._meta: Optional[tuple[str, int]] = None
         # the connection of the process that made it: (pid, Client or Attachment)
@@ -308,7 +306,7 @@ class MinibatchDataset(IterableDataset):
 
     def _order_kw(self, rank, world, epoch, offset) -> dict:
         return dict(shuffle=self.shuffle, seed=self.seed, epoch=epoch, rank=rank, world_size=world,
-                    drop_last=self.drop_last, **_off(offset))
+                    drop_last=self.drop_last, offset=offset)
 
     def _batches(self, rank, world, epoch, offset, mine: range, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         conn = self._connection()
@@ -403,8 +401,8 @@ class MinibatchDataset(IterableDataset):
         """Resume where `state` left off: the next pass starts at its
         position (its epoch; re-strided when the world size differs)."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a MinibatchDataset state (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
-                             f"expected {STATE_FORMAT!r})")
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a MinibatchDataset state (format {got!r}, expected {STATE_FORMAT!r})")
         fp, n = self._fetch_meta()
         mine = {"fingerprint": fp, "set": self.set, "batch_size": self.batch_size, "shuffle": self.shuffle,
                 "seed": self.seed, "drop_last": self.drop_last}
@@ -415,16 +413,18 @@ class MinibatchDataset(IterableDataset):
                                  f"{key}={mine[key]!r}; resuming would train on other minibatches than the "
                                  "checkpoint's run")
         epoch, w, offset, position = (int(state[k]) for k in ("epoch", "world_size", "offset", "position"))
+        if not (0 <= offset <= n and 1 <= w <= n):
+            raise ValueError(f"state out of range: offset {offset}, world size {w} for a set of {n} examples")
         nb = _nb(n, self.batch_size, w, self.drop_last, offset)
-        if not (0 <= offset <= n and 0 <= position <= nb):
-            raise ValueError(f"state out of range: offset {offset}, position {position} with {nb} minibatches "
-                             f"per rank of world size {w}")
+        if not 0 <= position <= nb:
+            raise ValueError(f"state out of range: position {position} with {nb} minibatches per rank of world "
+                             f"size {w} from offset {offset}")
         _, w2 = self.rank_world()
         if w2 != w:
             if position == nb:  # the epoch is complete: nothing left under any world size
                 offset, position = n, 0
             else:  # `position` full minibatches on each of w ranks: a prefix of the order
-                offset, position = offset + position * self.batch_size * w, 0
+                offset, position = _order.resume_offset(offset, position, self.batch_size, w), 0
         self.epoch, self._offset, self._start = epoch, offset, position
         self._yielded = 0
         self._finished = False
