@@ -254,8 +254,7 @@ def main(argv=None) -> int:
                 log(f"... stopped after step {step} (epoch {epoch}, {consumed} minibatches into this pass)")
                 if a.save and rank == 0:
                     torch.save(model.state_dict(), a.save)
-                if dist.is_initialized():
-                    dist.destroy_process_group()
+                finish()
                 return 0
         seconds = time.perf_counter() - t_epoch
         if a.checkpoint:
@@ -277,9 +276,17 @@ def main(argv=None) -> int:
             with open(a.json, "w") as f:
                 json.dump({"world_size": world, "batch_size": a.batch_size, "source": src, "epochs": history}, f,
                           indent=1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish()
     return 0
+
+
+def finish() -> None:
+    """Leaves the process group together: a rank that tears gloo down while
+    another is still writing its files can abort the other ("terminate
+    called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
