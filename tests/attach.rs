@@ -412,3 +412,42 @@ async fn abuse_leaks_no_descriptor_and_the_server_keeps_serving() {
     assert!(m.accepted.load(std::sync::atomic::Ordering::Relaxed) >= 2_001);
     assert!(m.refused.load(std::sync::atomic::Ordering::Relaxed) >= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_attach_requests_hold_connection_slots_and_are_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock_path(&dir);
+    let opts = ServerOptions {
+        max_connections: 4,
+        handshake_timeout: Duration::from_secs(60),
+        ..with_uds(&path)
+    };
+    let s = TestServer::start_with(sample(), opts).await;
+    drop(attach(&path, AttachOptions::default()).await.unwrap());
+    let p = path.clone();
+    let held = tokio::task::spawn_blocking(move || {
+        (0..30)
+            .map(|_| {
+                let mut c = UnixStream::connect(&p).unwrap();
+                c.write_all(MAGIC).unwrap();
+                c
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let conns = &s.metrics.conns;
+    assert!(
+        eventually(WAIT, || conns
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 26)
+        .await,
+        "newcomers evict the oldest unfinished requests"
+    );
+    assert!(conns.open.load(std::sync::atomic::Ordering::Relaxed) <= 4);
+    // A real client still gets in, and detaches.
+    let a = attach(&path, AttachOptions::default()).await.unwrap();
+    assert_eq!(a.batch("test", 0, 1).unwrap().1.shape, vec![1]);
+    drop(held);
+}

@@ -98,15 +98,28 @@ impl Attacher {
 
     /// Serves an attach exchange on the Unix socket whose first
     /// [`MAGIC`] bytes were read, then holds the attachment until the
-    /// client closes it (or the serving thread ends).
-    pub async fn serve(&self, mut sock: UnixStream) {
+    /// client closes it (or the serving thread ends). `pending` is the
+    /// connection's slot among the server's connections, held until the
+    /// request is read and checked; if `evicted` resolves first (a newcomer
+    /// took the slot) the connection is closed.
+    pub async fn serve(
+        &self,
+        mut sock: UnixStream,
+        pending: impl Send,
+        evicted: impl std::future::Future<Output = ()>,
+    ) {
         let t0 = Instant::now();
         let peer = sock.peer_cred().ok();
         let (pid, uid) = (peer.and_then(|c| c.pid()), peer.map(|c| c.uid()));
+        let req = tokio::select! {
+            r = self.read_request(&mut sock) => r,
+            _ = evicted => return,
+        };
         let answered = async {
-            let req = self.read_request(&mut sock).await?;
+            let req = req?;
             self.check_token(&req)?;
             let slot = self.take_slot()?;
+            drop(pending);
             let (reply, files) = self.describe(&req).await?;
             Ok::<_, ServeError>((req, slot, reply, files))
         }
@@ -156,12 +169,22 @@ impl Attacher {
 
     /// Answers an attach request that came over TCP (or TLS): refused,
     /// after reading it, so the reply is not lost to a reset.
-    pub async fn refuse_remote(&self, mut io: impl AsyncRead + AsyncWrite + Unpin) {
-        let e = match self.read_request(&mut io).await {
-            Ok(_) => ServeError::AttachNeedsUnixSocket,
-            Err(e) => e,
+    /// `pending` and `evicted` as in [`serve`](Self::serve).
+    pub async fn refuse_remote(
+        &self,
+        mut io: impl AsyncRead + AsyncWrite + Unpin,
+        pending: impl Send,
+        evicted: impl std::future::Future<Output = ()>,
+    ) {
+        let e = tokio::select! {
+            r = self.read_request(&mut io) => match r {
+                Ok(_) => ServeError::AttachNeedsUnixSocket,
+                Err(e) => e,
+            },
+            _ = evicted => return,
         };
         self.refuse(&mut io, e).await;
+        drop(pending);
     }
 
     /// Reads the request after its magic: version, length, message.

@@ -266,9 +266,9 @@ impl Handshake {
             _ = evicted.notified() => return Err(HandshakeError::Evicted),
         };
         if attach {
-            // Attachments have their own limit (--max-attached): the
-            // connection slot is free again when `slot` drops here.
-            return Ok(Established::Attach(io));
+            // Still pending (evictable) until its request is read; then
+            // attachments count against their own limit (--max-attached).
+            return Ok(Established::Attach(io, slot));
         }
         if !slot.slot.establish() {
             return Err(HandshakeError::Evicted);
@@ -285,17 +285,22 @@ impl Handshake {
 /// What a connection turned out to be.
 pub(super) enum Established {
     Http2(LimitedConn),
-    /// Sent [`ATTACH_MAGIC`] (read) instead of the HTTP/2 preface.
-    Attach(Io),
+    /// Sent [`ATTACH_MAGIC`] (read) instead of the HTTP/2 preface; holds
+    /// its pending slot until the request is read.
+    Attach(Io, ConnSlot),
 }
 
 impl Established {
     /// Hands an attach request to `attacher`: served on the Unix socket,
-    /// refused on TCP.
-    pub(super) async fn attach(io: Io, attacher: &Attacher) {
+    /// refused on TCP. Like a handshake, reading the request holds a
+    /// connection slot and yields it to a newcomer when all are taken, so
+    /// connections that send the magic and stop cannot pile up.
+    pub(super) async fn attach(io: Io, slot: ConnSlot, attacher: &Attacher) {
+        let evicted = slot.slot.evicted.clone();
+        let evicted = async move { evicted.notified().await };
         match io {
-            Io::Unix(s) => attacher.serve(s).await,
-            other => attacher.refuse_remote(other).await,
+            Io::Unix(s) => attacher.serve(s, slot, evicted).await,
+            other => attacher.refuse_remote(other, slot, evicted).await,
         }
     }
 }

@@ -573,7 +573,9 @@ async fn serve_io_thread(
                     Some(Established::Http2(conn)) => _ = ready.send(conn),
                     // Held on this thread until the client closes it (or
                     // the thread ends, at shutdown).
-                    Some(Established::Attach(io)) => Established::attach(io, &attacher).await,
+                    Some(Established::Attach(io, slot)) => {
+                        Established::attach(io, slot, &attacher).await
+                    }
                     None => {}
                 }
             });
