@@ -78,7 +78,12 @@ deploy/test.sh covers:
   * SIGTERM (compose stop) drains and exits 0;
   * teardown: down -v --remove-orphans, built images removed (also on failure).
   * deploy/k8s: deploy/k8s/validate.py (schemas of Kubernetes 1.27 and the
-    newest, offline, plus the project's requirements); no cluster.
+    newest, offline, plus the project's requirements); no cluster. The
+    DaemonSet's socket model in Docker, with the manifests' settings: its
+    daemon (uid 0, only IPC_LOCK, supplementalGroups) serves on a socket in
+    a root:root 0755 volume (the kubelet's hostPath), fails to start without
+    the group, the trainer Job's user attaches with the group and is
+    refused without it, a clean exit removes the socket.
 Not covered: building the top-level Dockerfile and deploy/trainer/Dockerfile
 (they need rust:1.88-bookworm, distroless/cc and python:3.11-slim from a
 registry); running on Kubernetes.
@@ -124,8 +129,11 @@ cleanup() {
   fi
   step "teardown"
   compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1
+  docker rm -f "${PROJECT}_node-daemon" >/dev/null 2>&1
+  docker volume rm -f "${PROJECT}_node-run" >/dev/null 2>&1
   docker rmi -f "$MINIBATCHD_LOCAL_IMAGE" "$TRAINER_LOCAL_IMAGE" >/dev/null 2>&1
   left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")
+  left="$left$(docker ps -aq --filter "name=^${PROJECT}_node-daemon\$")"
   if [ -z "$left" ] && ! docker image inspect "$MINIBATCHD_LOCAL_IMAGE" >/dev/null 2>&1; then
     echo "removed the containers, network, volumes and images of $PROJECT"
   else
@@ -367,6 +375,92 @@ else
 fi
 rm -f "$OUT/smoke.log"
 check "/metrics published (${METRICS[1]}) and counting" grep -q '^minibatchd_requests_total' <<<"$(metrics "${METRICS[1]}")"
+
+step "the DaemonSet's socket (deploy/k8s/daemonset), with Docker standing in for the kubelet"
+# The settings come from the manifests: the daemon's uid, capabilities,
+# supplementalGroups and MINIBATCHD_UDS*, the trainer Job's uid, group and
+# --attach. The node's hostPath is a fresh volume: root:root 0755, as the
+# kubelet makes a DirectoryOrCreate directory.
+eval "$("$PYTHON" - <<'PY'
+import shlex, yaml
+ds = yaml.safe_load(open("deploy/k8s/daemonset/daemonset.yaml"))
+job = yaml.safe_load(open("deploy/k8s/daemonset/trainer-job.yaml"))
+pod, jpod = ds["spec"]["template"]["spec"], job["spec"]["template"]["spec"]
+c, jc = pod["containers"][0], jpod["containers"][0]
+env = {e["name"]: e.get("value") for e in c["env"]}
+sc, psc, jsc = c["securityContext"], pod["securityContext"], jpod["securityContext"]
+hp = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+jhp = {v["name"]: v["hostPath"]["path"] for v in jpod["volumes"] if "hostPath" in v}
+out = {
+    "DS_USER": f"{sc['runAsUser']}:{sc['runAsGroup']}",
+    "DS_CAPS": " ".join(sc["capabilities"].get("add", [])),
+    "DS_GROUPS": " ".join(str(g) for g in psc.get("supplementalGroups", [])),
+    "DS_DIR": next(m["mountPath"] for m in c["volumeMounts"] if m["name"] in hp),
+    "JOB_USER": f"{jsc['runAsUser']}:{jsc['runAsGroup']}",
+    "JOB_GROUPS": " ".join(str(g) for g in jsc.get("supplementalGroups", [])),
+    "JOB_DIR": next(m["mountPath"] for m in jc["volumeMounts"] if m["name"] in jhp),
+    "JOB_ARGS": " ".join(jc["args"]),
+}
+out.update(DS_UDS=env["MINIBATCHD_UDS"], DS_MODE=env.get("MINIBATCHD_UDS_MODE") or "660",
+           DS_GROUP=env["MINIBATCHD_UDS_GROUP"])
+for k, v in out.items():
+    print(f"{k}={shlex.quote(v)}")
+PY
+)"
+NODE_VOL=${PROJECT}_node-run
+NODE_D=${PROJECT}_node-daemon
+docker volume create "$NODE_VOL" >/dev/null
+node_daemon() { # GROUP-ADD...: the DaemonSet's container, on the "node directory"
+  local g ga=()
+  for g in "$@"; do ga+=(--group-add "$g"); done
+  docker rm -f "$NODE_D" >/dev/null 2>&1 || true
+  docker run -d --name "$NODE_D" --network none -u "$DS_USER" --cap-drop ALL $(printf -- '--cap-add %s ' $DS_CAPS) \
+    "${ga[@]}" --read-only --security-opt no-new-privileges -v "$NODE_VOL:$DS_DIR" \
+    -e MINIBATCHD_ADDR=127.0.0.1:50051 -e MINIBATCHD_METRICS_ADDR=off -e MINIBATCHD_UDS="$DS_UDS" \
+    -e MINIBATCHD_UDS_MODE="$DS_MODE" -e MINIBATCHD_UDS_GROUP="$DS_GROUP" \
+    "$MINIBATCHD_LOCAL_IMAGE" >/dev/null
+}
+node_wait() { # the daemon serving on its socket, or exited
+  local end=$((SECONDS + 30))
+  while [ $SECONDS -lt $end ]; do
+    docker logs "$NODE_D" 2>&1 | grep -q 'serving gRPC on unix socket' && return 0
+    [ "$(docker inspect -f '{{.State.Running}}' "$NODE_D")" = true ] || return 1
+    sleep 0.2
+  done
+  return 1
+}
+node_ls() { docker run --rm --network none -v "$NODE_VOL:/node:ro" --entrypoint python3 "$TRAINER_LOCAL_IMAGE" -c 'import os, stat
+for p in ["/node"] + ["/node/" + n for n in sorted(os.listdir("/node"))]:
+    s = os.stat(p)
+    print("%s %04o %d:%d" % (p.replace("/node", "dir", 1), stat.S_IMODE(s.st_mode), s.st_uid, s.st_gid))' | paste -sd, -; }
+job_run() { # GROUP-ADD...: the trainer Job's container, its args
+  local g ga=()
+  for g in "$@"; do ga+=(--group-add "$g"); done
+  # shellcheck disable=SC2086
+  docker run --rm --network none -u "$JOB_USER" "${ga[@]}" --cap-drop ALL --read-only \
+    --security-opt no-new-privileges -v "$NODE_VOL:$JOB_DIR:ro" "$TRAINER_LOCAL_IMAGE" $JOB_ARGS --epochs 2 2>&1
+}
+echo "daemon: uid:gid $DS_USER, caps $DS_CAPS, supplementalGroups [$DS_GROUPS], $DS_UDS mode $DS_MODE group $DS_GROUP; trainer: $JOB_USER, supplementalGroups [$JOB_GROUPS], $JOB_ARGS"
+node_daemon
+if node_wait; then nolog=serving; else nolog=$(docker logs "$NODE_D" 2>&1 | tail -n1); fi
+check "without supplementalGroups the daemon cannot give the socket its group and does not start (${nolog:0:100})" \
+  grep -q 'cannot give .* to group' <<<"$nolog"
+node_daemon $DS_GROUPS
+check "the DaemonSet's daemon (uid 0, caps dropped but $DS_CAPS) serves on $DS_UDS in a root:root 0755 directory" node_wait
+nls=$(node_ls)
+check "the node directory: $nls" grep -q "^dir 0755 0:0,dir/$(basename "$DS_UDS") 0$DS_MODE 0:$DS_GROUP\$" <<<"$nls"
+jlog=$(job_run $JOB_GROUPS) || true
+check "the trainer Job's container (uid $JOB_USER, group $JOB_GROUPS, read-only) $(grep -o 'attached to [^ ]*[^: ]' <<<"$jlog" | head -n1) and trains" \
+  grep -q '^Optimization complete' <<<"$jlog"
+jlog=$(job_run) || true
+check "the same without the group is refused: $(grep -o 'PermissionDenied\|Permission denied' <<<"$jlog" | head -n1)" \
+  grep -q 'Permission denied' <<<"$jlog"
+docker stop -t 10 "$NODE_D" >/dev/null
+nls=$(node_ls)
+check "SIGTERM: the daemon exits 0 ($(docker inspect -f '{{.State.ExitCode}}' "$NODE_D")) and removes its socket ($nls)" \
+  test "$(docker inspect -f '{{.State.ExitCode}}' "$NODE_D")" = 0 -a "$nls" = "dir 0755 0:0"
+docker rm -f "$NODE_D" >/dev/null 2>&1
+docker volume rm -f "$NODE_VOL" >/dev/null 2>&1
 
 step "failover: docker kill the streaming replica mid-epoch"
 args=()
