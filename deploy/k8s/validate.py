@@ -428,7 +428,8 @@ def check_attach_daemonset(check: Checks, ds: dict, label: str) -> dict:
     c = container(ds)
     env = env_of(c)
     sock = env.get("MINIBATCHD_UDS") or ""
-    check(sock.startswith("/") and not sock.endswith("/"), f"{label}: serves on a Unix socket (MINIBATCHD_UDS {sock!r})")
+    check(sock.startswith("/") and not sock.endswith("/"),
+          f"{label}: serves on a Unix socket (MINIBATCHD_UDS {sock!r})")
     sdir = posixpath.dirname(sock)
     vols = {v["name"]: v for v in pod.get("volumes", [])}
     mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == sdir), None)
@@ -508,7 +509,8 @@ def check_attach_trainer(check: Checks, job: dict, daemon: dict, label: str) -> 
           f"{label}: nodeSelector {ns} includes the DaemonSet's {daemon['node_selector']} (same node as a daemon)")
     env = {e["name"]: e for e in c.get("env", [])}
     ref = ((env.get("MINIBATCHD_TOKEN") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
-    check(ref.get("name") == TOKEN_SECRET and ref.get("key") == "token" and "value" not in env.get("MINIBATCHD_TOKEN", {}),
+    check(ref.get("name") == TOKEN_SECRET and ref.get("key") == "token"
+          and "value" not in env.get("MINIBATCHD_TOKEN", {}),
           f"{label}: the bearer token (attach asks for it too) from Secret {TOKEN_SECRET}, key token")
 
 
@@ -576,9 +578,11 @@ def main() -> int:
     check("networkpolicy.yaml" in kust.get("resources", []),
           "kustomization.yaml: applies networkpolicy.yaml with the Deployment")
     check(not kust.get("secretGenerator"), "kustomization.yaml: no secretGenerator (no token value shipped)")
-    shipped_secrets = [f"{f.name}: {d.get('metadata', {}).get('name')}" for f in sorted(HERE.glob("*.yaml"))
+    shipped_secrets = [f"{f.relative_to(HERE)}: {d.get('metadata', {}).get('name')}"
+                       for f in sorted(HERE.rglob("*.yaml"))
                        for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict) and d.get("kind") == "Secret"]
-    check(not shipped_secrets, f"no Secret shipped in deploy/k8s (the token is created per cluster) {shipped_secrets or ''}")
+    check(not shipped_secrets,
+          f"no Secret shipped in deploy/k8s (the token is created per cluster) {shipped_secrets or ''}")
 
     dep = load("deployment.yaml")
     svc = load("service.yaml")
@@ -594,7 +598,7 @@ def main() -> int:
         combos["nonroot-patch.yaml + tls-patch.yaml"] = strategic_merge(
             patched["nonroot-patch.yaml"], patches["tls-patch.yaml"])
 
-    validate_schema = None
+    validate_schema = None  # (name, object) pairs -> one check each per schema version
     if not a.no_schema:
         try:
             import kubernetes_validate as kv
@@ -603,7 +607,7 @@ def main() -> int:
                   "or pass --no-schema", file=sys.stderr)
             return 2
 
-        def validate_schema(targets):
+        def validate_all(targets):
             for version in SCHEMA_VERSIONS:
                 v = version or kv.latest_version()
                 for name, doc in targets:
@@ -614,6 +618,7 @@ def main() -> int:
                         where = "/".join(str(p) for p in e.path)
                         check(False, f"schema {v} (strict): {name}: {where}: {e.message}")
 
+        validate_schema = validate_all
         targets = [("deployment.yaml", dep), ("service.yaml", svc), ("networkpolicy.yaml", np),
                    ("dataset-pvc.yaml", pvc)]
         targets += [(f"deployment.yaml + {name}", d) for name, d in (patched | combos).items()]
