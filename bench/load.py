@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "minibatchd"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--compare", metavar="OLD_BIN",
+                    help="also run `serve` of this other binary (row ready-old), alternated with the rest: "
+                         "a server change's start-up and peak RSS side by side")
     a = ap.parse_args()
     f = a.file or ROOT / "bench" / "out" / "mnist-full.pkl.gz"
     if not f.exists():
@@ -106,6 +109,9 @@ def main() -> None:
         "inflate": ([a.bin, "inflate", str(f)], None),
         "python": ([py, "-c", f"import pickle,gzip; pickle.load(gzip.open({str(f)!r}), encoding='latin1')"], None),
     }
+    if a.compare:
+        cmds["ready-old"] = ([a.compare, "--log", "info", "serve", "--data", str(f), "--addr", "127.0.0.1:0",
+                              "--metrics-addr", "off"], b"serving gRPC")
     if shutil.which("gzip"):
         cmds["gunzip"] = (["sh", "-c", f"gzip -dc '{f}' > /dev/null"], None)
     res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
@@ -130,7 +136,8 @@ def main() -> None:
         f"{'process':<10}{'wall ms':>10}{'peak RSS MiB':>14}",
     ]
     for k, (w, m) in med.items():
-        lines.append(f"{k:<10}{w * 1e3:>10.0f}{m / 2**20:>14.0f}")
+        walls = [w for w, _ in res[k]]
+        lines.append(f"{k:<10}{w * 1e3:>10.0f}{m / 2**20:>14.0f}   wall {min(walls) * 1e3:.0f}..{max(walls) * 1e3:.0f} ms")
     ratios = {
         "python / inspect (goal >= 5)": med["python"][0] / med["inspect"][0],
         "python / ready (goal >= 5)": med["python"][0] / med["ready"][0],
@@ -139,9 +146,13 @@ def main() -> None:
         "ready peak RSS / (1.15 x tensors + 32 MiB) (goal <= 1)": med["ready"][1] / rss_goal,
         "python peak RSS / tensors": med["python"][1] / tensor_bytes,
     }
+    if a.compare:
+        ratios["ready / ready-old, wall"] = med["ready"][0] / med["ready-old"][0]
+        ratios["ready / ready-old, peak RSS"] = med["ready"][1] / med["ready-old"][1]
     lines.append("")
     lines += [f"{k:<58}{v:>7.2f}" for k, v in ratios.items()]
-    lines.append(f"\ncommand: python3 bench/load.py --runs {a.runs}" + (f" --file {a.file}" if a.file else ""))
+    lines.append(f"\ncommand: python3 bench/load.py --runs {a.runs}" + (f" --file {a.file}" if a.file else "")
+                 + (f" --compare {a.compare}" if a.compare else ""))
     print("\n".join(lines))
     if a.json:
         a.json.write_text(json.dumps({"median": {k: {"wall_s": w, "peak_rss_bytes": m} for k, (w, m) in med.items()}, "ratios": ratios, "runs": {k: v for k, v in res.items()}}, indent=1))

@@ -4,7 +4,8 @@
 #   bench/run.sh [--quick] [--file mnist.pkl.gz] [harness options...]
 #
 # Full run: bench/harness.py on the full-size file (made from the bundled
-# digits unless --file is given), then bench/load.py --runs 5 (load time).
+# digits unless --file is given), then bench/attach.py (the attach tier),
+# then bench/load.py --runs 5 (load time).
 # --quick (CI): a small file and short runs, proves the harness works in
 # under 2 minutes and asserts nothing about speed.
 #
@@ -60,6 +61,20 @@ trap 'exit 130' INT TERM
 harness=$!
 wait "$harness"
 harness=""
+
+# The attach tier (issue 12): same-host trainers mapping the daemon's
+# memory against the same trainers over loopback gRPC.
+attach_args=()
+prev=""
+for arg in "$@"; do
+  case "$arg" in --quick) attach_args+=(--quick) ;; esac
+  [ "$prev" = "--file" ] && attach_args+=(--file "$arg")
+  prev="$arg"
+done
+out=bench/out
+[ "$quick" = 1 ] && out=bench/out/quick
+mkdir -p "$out"
+"$py" bench/attach.py "${attach_args[@]}" --json "$out/attach.json" | tee "$out/attach.txt"
 
 if [ "$quick" = 0 ]; then
   file=""

@@ -74,11 +74,17 @@ async fn attached_bytes_equal_the_dataset_get_batch_and_stream_batches() {
     let dir = tempfile::tempdir().unwrap();
     let path = sock_path(&dir);
     let s = TestServer::start_with(sample(), with_uds(&path)).await;
+    // Asked twice, a mirror comes once.
     let opts = AttachOptions {
-        x_dtypes: vec![DType::U8],
+        x_dtypes: vec![DType::U8, DType::U8],
         ..Default::default()
     };
     let a = attach(&path, opts).await.unwrap();
+    assert_eq!(
+        a.regions().filter(|r| r.2 == DType::U8).count(),
+        3,
+        "one uint8 x per set"
+    );
     let mut c = s.client().await;
     let info = c.info().await.unwrap();
     assert_eq!(a.fingerprint, info.fingerprint);
@@ -88,6 +94,7 @@ async fn attached_bytes_equal_the_dataset_get_batch_and_stream_batches() {
         for (name, t) in [("x", &set.x), ("y", &set.y)] {
             let v = a.tensor(&set.name, name, Some(t.dtype)).unwrap();
             assert_eq!(v.data, &t.data[..], "{}.{name}", set.name);
+            assert_eq!(v.data.as_ptr() as usize % 64, 0, "aligned in the mapping");
             assert_eq!(v.shape, t.shape);
         }
     }
@@ -377,10 +384,12 @@ async fn abuse_leaks_no_descriptor_and_the_server_keeps_serving() {
             reply_code(send(&garbage)),
             Some(tonic::Code::InvalidArgument as i32)
         );
-        // A truncated body, then the client goes.
+        // A truncated body, then the client stops writing.
         let mut short = header(100).to_vec();
         short.extend_from_slice(&[0; 10]);
-        drop(send(&short));
+        let s = send(&short);
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(reply_code(s), Some(tonic::Code::InvalidArgument as i32));
         // Requests whose replies (and descriptors) are never read.
         for _ in 0..50 {
             drop(send(&header(0)));

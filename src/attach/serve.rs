@@ -212,6 +212,13 @@ impl Attacher {
         };
         match tokio::time::timeout(self.timeout, read).await {
             Err(_) => Err(ServeError::RequestTimeout(self.timeout)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(ServeError::BadRequest(
+                    "attach request: the connection ended before the 16-byte header and the \
+                     message length it announces arrived"
+                        .into(),
+                ))
+            }
             Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
             Ok(Ok(r)) => r,
         }
@@ -272,7 +279,7 @@ impl Attacher {
         let mut mirrors = Vec::new();
         for &d in &req.x_dtypes {
             let dt = proto::Dtype::try_from(d).map_err(|_| ServeError::BadDType(d))?;
-            if let Some(to) = DType::from_proto(dt) {
+            if let Some(to) = DType::from_proto(dt).filter(|to| !mirrors.contains(to)) {
                 mirrors.push(to);
             }
         }

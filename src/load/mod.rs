@@ -333,16 +333,65 @@ struct SetSpec {
     y: TensorSpec,
 }
 
-/// The end of every load: pins the buffers, freezes them, cuts the tensors
-/// out of them (zero-copy) and describes the dataset.
+/// Where tensors start in their buffers, when the room allows: a cache line,
+/// so every dtype is aligned and SIMD loads do not straddle lines.
+/// Why: a pickle puts an array's bytes wherever its framing ends (MNIST's
+/// train x at byte 133, its y at an odd offset), and clients that map the
+/// buffers (attach) got numpy views flagged unaligned: summing one was 40 %
+/// slower, gathering its rows 8× slower (867 against 112 µs per 500 rows).
+pub const TENSOR_ALIGN: usize = 64;
+
+/// Moves each tensor down to the next [`TENSOR_ALIGN`] boundary after the
+/// one before it (the pickle framing between them is no longer needed), in
+/// place, and updates the ranges. A tensor with no room below it stays
+/// where it is; a buffer whose tensors overlap without being the same bytes
+/// (never made by the loader) is left alone.
+fn align_tensors(bufs: &mut [HostBuffer], sets: &mut [SetSpec]) {
+    for (b, buf) in bufs.iter_mut().enumerate() {
+        let mut specs: Vec<&mut TensorSpec> = sets
+            .iter_mut()
+            .flat_map(|s| [&mut s.x, &mut s.y])
+            .filter(|t| t.buf == b)
+            .collect();
+        let mut ranges: Vec<Range<usize>> = specs.iter().map(|t| t.range.clone()).collect();
+        ranges.sort_by_key(|r| (r.start, r.end));
+        ranges.dedup();
+        if ranges.windows(2).any(|w| w[1].start < w[0].end) {
+            continue;
+        }
+        let mut cursor = 0usize;
+        let mut moved = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let to = cursor.next_multiple_of(TENSOR_ALIGN).min(r.start);
+            if to != r.start {
+                buf.as_mut_slice().copy_within(r.clone(), to);
+            }
+            cursor = to + r.len();
+            moved.push((r, to));
+        }
+        for t in specs.iter_mut() {
+            let to = moved
+                .iter()
+                .find(|(r, _)| *r == t.range)
+                .expect("every range was placed")
+                .1;
+            t.range = to..to + t.range.len();
+        }
+    }
+}
+
+/// The end of every load: aligns the tensors, pins the buffers, freezes
+/// them, cuts the tensors out of them (zero-copy) and describes the
+/// dataset.
 fn assemble(
     source: &Path,
     format: Format,
     mut bufs: Vec<HostBuffer>,
-    sets: Vec<SetSpec>,
+    mut sets: Vec<SetSpec>,
     pin: PinPolicy,
     t0: Instant,
 ) -> Result<Dataset, LoadError> {
+    align_tensors(&mut bufs, &mut sets);
     let pin = pin_all(bufs.iter_mut(), pin)?;
     let memory_bytes = bufs.iter().map(|b| b.capacity()).sum();
     let memory = bufs
@@ -606,6 +655,80 @@ mod tests {
         v.extend(gzip::crc32(data).to_le_bytes());
         v.extend((data.len() as u32).to_le_bytes());
         v
+    }
+
+    fn spec(buf: usize, range: Range<usize>) -> TensorSpec {
+        TensorSpec {
+            dtype: DType::U8,
+            shape: vec![range.len()],
+            buf,
+            range,
+            scale_divisor: None,
+            file: "t".into(),
+        }
+    }
+
+    #[test]
+    fn tensors_move_down_to_aligned_offsets_keeping_their_bytes() {
+        let mut b = HostBuffer::zeroed(400).unwrap();
+        for (i, v) in b.as_mut_slice().iter_mut().enumerate() {
+            *v = i as u8;
+        }
+        let before = b.as_slice().to_vec();
+        // x at 133 (as MNIST's), y right after it with 3 bytes of framing;
+        // the second set shares the first's y (the same bytes twice); a
+        // last tensor with no room below it stays.
+        let mut sets = vec![
+            SetSpec {
+                name: "a".into(),
+                x: spec(0, 133..233),
+                y: spec(0, 236..246),
+            },
+            SetSpec {
+                name: "b".into(),
+                x: spec(0, 250..300),
+                y: spec(0, 236..246),
+            },
+        ];
+        let mut bufs = vec![b];
+        align_tensors(&mut bufs, &mut sets);
+        let got = |t: &TensorSpec| bufs[0].as_slice()[t.range.clone()].to_vec();
+        assert_eq!(sets[0].x.range, 0..100);
+        assert_eq!(got(&sets[0].x), before[133..233]);
+        assert_eq!(sets[0].y.range, 128..138);
+        assert_eq!(got(&sets[0].y), before[236..246]);
+        assert_eq!(sets[1].y.range, 128..138, "shared bytes stay shared");
+        assert_eq!(sets[1].x.range, 192..242);
+        assert_eq!(got(&sets[1].x), before[250..300]);
+        // No room: a tensor at 70 after one ending at 65 stays at 70.
+        let mut sets = vec![SetSpec {
+            name: "c".into(),
+            x: spec(0, 0..65),
+            y: spec(0, 70..80),
+        }];
+        align_tensors(&mut bufs, &mut sets);
+        assert_eq!(
+            (sets[0].x.range.clone(), sets[0].y.range.clone()),
+            (0..65, 70..80)
+        );
+    }
+
+    #[test]
+    fn the_bundled_samples_tensors_are_aligned() {
+        let ds = load_bytes(
+            Path::new("sample.pkl.gz"),
+            crate::BUNDLED_SAMPLE,
+            &LoadOptions {
+                pin: PinPolicy::Off,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for s in &ds.sets {
+            for t in [&s.x, &s.y] {
+                assert_eq!(t.data.as_ptr() as usize % TENSOR_ALIGN, 0, "{}", s.name);
+            }
+        }
     }
 
     #[test]

@@ -551,8 +551,6 @@ def test_max_attached(tmp_path):
         d.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="daemon: a connection gives its slot back as soon as it has sent the attach "
-                   "magic (server/conn.rs Handshake::establish), before its request is read")
 def test_unfinished_attach_requests_are_bounded_by_max_connections(tmp_path):
     """Connections that send the magic and then nothing (on the Unix socket
     or on TCP) are held by no attachment yet: like any connection still in
