@@ -411,10 +411,11 @@ NODE_VOL=${PROJECT}_node-run
 NODE_D=${PROJECT}_node-daemon
 docker volume create "$NODE_VOL" >/dev/null
 node_daemon() { # GROUP-ADD...: the DaemonSet's container, on the "node directory"
-  local g ga=()
+  local g c ga=()
   for g in "$@"; do ga+=(--group-add "$g"); done
+  for c in $DS_CAPS; do ga+=(--cap-add "$c"); done
   docker rm -f "$NODE_D" >/dev/null 2>&1 || true
-  docker run -d --name "$NODE_D" --network none -u "$DS_USER" --cap-drop ALL $(printf -- '--cap-add %s ' $DS_CAPS) \
+  docker run -d --name "$NODE_D" --network none -u "$DS_USER" --cap-drop ALL \
     "${ga[@]}" --read-only --security-opt no-new-privileges -v "$NODE_VOL:$DS_DIR" \
     -e MINIBATCHD_ADDR=127.0.0.1:50051 -e MINIBATCHD_METRICS_ADDR=off -e MINIBATCHD_UDS="$DS_UDS" \
     -e MINIBATCHD_UDS_MODE="$DS_MODE" -e MINIBATCHD_UDS_GROUP="$DS_GROUP" \
