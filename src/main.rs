@@ -198,6 +198,7 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
         rank: a.rank,
         world_size: a.world_size,
         drop_last: false,
+        offset: a.offset,
     };
     let t0 = Instant::now();
     let b = c.get_batch(&r).await?;

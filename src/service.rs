@@ -177,6 +177,7 @@ impl BatchService {
             rank: o.rank,
             world_size: o.world_size,
             drop_last: o.drop_last,
+            offset: o.offset,
         };
         Ok(Plan::new(
             set.examples(),

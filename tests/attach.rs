@@ -137,6 +137,7 @@ async fn attached_bytes_equal_the_dataset_get_batch_and_stream_batches() {
         rank: 1,
         world_size: 3,
         drop_last: false,
+        offset: 0,
     };
     let mut r = BatchRequest::new("train", 0, 128);
     r.order = proto::Order {
@@ -146,6 +147,7 @@ async fn attached_bytes_equal_the_dataset_get_batch_and_stream_batches() {
         rank: 1,
         world_size: 3,
         drop_last: false,
+        offset: 0,
     };
     let mut stream = c.stream_batches(&r).await.unwrap();
     let mut i = 0;
@@ -157,6 +159,28 @@ async fn attached_bytes_equal_the_dataset_get_batch_and_stream_batches() {
         i += 1;
     }
     assert_eq!(i, 8, "1,000 examples per rank in minibatches of 128");
+    // With an offset (elastic resume) too: 2,000 positions left, 666 per rank.
+    let order = OrderSpec {
+        offset: 1000,
+        ..order
+    };
+    r.order.offset = 1000;
+    let mut stream = c.stream_batches(&r).await.unwrap();
+    let mut i = 0;
+    while let Some(b) = stream.next().await {
+        let b = b.unwrap();
+        let (x, y) = a.gather("train", i, 128, &order, None).unwrap();
+        assert_eq!(x.data, b.x.data, "minibatch {i} from offset 1000");
+        assert_eq!(y.data, b.y.data);
+        i += 1;
+    }
+    assert_eq!(i, 6, "666 examples per rank in minibatches of 128");
+    let past = OrderSpec {
+        offset: 3001,
+        ..order
+    };
+    let e = a.gather("train", 0, 128, &past, None).unwrap_err();
+    assert!(e.to_string().contains("offset 3001"), "{e}");
     assert_eq!(
         s.metrics
             .attach

@@ -287,6 +287,7 @@ async fn shards_of_all_ranks_are_disjoint_equal_and_cover() {
                 rank,
                 world_size: 7,
                 drop_last: false,
+                offset: 0,
             };
             let e = epoch(&mut c, "valid", 64, order, 0).await;
             let idx: Vec<usize> = e.iter().flat_map(indices).collect();
@@ -309,6 +310,158 @@ async fn shards_of_all_ranks_are_disjoint_equal_and_cover() {
     let e = epoch(&mut c, "valid", 64, order, 0).await;
     assert_eq!(e.len(), 2, "142 examples in full minibatches of 64");
     assert_eq!(indices(&e[0])[..3], [1, 8, 15]);
+}
+
+/// The documented rule with an offset, written out: rank's shard of the
+/// order (the permutation, or 0..n) cut to [offset, n) before sharding.
+fn shard_after(n: usize, order: proto::Order) -> Vec<usize> {
+    let base: Vec<usize> = if order.shuffle {
+        minibatchd::order::permutation(n, order.seed, order.epoch)
+            .iter()
+            .map(|&i| i as usize)
+            .collect()
+    } else {
+        (0..n).collect()
+    };
+    let rest = &base[order.offset as usize..];
+    let w = order.world_size.max(1) as usize;
+    rest[..rest.len() / w * w]
+        .iter()
+        .skip(order.rank as usize)
+        .step_by(w)
+        .copied()
+        .collect()
+}
+
+#[tokio::test]
+async fn offset_resumes_an_epoch_in_another_world_size() {
+    let srv = TestServer::start(sample()).await;
+    let mut c = srv.client().await;
+    for shuffle in [true, false] {
+        let order = |rank, world_size, offset| proto::Order {
+            shuffle,
+            seed: 21,
+            epoch: 4,
+            rank,
+            world_size,
+            drop_last: false,
+            offset,
+        };
+        let mut seen = vec![0u32; 3000];
+        // World 4: 3 minibatches of 128 on every rank, then a checkpoint.
+        for rank in 0..4 {
+            let mut r = BatchRequest::new("train", 0, 128);
+            r.order = order(rank, 4, 0);
+            r.count = 3;
+            r.with_indices = true;
+            let s = c.stream_batches(&r).await.unwrap();
+            let got: Vec<_> = s.map(|b| b.unwrap()).collect().await;
+            assert_eq!(got.len(), 3);
+            for b in &got {
+                indices(b).iter().for_each(|&i| seen[i] += 1);
+            }
+        }
+        // World 5 resumes at offset 3*128*4 = 1536: 1464 positions left,
+        // 1460 in shards of 292, the last 4 left out.
+        let offset = 3 * 128 * 4;
+        for rank in 0..5 {
+            let o = order(rank, 5, offset);
+            let e = epoch(&mut c, "train", 100, o, 0).await;
+            assert_eq!(e.len(), 3, "292 examples in minibatches of 100");
+            let idx: Vec<usize> = e.iter().flat_map(indices).collect();
+            assert_eq!(idx, shard_after(3000, o), "rank {rank}");
+            for b in &e {
+                assert_eq!(b.x.data, rows(&srv.dataset, "train", "x", &indices(b)));
+                assert_eq!(b.y.data, rows(&srv.dataset, "train", "y", &indices(b)));
+            }
+            idx.iter().for_each(|&i| seen[i] += 1);
+            // GetBatch agrees with the stream.
+            let mut r = BatchRequest::new("train", 2, 100);
+            r.order = o;
+            assert_eq!(c.get_batch(&r).await.unwrap().x, e[2].x);
+        }
+        let full = shard_after(3000, order(0, 1, 0));
+        let counts: Vec<u32> = full.iter().map(|&i| seen[i]).collect();
+        assert!(counts[..2996].iter().all(|&k| k == 1), "{shuffle}");
+        assert_eq!(counts[2996..], [0, 0, 0, 0], "the remainder's tail");
+    }
+    // Unshuffled and unsharded: the tutorial's rule shifted by offset.
+    let o = proto::Order {
+        offset: 2950,
+        ..Default::default()
+    };
+    let e = epoch(&mut c, "train", 20, o, 0).await;
+    let lens: Vec<usize> = e.iter().map(|b| indices(b).len()).collect();
+    assert_eq!(lens, [20, 20, 10]);
+    assert_eq!(indices(&e[0])[0], 2950);
+    assert_eq!(
+        e[2].x.data,
+        rows(
+            &srv.dataset,
+            "train",
+            "x",
+            &(2990..3000).collect::<Vec<_>>()
+        )
+    );
+}
+
+/// The error a refused StreamBatches ends with (at the call, or as the
+/// stream's first item).
+async fn stream_error(c: &mut Client, r: &BatchRequest) -> minibatchd::client::ClientError {
+    match c.stream_batches(r).await {
+        Err(e) => e,
+        Ok(s) => {
+            let first: Vec<_> = s.take(1).collect().await;
+            match first.into_iter().next() {
+                Some(Err(e)) => e,
+                _ => panic!("the stream was not refused"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn offset_at_and_past_the_end() {
+    let srv = TestServer::start(sample()).await;
+    let mut c = srv.client().await;
+    let order = |offset| proto::Order {
+        shuffle: true,
+        world_size: 2,
+        rank: 1,
+        offset,
+        ..Default::default()
+    };
+    // At the end (or a remainder shorter than the world): the epoch is
+    // finished, an empty stream from start 0.
+    for offset in [3000, 2999] {
+        assert!(epoch(&mut c, "train", 10, order(offset), 0)
+            .await
+            .is_empty());
+        let mut r = BatchRequest::new("train", 1, 10);
+        r.order = order(offset);
+        let e = stream_error(&mut c, &r).await;
+        assert_eq!(code(e), Code::OutOfRange, "start 1 of an empty order");
+        r.index = 0;
+        assert_eq!(code(c.get_batch(&r).await.unwrap_err()), Code::OutOfRange);
+    }
+    // Past the end: INVALID_ARGUMENT, naming offset and n.
+    for offset in [3001, u64::MAX] {
+        let mut r = BatchRequest::new("train", 0, 10);
+        r.order = order(offset);
+        let e = c.get_batch(&r).await.unwrap_err();
+        let minibatchd::client::ClientError::Status(st) = e else {
+            panic!("expected a status, got {e}")
+        };
+        assert_eq!(st.code(), Code::InvalidArgument);
+        assert!(
+            st.message().contains(&format!("offset {offset}"))
+                && st.message().contains("3000 examples"),
+            "{}",
+            st.message()
+        );
+        let e = stream_error(&mut c, &r).await;
+        assert_eq!(code(e), Code::InvalidArgument);
+    }
 }
 
 #[tokio::test]

@@ -306,6 +306,10 @@ pub struct GetArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 0)]
     pub epoch: u64,
+    /// Positions of the epoch's order already consumed by all ranks
+    /// together (elastic resume, README "Order").
+    #[arg(long, default_value_t = 0)]
+    pub offset: u64,
     #[arg(long, default_value_t = 0)]
     pub rank: u32,
     #[arg(long, default_value_t = 0)]

@@ -211,6 +211,10 @@ EPOCHS = [
     dict(shuffle=True, seed=3, epoch=5, rank=2, world_size=4, drop_last=True),
     dict(rank=0, world_size=2, drop_last=True),
     dict(shuffle=True, seed=9, start=2, count=3),
+    # Elastic resume (README "Order"): the order cut to [offset, n) before sharding.
+    dict(shuffle=True, seed=5, epoch=1, rank=2, world_size=3, offset=1234),
+    dict(shuffle=True, seed=6, epoch=4, rank=1, world_size=2, offset=777, drop_last=True, start=1),
+    dict(offset=2950),
 ]
 
 
@@ -233,7 +237,7 @@ def test_epoch_equals_stream_batches(uds, tcp, sample, kw, size):
             assert np.array_equal(x, sx[idx]) and np.array_equal(y, sy[idx])
             assert x.flags.writeable and x.flags.aligned and x.flags.c_contiguous
         assert len(got) == (a.num_batches("train", size, world_size=kw.get("world_size", 0),
-                                          drop_last=kw.get("drop_last", False)) - start
+                                          drop_last=kw.get("drop_last", False), offset=kw.get("offset", 0)) - start
                             if "count" not in kw else kw["count"])
 
 
@@ -244,6 +248,8 @@ def test_epoch_equals_stream_batches(uds, tcp, sample, kw, size):
     (("epoch", "train", 10, dict(rank=2, world_size=2)), mc.InvalidArgument, "rank 2"),
     (("epoch", "test", 10, dict(world_size=1001)), mc.InvalidArgument, "world_size 1001"),
     (("epoch", "train", 500, dict(start=6)), mc.OutOfRange, "past the end"),
+    (("epoch", "train", 10, dict(shuffle=True, offset=3001)), mc.InvalidArgument, "offset 3001 .*3000 examples"),
+    (("epoch", "train", 10, dict(offset=3000, start=1)), mc.OutOfRange, "past the end"),
 ])
 def test_bad_requests_fail_as_over_grpc(uds, tcp, call, exc, words):
     """The same exception class and key words as the gRPC client gets from the daemon."""

@@ -368,6 +368,68 @@ def test_splitmix64_and_permutation_reference_values():
         assert mc.permutation(n, seed, epoch).tolist() == q
 
 
+def test_offset_reference_values():
+    """The order with an offset (README "Order", elastic resume): the same
+    literals as src/order.rs offset_cuts_the_order_before_sharding."""
+    assert mc.permutation(10, 7, 1).tolist() == [6, 4, 5, 7, 2, 0, 1, 3, 8, 9]
+    kw = dict(shuffle=True, seed=7, epoch=1, world_size=2, offset=3)
+    # offset 3 leaves [7, 2, 0, 1, 3, 8, 9], cut to 6 for 2 ranks (9 left out)
+    assert mc.num_batches(10, 2, world_size=2, offset=3) == 2
+    assert [mc.batch_indices(10, 2, i, rank=0, **kw).tolist() for i in range(2)] == [[7, 0], [3]]
+    assert [mc.batch_indices(10, 2, i, rank=1, **kw).tolist() for i in range(2)] == [[2, 1], [8]]
+    assert mc.num_batches(10, 2, world_size=2, offset=3, drop_last=True) == 1
+    assert mc.batch_indices(10, 2, 0, rank=1, drop_last=True, **kw).tolist() == [2, 1]
+    with pytest.raises(IndexError):
+        mc.batch_indices(10, 2, 1, rank=1, drop_last=True, **kw)
+    # Unshuffled: positions are examples.
+    assert mc.epoch_order(10, rank=0, world_size=2, offset=3).tolist() == [3, 5, 7]
+    assert mc.epoch_order(10, rank=1, world_size=2, offset=3).tolist() == [4, 6, 8]
+    assert [mc.batch_indices(10, 4, i, offset=3).tolist() for i in range(2)] == [[3, 4, 5, 6], [7, 8, 9]]
+    # Shuffled, unsharded: the permutation's tail.
+    assert [mc.batch_indices(10, 4, i, shuffle=True, seed=7, epoch=1, offset=3).tolist()
+            for i in range(2)] == [[7, 2, 0, 1], [3, 8, 9]]
+    # At the end, or a remainder shorter than the world: an empty order.
+    assert mc.num_batches(10, 3, offset=10) == 0 and mc.epoch_order(10, shuffle=True, offset=10).size == 0
+    assert mc.num_batches(10, 3, world_size=3, offset=8) == 0
+    assert mc.epoch_order(10, rank=2, world_size=3, offset=8).size == 0
+    # The world-size check stays on n; past the end is an error naming offset and n.
+    with pytest.raises(ValueError, match="world_size 11"):
+        mc.epoch_order(10, world_size=11, offset=5)
+    with pytest.raises(ValueError, match="offset 11 .*10 examples"):
+        mc.num_batches(10, 3, offset=11)
+    with pytest.raises(ValueError, match="offset 11"):
+        mc.epoch_order(10, offset=11)
+    assert mc.resume_offset(3, 2, 5, 4) == 43 and mc.resume_offset(0, 7, 10) == 70
+
+
+def test_offset_zero_and_elastic_resume_in_python():
+    """offset 0 is the order without it; a world of w consuming k whole
+    minibatches of s then a world of w' at resume_offset delivers every
+    position once but the last (n - offset') % w'."""
+    rng = np.random.default_rng(14)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        shuffle = bool(rng.integers(2))
+        w, w2 = int(rng.integers(1, min(n, 6) + 1)), int(rng.integers(1, min(n, 6) + 1))
+        s, s2 = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        offset = int(rng.integers(0, n + 1))
+        kw = dict(shuffle=shuffle, seed=3, epoch=1)
+        order = mc.epoch_order(n, **kw)
+        for r in range(w):
+            assert np.array_equal(mc.epoch_order(n, rank=r, world_size=w, offset=0, **kw),
+                                  mc.epoch_order(n, rank=r, world_size=w, **kw))
+        k = int(rng.integers(0, (n - offset) // w // s + 1))
+        first = np.concatenate([mc.epoch_order(n, rank=r, world_size=w, offset=offset, **kw)[:k * s]
+                                for r in range(w)])
+        resumed = mc.resume_offset(offset, k, s, w)
+        assert sorted(first.tolist()) == sorted(order[offset:resumed].tolist())
+        rest = [mc.batch_indices(n, s2, i, rank=r, world_size=w2, offset=resumed, **kw)
+                for r in range(w2) for i in range(mc.num_batches(n, s2, world_size=w2, offset=resumed))]
+        seen = np.concatenate([order[:resumed], *rest]).astype(np.int64)
+        left_out = (n - resumed) % w2
+        assert sorted(seen.tolist()) == sorted(order[:n - left_out].tolist()), (n, w, s, offset, k, w2)
+
+
 # --- against one daemon -------------------------------------------------------------
 
 def test_info(client):
@@ -511,6 +573,120 @@ def test_permutation_matches_server(client):
             assert np.array_equal(idx, mc.batch_indices(3000, 100, index, **kw)), (kw, index)
     got = np.concatenate([b[2] for b in client.epoch("test", 250, shuffle=True, seed=9, epoch=4, with_indices=True)])
     assert np.array_equal(got, mc.permutation(1000, 9, 4))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "grpcio"])
+def test_epoch_with_offset_matches_the_order(server, sample, native):
+    """Client.epoch / get_batch / num_batches with offset= against order.py,
+    on both transports (each checks the stream against its own expectation
+    of the offset order)."""
+    from minibatch_client import transport
+
+    if native and transport.native is None:
+        pytest.skip("minibatch-client-native is not installed (scripts/test.sh installs it and requires it)")
+    sx, sy = sample["train"]
+    with mc.Client(server, timeout=30, native=native) as c:
+        for kw in [dict(shuffle=True, seed=7, epoch=3, rank=1, world_size=4, offset=1234),
+                   dict(shuffle=True, seed=2, epoch=0, offset=2999),
+                   dict(rank=2, world_size=3, offset=10, drop_last=True),
+                   dict(offset=2950)]:
+            okw = {k: v for k, v in kw.items() if k != "drop_last"}
+            order = mc.epoch_order(3000, **okw)
+            got = list(c.epoch("train", 100, with_indices=True, **kw))
+            nb = c.num_batches("train", 100, world_size=kw.get("world_size", 0), drop_last=kw.get("drop_last", False),
+                               offset=kw["offset"])
+            assert len(got) == nb == mc.num_batches(3000, 100, world_size=kw.get("world_size", 0),
+                                                    drop_last=kw.get("drop_last", False), offset=kw["offset"])
+            idx = np.concatenate([b[2] for b in got])
+            assert np.array_equal(idx, order[:len(idx)]), kw
+            for i, (x, y, bi) in enumerate(got):
+                assert np.array_equal(bi, mc.batch_indices(3000, 100, i, **kw))
+                assert np.array_equal(x, sx[bi]) and np.array_equal(y, sy[bi])
+            x, y, bi = c.get_batch("train", nb - 1, 100, with_indices=True, **kw)
+            assert np.array_equal(bi, got[-1][2]) and np.array_equal(x, got[-1][0])
+            tail = list(c.epoch("train", 100, with_indices=True, start=nb - 1, **kw))
+            assert len(tail) == 1 and np.array_equal(tail[0][2], got[-1][2])
+        # The epoch is finished: no minibatches from start 0, and start 1 is past the end.
+        assert list(c.epoch("train", 100, shuffle=True, offset=3000)) == []
+        assert list(c.epoch("train", 100, world_size=3, rank=2, offset=2998)) == []
+        assert c.num_batches("train", 100, offset=3000) == 0
+        with pytest.raises(mc.OutOfRange):
+            list(c.epoch("train", 100, offset=3000, start=1))
+        # Past the end: INVALID_ARGUMENT naming offset and n.
+        for call in [lambda: c.get_batch("train", 0, 100, offset=3001),
+                     lambda: list(c.epoch("train", 100, shuffle=True, rank=1, world_size=2, offset=3001))]:
+            with pytest.raises(mc.InvalidArgument, match="offset 3001 .*3000 examples"):
+                call()
+        with pytest.raises(ValueError, match="offset 3001"):
+            c.num_batches("train", 100, offset=3001)
+
+
+def test_elastic_resume_through_the_server(client, sample):
+    """World size 4 takes 2 minibatches of 100 on every rank, then world size
+    3 resumes at offset 800: every example of the epoch once, but the last
+    (3000 - 800) % 3 = 1 position of the order."""
+    for shuffle in [True, False]:
+        kw = dict(shuffle=shuffle, seed=5, epoch=9)
+        seen = []
+        for rank in range(4):
+            seen += [b[2] for b in client.epoch("train", 100, rank=rank, world_size=4, count=2, with_indices=True,
+                                                **kw)]
+        offset = mc.resume_offset(0, 2, 100, 4)
+        assert offset == 800
+        for rank in range(3):
+            seen += [b[2] for b in client.epoch("train", 64, rank=rank, world_size=3, offset=offset,
+                                                with_indices=True, **kw)]
+        got = np.sort(np.concatenate(seen))
+        order = mc.epoch_order(3000, **kw)
+        assert np.array_equal(got, np.sort(order[:2999])), shuffle
+
+
+class _BreakingTransport:
+    """A transport whose first StreamBatches call fails with UNAVAILABLE after
+    `after` minibatches; it records every StreamBatches request."""
+
+    def __init__(self, inner, after: int, log: list):
+        self._inner, self._after, self._log = inner, after, log
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def stream_batches(self, req, expected, timeout):
+        self._log.append((req.start, req.count, req.order.offset))
+        call = self._inner.stream_batches(req, expected, timeout)
+        if len(self._log) > 1:
+            return call
+        after = self._after
+
+        class Broken:
+            def __iter__(self):
+                for i, b in enumerate(call):
+                    if i == after:
+                        raise mc.Unavailable("the stream broke (test)", address="test")
+                    yield b
+
+            def cancel(self):
+                call.cancel()
+
+        return Broken()
+
+
+def test_epoch_failover_keeps_the_offset(server, sample):
+    """A stream that fails mid-epoch resumes on the next server with the same
+    order, offset included, from the next minibatch."""
+    kw = dict(shuffle=True, seed=4, epoch=2, rank=1, world_size=2, offset=777)
+    with mc.Client([server, server], timeout=30) as c:
+        log: list = []
+        for r in c._replicas:
+            r.transport = _BreakingTransport(r.transport, 3, log)
+        with c.epoch("train", 50, with_indices=True, **kw) as it:
+            got = [b[2] for b in it]
+            failovers = list(it.failovers)
+    assert len(failovers) == 1 and failovers[0].next_index == 3
+    assert log == [(0, 0, 777), (3, 0, 777)]
+    n = mc.num_batches(3000, 50, world_size=2, offset=777)
+    assert len(got) == n == 23
+    assert np.array_equal(np.concatenate(got), mc.epoch_order(3000, **kw))
 
 
 def _prefetch_threads() -> int:

@@ -30,7 +30,7 @@ from .errors import (
     Unavailable,
 )
 from .info import DatasetInfo, Limits, SetInfo, TensorInfo
-from .order import SplitMix64, batch_indices, epoch_order, num_batches, permutation
+from .order import SplitMix64, batch_indices, epoch_order, num_batches, permutation, resume_offset
 from .transport import DEFAULT_OPTIONS, MAX_RECEIVE_MESSAGE_BYTES, SINGLE_THREADED
 
 __version__ = "0.1.0"
@@ -40,5 +40,5 @@ __all__ = [
     "MAX_RECEIVE_MESSAGE_BYTES",
     "MinibatchError", "NotFound", "OutOfRange", "InvalidArgument", "FailedPrecondition", "Unavailable",
     "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ResourceExhausted", "ChecksumError", "ProtocolError", "InsecureTokenWarning",
-    "permutation", "batch_indices", "epoch_order", "num_batches", "SplitMix64", "decode_x",
+    "permutation", "batch_indices", "epoch_order", "num_batches", "resume_offset", "SplitMix64", "decode_x",
 ]

@@ -274,7 +274,7 @@ class Attachment:
       tutorial's rule, examples [index*size, min((index+1)*size, n)), as
       zero-copy read-only numpy views of the shared memory.
     - `epoch(set, size, shuffle=, seed=, epoch=, rank=, world_size=,
-      drop_last=)`: the documented order (README "Order"), each minibatch
+      drop_last=, offset=)`: the documented order (README "Order"), each minibatch
       gathered into fresh writable arrays; bit for bit what Client.epoch()
       gets over gRPC.
     - `fingerprint`, `generation` (differs for every daemon start),
@@ -530,23 +530,26 @@ class Attachment:
             x = _decode(x, s.x)
         return x, self._view(s.y, start, stop)
 
-    def num_batches(self, set: str, size: int, *, world_size: int = 0, drop_last: bool = False) -> int:
-        """Minibatches of `size` in one epoch of `set` (per rank when sharded)."""
+    def num_batches(self, set: str, size: int, *, world_size: int = 0, drop_last: bool = False,
+                    offset: int = 0) -> int:
+        """Minibatches of `size` in one epoch of `set` (per rank when sharded;
+        of the positions [offset, n) of the epoch's order with `offset`)."""
         s = self._set(set)
-        _check_order(s.examples, size, 0, world_size, self.address)
-        return _order.num_batches(s.examples, size, world_size=world_size, drop_last=drop_last)
+        _check_order(s.examples, size, 0, world_size, self.address, offset)
+        return _order.num_batches(s.examples, size, world_size=world_size, drop_last=drop_last, offset=offset)
 
     def epoch(self, set: str, size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
-              world_size: int = 0, drop_last: bool = False, start: int = 0, count: int = 0,
+              world_size: int = 0, drop_last: bool = False, offset: int = 0, start: int = 0, count: int = 0,
               decode: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Minibatches start, start+1, ... (`count` of them, 0 = to the end)
-        of one epoch in the documented order (README "Order"), each (x, y)
-        gathered into fresh writable arrays: the same minibatches, bit for
-        bit, as Client.epoch() with the same arguments."""
+        of one epoch in the documented order (README "Order"; `offset`:
+        resumed after positions [0, offset) of it), each (x, y) gathered into
+        fresh writable arrays: the same minibatches, bit for bit, as
+        Client.epoch() with the same arguments."""
         s = self._set(set)
-        size = int(size)
-        _check_order(s.examples, size, rank, world_size, self.address)
-        nb = _order.num_batches(s.examples, size, world_size=world_size, drop_last=drop_last)
+        size, offset = int(size), int(offset)
+        _check_order(s.examples, size, rank, world_size, self.address, offset)
+        nb = _order.num_batches(s.examples, size, world_size=world_size, drop_last=drop_last, offset=offset)
         start, count = int(start), int(count)
         if start < 0 or count < 0:
             raise InvalidArgument("start and count must not be negative", address=self.address)
@@ -554,7 +557,7 @@ class Attachment:
             raise OutOfRange(f"start {start} is past the end: this order has {nb} minibatches", address=self.address)
         stop = nb if count == 0 else min(nb, start + count)
         order = _order.epoch_order(s.examples, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-                                   world_size=world_size)
+                                   world_size=world_size, offset=offset)
         return _gather(self._rows(s.x), self._rows(s.y), order, size, start, stop, s.x if decode else None)
 
     def verify(self) -> bool:
@@ -598,7 +601,7 @@ def _check_size(size: int, address: str) -> None:
         raise InvalidArgument("size must be at least 1", address=address)
 
 
-def _check_order(n: int, size: int, rank: int, world_size: int, address: str) -> None:
+def _check_order(n: int, size: int, rank: int, world_size: int, address: str, offset: int = 0) -> None:
     """The server's checks of an order (src/order.rs), with its messages."""
     _check_size(int(size), address)
     w = max(int(world_size), 1)
@@ -607,6 +610,9 @@ def _check_order(n: int, size: int, rank: int, world_size: int, address: str) ->
     if w > max(n, 1):
         raise InvalidArgument(f"world_size {w} exceeds the {n} examples of the set: some shards would be empty",
                               address=address)
+    why = _order.offset_error(n, int(offset))
+    if why is not None:
+        raise InvalidArgument(why, address=address)
 
 
 def _map(fd: int, size: int) -> Union[mmap.mmap, bytes]:

@@ -280,15 +280,18 @@ class Client:
         self._info = info
         return info
 
-    def num_batches(self, set: str, size: int, *, world_size: int = 0, drop_last: bool = False) -> int:
-        """Minibatches of `size` in one epoch of `set` (per rank when sharded)."""
+    def num_batches(self, set: str, size: int, *, world_size: int = 0, drop_last: bool = False,
+                    offset: int = 0) -> int:
+        """Minibatches of `size` in one epoch of `set` (per rank when sharded;
+        of the positions [offset, n) of the epoch's order with `offset`)."""
         if self._info is None:
             self.info()
         assert self._info is not None
         if set not in self._info.sets:
             raise NotFound(f"unknown set {set!r}; this dataset has {', '.join(self._info.sets)}",
                            address=self._info.address)
-        return _order.num_batches(self._info.sets[set].examples, size, world_size=world_size, drop_last=drop_last)
+        return _order.num_batches(self._info.sets[set].examples, size, world_size=world_size, drop_last=drop_last,
+                                  offset=offset)
 
     def health(self) -> dict[str, bool]:
         """grpc.health.v1 check of the BatchService on every address: True when SERVING."""
@@ -304,10 +307,14 @@ class Client:
         return out
 
     def get_batch(self, set: str, index: int, size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                  rank: int = 0, world_size: int = 0, drop_last: bool = False, x_dtype=None, y_dtype=None,
-                  with_indices: bool = False, decode: bool = False):
+                  rank: int = 0, world_size: int = 0, drop_last: bool = False, offset: int = 0, x_dtype=None,
+                  y_dtype=None, with_indices: bool = False, decode: bool = False):
         """Minibatch `index` of `size` examples of `set`: (x, y), or
         (x, y, indices) with with_indices=True.
+
+        The order (README "Order"): shuffle/seed/epoch, sharded by
+        rank/world_size, from position `offset` of the epoch's order (the
+        positions all ranks together consumed before: elastic resume).
 
         x has the wire dtype: as stored (float32 for MNIST) unless x_dtype asks
         for "uint8", "float16", "bfloat16" (raw bits as uint16) or "float32".
@@ -316,7 +323,7 @@ class Client:
         Arrays are writable, C-contiguous and little-endian.
         """
         req = pb.GetBatchRequest(set=set, index=int(index), size=int(size),
-                                 order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last),
+                                 order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last, offset),
                                  x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
                                  with_indices=bool(with_indices), max_chunk_bytes=self._chunk_bytes)
         b = self._failover(
@@ -324,11 +331,18 @@ class Client:
         return b.arrays(decode, with_indices)
 
     def epoch(self, set: str, size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
-              world_size: int = 0, drop_last: bool = False, start: int = 0, count: int = 0, x_dtype=None,
-              y_dtype=None, with_indices: bool = False, decode: bool = False, prefetch: int = 2) -> "EpochIterator":
+              world_size: int = 0, drop_last: bool = False, offset: int = 0, start: int = 0, count: int = 0,
+              x_dtype=None, y_dtype=None, with_indices: bool = False, decode: bool = False,
+              prefetch: int = 2) -> "EpochIterator":
         """Iterates over the minibatches start, start+1, ... of one epoch
         (`count` of them; 0 = to the end) with one StreamBatches call, yielding
         (x, y) or (x, y, indices) as get_batch does.
+
+        `offset` resumes the epoch after positions [0, offset) of its order
+        were consumed by all ranks together, possibly in another world size
+        (README "Order": after k whole minibatches of `size` on every rank of
+        a world of w, resume at offset + k*size*w; see order.resume_offset).
+        `start` counts minibatches of this (offset) order.
 
         A background thread keeps up to `prefetch` minibatches ready
         (0: fetch on the caller's thread). If the server fails mid-epoch, the
@@ -336,7 +350,8 @@ class Client:
         Use it as a context manager, or call close(), to stop early.
         """
         req = pb.StreamBatchesRequest(set=set, size=int(size),
-                                      order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last),
+                                      order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last,
+                                                       offset),
                                       x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
                                       with_indices=bool(with_indices), max_chunk_bytes=self._chunk_bytes)
         return EpochIterator(self, req, int(start), int(count), int(prefetch), bool(decode), bool(with_indices))
@@ -370,6 +385,6 @@ class Client:
                           address=",".join(sockets))
 
 
-def _order_msg(shuffle, seed, epoch, rank, world_size, drop_last) -> pb.Order:
+def _order_msg(shuffle, seed, epoch, rank, world_size, drop_last, offset=0) -> pb.Order:
     return pb.Order(shuffle=bool(shuffle), seed=int(seed), epoch=int(epoch), rank=int(rank),
-                    world_size=int(world_size), drop_last=bool(drop_last))
+                    world_size=int(world_size), drop_last=bool(drop_last), offset=int(offset))

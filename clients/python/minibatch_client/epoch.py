@@ -58,7 +58,9 @@ class _Stream:
         self.queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
 
     def batches(self) -> Iterator[Batch]:
-        """Minibatches from position on, moving to the next server on failure."""
+        """Minibatches from position on, moving to the next server on failure
+        (with the same order, its offset included: positions count
+        minibatches of that order)."""
         client = self.client
         replicas = client._replicas
         n = len(replicas)

@@ -9,8 +9,8 @@ make a client allocate 2**40 bytes (numpy's MemoryError, outside the
 client's errors) or stream to it without end. So no number a server sends
 is used before it is checked against what the client already knows:
 
-- the request: the set, the minibatch size, the order (shard and
-  drop_last), the wire dtypes asked for, whether indices were asked for,
+- the request: the set, the minibatch size, the order (shard, offset
+  and drop_last), the wire dtypes asked for, whether indices were asked for,
   and for StreamBatches `start` and `count`;
 - the server's GetInfo, read once per server before its first minibatch
   (Client._described): the examples in the set, the shape of one example
@@ -109,10 +109,10 @@ class Expected:
         if s is not None:
             try:
                 available = order.num_batches(s.examples, req.size, world_size=o.world_size,
-                                              drop_last=o.drop_last) - first
-            except ValueError:  # size 0, or more ranks than examples
+                                              drop_last=o.drop_last, offset=o.offset) - first
+            except ValueError:  # size 0, more ranks than examples, or offset past the end
                 pass
-            self._shard = order.shard_len(s.examples, world_size=o.world_size)
+            self._shard = order.shard_len(s.examples, world_size=o.world_size, offset=min(o.offset, s.examples))
         available = max(available, 0)
         #: examples per minibatch; minibatch i has min(size, shard - i * size)
         self._size = req.size

@@ -188,10 +188,13 @@ impl Expect {
         let max = known.max_example_bytes;
         let shard_len = set.map(|s| {
             let world = r.order.map_or(1, |o| o.world_size.max(1)) as u64;
+            // The order left after `offset` consumed positions (an offset
+            // past the end is refused by the server: nothing to expect).
+            let rest = s.examples.saturating_sub(r.order.map_or(0, |o| o.offset));
             if world > 1 {
-                s.examples / world
+                rest / world
             } else {
-                s.examples
+                rest
             }
         });
         Self {
@@ -344,6 +347,30 @@ mod tests {
         assert_eq!(e.rows(4), (100, true));
         let s = proto::StreamBatchesRequest { count: 10, ..s };
         assert_eq!(Expect::stream_batches(&s, known).max_batches, Some(3));
+        // An offset cuts the order before sharding: (1003 - 4) / 2 = 499
+        // examples per rank, 4 whole minibatches; at or past the end, none.
+        let at = |offset| proto::StreamBatchesRequest {
+            start: 0,
+            count: 0,
+            order: Some(proto::Order { offset, ..order }),
+            ..s.clone()
+        };
+        let e = Expect::stream_batches(&at(4), known);
+        assert_eq!((e.epoch_batches(), e.max_batches), (Some(4), Some(4)));
+        assert_eq!(e.rows(3), (100, true));
+        for offset in [1003, 1004, u64::MAX] {
+            let e = Expect::stream_batches(&at(offset), known);
+            assert_eq!((e.epoch_batches(), e.max_batches), (Some(0), Some(0)));
+        }
+        let unsharded = proto::StreamBatchesRequest {
+            order: Some(proto::Order {
+                offset: 3,
+                ..Default::default()
+            }),
+            ..at(0)
+        };
+        let e = Expect::stream_batches(&unsharded, known);
+        assert_eq!(e.epoch_batches(), Some(10));
         let other = proto::GetBatchRequest {
             set: "nope".into(),
             ..g

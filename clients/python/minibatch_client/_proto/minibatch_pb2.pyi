@@ -101,20 +101,22 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class Order(_message.Message):
-    __slots__ = ("shuffle", "seed", "epoch", "rank", "world_size", "drop_last")
+    __slots__ = ("shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "offset")
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     DROP_LAST_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     shuffle: bool
     seed: int
     epoch: int
     rank: int
     world_size: int
     drop_last: bool
-    def __init__(self, shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ...) -> None: ...
+    offset: int
+    def __init__(self, shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
     __slots__ = ("set", "index", "size", "order", "x_dtype", "y_dtype", "with_indices", "max_chunk_bytes")
