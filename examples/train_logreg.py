@@ -3,8 +3,10 @@
 tutorial (logistic_sgd.py), in numpy, with every minibatch from minibatchd.
 
     # a daemon with the bundled sample (or --data mnist.pkl.gz):
-    target/debug/minibatchd serve --addr 127.0.0.1:50051 &
+    target/debug/minibatchd serve --addr 127.0.0.1:50051 --uds /tmp/minibatchd.sock &
     python examples/train_logreg.py --server 127.0.0.1:50051
+    # the same host: map the daemon's own copy of the dataset (README "Attach"):
+    python examples/train_logreg.py --attach /tmp/minibatchd.sock
     # the same training on arrays loaded here, for comparison:
     python examples/train_logreg.py --local data/mnist-sample.pkl.gz
 
@@ -22,6 +24,12 @@ The math is float32 throughout and the minibatches come in the same order
 either way, so --server and --local end with bit-identical weights
 (tests/python/test_client.py checks it). --shuffle uses the server's
 documented order (minibatch_client.permutation), locally too.
+
+--attach SOCKET maps the dataset the daemon holds (`serve --uds SOCKET`, same
+host or a container sharing the socket's volume): no copy of it in this
+process, in-order minibatches are read-only views of the daemon's memory,
+shuffled ones are gathered here in the same documented order. It checks the
+sha256 of every tensor first (Attachment.verify()).
 """
 from __future__ import annotations
 
@@ -87,6 +95,33 @@ class ServerData:
         with self.client.epoch(name, size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=True,
                                x_dtype=self.x_dtype, decode=True, prefetch=self.prefetch) as it:
             yield from it
+
+
+class AttachedData:
+    """Minibatches mapped from the daemon's own memory: attach over its Unix
+    socket (same host; deploy/docker-compose.yml shares it through a volume)."""
+
+    def __init__(self, socket_path: str, x_dtype: str | None, token: str | None):
+        target = socket_path if socket_path.startswith("unix:") else "unix://" + os.path.abspath(socket_path)
+        self.client = minibatch_client.Client(target, token=token)
+        # x_dtype="uint8": the daemon's uint8 mirror of x, decoded here to
+        # the exact float32 (as --server --x-dtype uint8 does).
+        self.attachment = self.client.attach(x_dtype=x_dtype)
+        self.decode = x_dtype is not None
+        self.attachment.verify()  # sha256 of every tensor, against the daemon's
+
+    def examples(self, name: str) -> int:
+        return self.attachment.sets[name].examples
+
+    def minibatches(self, name: str, size: int, shuffle: bool, seed: int, epoch: int):
+        a = self.attachment
+        if not shuffle:
+            # In file order a minibatch is a slice: read-only views, no copy.
+            for i in range(self.examples(name) // size):  # whole minibatches, as the tutorial
+                yield a.batch(name, i, size, decode=self.decode)
+        else:
+            yield from a.epoch(name, size, shuffle=True, seed=seed, epoch=epoch, drop_last=True,
+                               decode=self.decode)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -184,6 +219,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", help="minibatchd address(es), comma-separated for replicas")
+    src.add_argument("--attach", metavar="SOCKET",
+                     help="map the dataset of the daemon serving on this Unix socket (serve --uds; same host)")
     src.add_argument("--local", metavar="PATH", help="train on mnist.pkl.gz-style arrays loaded here")
     ap.add_argument("--epochs", type=int, default=20, help="at most this many epochs (tutorial: 1000)")
     ap.add_argument("--batch-size", type=int, default=600)
@@ -192,13 +229,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shuffle", action="store_true", help="reshuffle the train set every epoch (server order)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--x-dtype", choices=["float32", "uint8", "float16", "bfloat16"],
-                    help="--server only: wire dtype of x (decoded to the exact float32 here)")
+                    help="--server: wire dtype of x; --attach: uint8 only, the daemon's uint8 mirror "
+                         "(decoded to the exact float32 here)")
     ap.add_argument("--prefetch", type=int, default=2, help="--server only: minibatches fetched ahead")
     env = os.environ.get
     ap.add_argument("--token", default=env("MINIBATCHD_TOKEN"),
-                    help="--server only: bearer token, if the server asks for one (env MINIBATCHD_TOKEN)")
+                    help="--server, --attach: bearer token, if the server asks for one (env MINIBATCHD_TOKEN)")
     ap.add_argument("--token-file", default=env("MINIBATCHD_TOKEN_FILE"),
-                    help="--server only: read the bearer token from this file (env MINIBATCHD_TOKEN_FILE)")
+                    help="--server, --attach: read the bearer token from this file (env MINIBATCHD_TOKEN_FILE)")
     ap.add_argument("--tls-ca", default=env("MINIBATCHD_TLS_CA"),
                     help="--server only: PEM CA of the server's certificate; turns TLS on (env MINIBATCHD_TLS_CA)")
     ap.add_argument("--tls-client-cert", default=env("MINIBATCHD_TLS_CLIENT_CERT"),
@@ -211,18 +249,27 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     if a.local and a.x_dtype:
-        ap.error("--x-dtype applies to --server only")
+        ap.error("--x-dtype applies to --server and --attach only")
+    if a.attach and a.x_dtype not in (None, "float32", "uint8"):
+        ap.error("--attach maps what the daemon holds: x as stored, or its uint8 mirror (--x-dtype uint8)")
     if a.token_file:
         with open(a.token_file) as f:
             a.token = f.read().strip()
     if a.local:
         data = LocalData(a.local)
+    elif a.attach:
+        data = AttachedData(a.attach, "uint8" if a.x_dtype == "uint8" else None, a.token)
     else:
         data = ServerData(a.server.split(","), a.x_dtype, a.prefetch, token=a.token, tls_ca=a.tls_ca,
                           tls_cert=a.tls_client_cert, tls_key=a.tls_client_key, tls_domain=a.tls_domain)
     log = (lambda *_: None) if a.quiet else print
     if isinstance(data, ServerData):
         log(f"... minibatches from {', '.join(data.client.addresses)} over the {data.client.transport} transport")
+    elif isinstance(data, AttachedData):
+        at = data.attachment
+        log(f"... attached to {at.address}: dataset {at.fingerprint[:16]}..., generation {at.generation}, "
+            f"sets {', '.join(f'{n} {s.examples}' for n, s in at.sets.items())}; "
+            f"verified (sha256 of every tensor); minibatches mapped from the daemon's memory")
     r = train(data, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate, patience=a.patience,
               shuffle=a.shuffle, seed=a.seed, log=log)
     if a.save:

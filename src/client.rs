@@ -31,6 +31,7 @@ use crate::proto;
 use crate::proto::batch_service_client::BatchServiceClient;
 use crate::store::DType;
 
+pub use crate::attach::client::{AttachError, AttachOptions, Attachment, View};
 pub use minibatch_client_core::{
     ClientError, Config, Tls, CONNECTION_WINDOW, DEFAULT_MAX_EXAMPLE_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES, MAX_FRAME_SIZE, STREAM_WINDOW, WHOLE_MESSAGES,
@@ -180,6 +181,17 @@ pub struct Client {
 }
 
 impl Client {
+    /// Attaches to the daemon whose Unix socket is `path`, on this host:
+    /// the dataset's memory mapped read-only, minibatches as zero-copy
+    /// slices (README "Attach"; [`crate::attach::client`]). Blocking: one
+    /// short exchange, then no I/O at all.
+    pub fn attach(
+        path: impl AsRef<std::path::Path>,
+        opts: &AttachOptions,
+    ) -> Result<Attachment, AttachError> {
+        Attachment::open(path, opts)
+    }
+
     /// Connects to `addr` (`http://host:port`, or bare `host:port`).
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
         Self::connect_with(addr, &ClientOptions::default()).await

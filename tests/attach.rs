@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{eventually, sample, TestServer, START_UP_TIMEOUT};
 use minibatchd::attach::client::{AttachError, AttachOptions, Attachment};
 use minibatchd::attach::{fds, header, MAGIC};
-use minibatchd::client::BatchRequest;
+use minibatchd::client::{BatchRequest, Client};
 use minibatchd::order::OrderSpec;
 use minibatchd::proto;
 use minibatchd::server::{ServerOptions, UdsOptions};
@@ -39,7 +39,7 @@ async fn attach(path: &Path, opts: AttachOptions) -> Result<Attachment, AttachEr
     let t0 = Instant::now();
     loop {
         let (p, o) = (path.clone(), opts.clone());
-        match tokio::task::spawn_blocking(move || Attachment::open(p, &o))
+        match tokio::task::spawn_blocking(move || Client::attach(p, &o))
             .await
             .unwrap()
         {

@@ -523,3 +523,40 @@ fn absurd_durations_and_message_sizes_are_refused_at_start_up() {
         assert!(err.contains(says), "{flag} {value}: {err}");
     }
 }
+
+/// A client whose runtime is not driven between calls (the Python client's
+/// native transport) cannot answer the server's keepalive pings, so the
+/// server closes its idle connection; its next call goes out again on a new
+/// connection instead of failing with "broken pipe".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_after_the_server_closed_an_idle_connection_succeeds() {
+    let opts = ServerOptions {
+        keepalive_interval: Duration::from_millis(300),
+        keepalive_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let s = TestServer::start_with(sample(), opts).await;
+    drop(s.client().await); // serving
+    let (addr, metrics) = (s.addr.to_string(), s.metrics.clone());
+    let open = move || metrics.conns.open.load(Ordering::Relaxed);
+    let r = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut c = rt.block_on(Client::connect(&addr)).unwrap();
+        let req = minibatchd::client::BatchRequest::new("train", 0, 10);
+        rt.block_on(c.get_batch(&req)).unwrap();
+        // The runtime sleeps with the thread: pings go unanswered.
+        let t0 = Instant::now();
+        while open() > 0 && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let closed = open() == 0;
+        (closed, rt.block_on(c.get_batch(&req)).map(|b| b.x.shape))
+    })
+    .await
+    .unwrap();
+    assert!(r.0, "the server closed the idle connection");
+    assert_eq!(r.1.unwrap(), vec![10, 784]);
+}

@@ -30,6 +30,21 @@
    restricts ingress to gRPC from pods labelled minibatchd-client: "true"
    and to metrics from a selected namespace (no rule without `from` or
    `ports`, no ipBlock), covers every Service port, and allows no egress.
+4. The attach variant, daemonset/ (a kustomize Component): an overlay with
+   deploy/k8s and the Component renders the DaemonSet, the Service and the
+   NetworkPolicy and no Deployment (emulated here; also built with
+   `kubectl kustomize` when kubectl is installed, and the two compared);
+   daemonset.yaml and trainer-job.yaml against the schemas (the DaemonSet
+   with tls-patch.yaml and open-patch.yaml applied too); the DaemonSet
+   meets the Deployment's requirements but the replica count, and its
+   access rules; its Unix socket (MINIBATCHD_UDS) lies in a writable
+   hostPath mount (DirectoryOrCreate) that uid 0 can write, mode without
+   access for others, a numeric group the daemon is in (so it may chgrp
+   the socket), maxSurge 0 (two daemons cannot share a socket); the
+   example trainer mounts the same hostPath read-only (type Directory),
+   attaches to the same socket file, has the group, runs non-root without
+   capabilities, has no hostIPC or /dev/shm volume, the DaemonSet's
+   nodeSelector, and the token from the Secret.
 
 Usage: python deploy/k8s/validate.py [--no-schema]
 Needs PyYAML and kubernetes-validate (both pinned in requirements-test.txt);
@@ -39,8 +54,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import posixpath
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -142,11 +162,13 @@ def env_of(c: dict) -> dict:
     return {e["name"]: e.get("value") for e in c.get("env", [])}
 
 
-def check_deployment(check: Checks, dep: dict, label: str, *, pinned: bool, tls: bool = False) -> None:
+def check_deployment(check: Checks, dep: dict, label: str, *, pinned: bool, tls: bool = False,
+                     replicas: int | None = 3) -> None:
     spec = dep["spec"]
     pod = spec["template"]["spec"]
     c = container(dep)
-    check(spec.get("replicas") == 3, f"{label}: replicas 3 (is {spec.get('replicas')})")
+    if replicas is not None:
+        check(spec.get("replicas") == replicas, f"{label}: replicas {replicas} (is {spec.get('replicas')})")
     sel = spec["selector"]["matchLabels"]
     labels = spec["template"]["metadata"]["labels"]
     check(all(labels.get(k) == v for k, v in sel.items()), f"{label}: selector matches the pod labels")
@@ -337,6 +359,212 @@ def check_network_policy(check: Checks, np: dict, dep: dict, svc: dict) -> None:
     check(sports <= set(allowed), f"{label}: every Service port ({sorted(sports)}) has an ingress rule")
 
 
+# --- the attach variant: deploy/k8s/daemonset ------------------------------------
+
+DS_DIR = "daemonset"
+# Patches of deployment.yaml that also make sense for the DaemonSet (the
+# non-root one does not: a non-root daemon cannot create its socket in the
+# root-owned hostPath directory the kubelet creates; README.md).
+DS_PATCHES = ("tls-patch.yaml", "open-patch.yaml")
+
+
+def kustomize_docs(path: Path) -> list[dict]:
+    """The objects a kustomization's `resources` list (files, or directories
+    with their own kustomization.yaml), as kustomize accumulates them."""
+    k = yaml.safe_load((path / "kustomization.yaml").read_text())
+    out = []
+    for r in k.get("resources", []):
+        target = (path / r).resolve()
+        if target.is_dir():
+            out += kustomize_docs(target)
+        else:
+            out += [d for d in yaml.safe_load_all(target.read_text()) if d]
+    return out
+
+
+def ident(d: dict) -> tuple[str, str]:
+    return d.get("kind", "?"), (d.get("metadata") or {}).get("name", "?")
+
+
+def render_overlay(component: dict) -> list[dict]:
+    """What `resources: [deploy/k8s]` + `components: [deploy/k8s/daemonset]`
+    gives: the base's objects, the Component's resources added, the objects
+    its `$patch: delete` patches name removed."""
+    docs = kustomize_docs(HERE)
+    docs += [d for r in component.get("resources", []) for d in yaml.safe_load_all((HERE / DS_DIR / r).read_text())
+             if d]
+    for p in component.get("patches", []):
+        body = yaml.safe_load(p["patch"]) if "patch" in p else load(posixpath.join(DS_DIR, p["path"]))
+        if isinstance(body, dict) and body.get("$patch") == "delete":
+            docs = [d for d in docs if ident(d) != ident(body)]
+    return docs
+
+
+def kubectl_kustomize() -> tuple[list[dict] | None, str]:
+    """The overlay built by `kubectl kustomize` in a scratch directory outside
+    deploy/k8s (kustomize refuses an overlay inside its base), or None and why."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        return None, "kubectl not installed"
+    with tempfile.TemporaryDirectory() as tmp:
+        rel = os.path.relpath(HERE, tmp)
+        Path(tmp, "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources:\n  - {rel}\ncomponents:\n  - {rel}/{DS_DIR}\n")
+        try:
+            r = subprocess.run([kubectl, "kustomize", tmp], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return None, f"kubectl kustomize did not run: {e}"
+    if r.returncode != 0:
+        return [], r.stderr.strip()[-500:]
+    return [d for d in yaml.safe_load_all(r.stdout) if d], ""
+
+
+def check_attach_daemonset(check: Checks, ds: dict, label: str) -> dict:
+    """The DaemonSet's Unix socket: where it is, who may connect. Returns
+    {path, dir, host_path, gid, node_selector} for the trainer's checks."""
+    pod = ds["spec"]["template"]["spec"]
+    psc = pod.get("securityContext", {})
+    c = container(ds)
+    env = env_of(c)
+    sock = env.get("MINIBATCHD_UDS") or ""
+    check(sock.startswith("/") and not sock.endswith("/"),
+          f"{label}: serves on a Unix socket (MINIBATCHD_UDS {sock!r})")
+    sdir = posixpath.dirname(sock)
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == sdir), None)
+    hp = (vols.get(mount["name"], {}) if mount else {}).get("hostPath") or {}
+    check(bool(hp) and not mount.get("readOnly") and not mount.get("subPath"),
+          f"{label}: the socket's directory {sdir} is a writable hostPath mount (node's {hp.get('path')})")
+    check(hp.get("type") == "DirectoryOrCreate",
+          f"{label}: hostPath type DirectoryOrCreate (the kubelet creates it, root:root 0755; is {hp.get('type')})")
+    sc = c.get("securityContext", {})
+    uid = sc.get("runAsUser", psc.get("runAsUser"))
+    check(uid == 0, f"{label}: runs as uid 0, the owner of the kubelet-made directory, so it can create the "
+                    f"socket there without CAP_DAC_OVERRIDE (uid {uid})")
+    mode_s = env.get("MINIBATCHD_UDS_MODE") or "660"
+    try:
+        mode = int(mode_s, 8)
+    except ValueError:
+        mode = -1
+    check(0 <= mode <= 0o777 and mode & 0o007 == 0 and mode & 0o060 == 0o060,
+          f"{label}: socket mode {mode_s}: the group may connect, others may not")
+    gid_s = env.get("MINIBATCHD_UDS_GROUP") or ""
+    gid = int(gid_s) if gid_s.isdigit() else None
+    groups = set(psc.get("supplementalGroups", [])) | {g for g in (psc.get("fsGroup"),
+                                                                    sc.get("runAsGroup", psc.get("runAsGroup")))
+                                                       if g is not None}
+    check(gid is not None and gid != 0, f"{label}: the socket's group is a numeric gid, not root's "
+                                        f"(MINIBATCHD_UDS_GROUP {gid_s!r}; a name would need /etc/group in the image)")
+    check(gid in groups, f"{label}: the daemon is in group {gid} (supplementalGroups), so it may give the socket "
+                         f"to it with CAP_CHOWN dropped")
+    ma = env.get("MINIBATCHD_MAX_ATTACHED")
+    check(ma is None or (ma.isdigit() and int(ma) >= 1), f"{label}: MINIBATCHD_MAX_ATTACHED {ma} >= 1")
+    us = ds["spec"].get("updateStrategy") or {}
+    surge = str((us.get("rollingUpdate") or {}).get("maxSurge", 0))
+    check(us.get("type", "RollingUpdate") == "RollingUpdate" and surge in ("0", "0%"),
+          f"{label}: rolling update with maxSurge 0: the old pod frees the socket before the new one binds it "
+          f"(maxSurge {surge})")
+    check(not any(p.get("hostPort") for p in c.get("ports", [])) and not pod.get("hostNetwork"),
+          f"{label}: attach needs no host network or hostPort (the socket is a file)")
+    return {"path": sock, "dir": sdir, "host_path": hp.get("path"), "gid": gid,
+            "node_selector": pod.get("nodeSelector") or {}}
+
+
+def check_attach_trainer(check: Checks, job: dict, daemon: dict, label: str) -> None:
+    pod = job["spec"]["template"]["spec"]
+    psc = pod.get("securityContext", {})
+    cs = pod.get("containers", [])
+    check(len(cs) == 1, f"{label}: one container")
+    c = cs[0] if cs else {}
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = [(m, (vols.get(m["name"]) or {}).get("hostPath") or {}) for m in c.get("volumeMounts", [])]
+    mounts = [(m, hp) for m, hp in mounts if hp.get("path") == daemon["host_path"]]
+    check(len(mounts) == 1, f"{label}: mounts the daemon's hostPath {daemon['host_path']}")
+    if not mounts:
+        return
+    m, hp = mounts[0]
+    check(m.get("readOnly") is True, f"{label}: read-only (connecting to a socket writes nothing to the filesystem)")
+    check(hp.get("type") in ("Directory", "DirectoryOrCreate"), f"{label}: hostPath type {hp.get('type')}")
+    args = [str(x) for x in (c.get("command") or []) + (c.get("args") or [])]
+    target = args[args.index("--attach") + 1] if "--attach" in args[:-1] else ""
+    want = posixpath.join(m["mountPath"], posixpath.basename(daemon["path"]))
+    check(target in (want, "unix://" + want),
+          f"{label}: attaches to {target or '(no --attach)'}, the daemon's socket as mounted here ({want})")
+    check(daemon["gid"] in psc.get("supplementalGroups", []),
+          f"{label}: in the socket's group {daemon['gid']} (supplementalGroups), so its uid may connect")
+    sc = c.get("securityContext", {})
+    uid = sc.get("runAsUser", psc.get("runAsUser"))
+    check(sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True and isinstance(uid, int) and uid > 0,
+          f"{label}: runs as non-root (uid {uid}): the group, not root, lets it in")
+    check((sc.get("capabilities") or {}).get("drop") == ["ALL"] and not (sc.get("capabilities") or {}).get("add")
+          and sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged"),
+          f"{label}: no capabilities, no privilege escalation")
+    shm = [x["mountPath"] for x in c.get("volumeMounts", [])
+           if ((vols.get(x["name"]) or {}).get("emptyDir") or {}).get("medium") == "Memory"]
+    check(not any(pod.get(k) for k in ("hostIPC", "hostNetwork", "hostPID")) and not shm,
+          f"{label}: no hostIPC/hostNetwork/hostPID and no memory emptyDir for /dev/shm (attach needs none)")
+    ns = pod.get("nodeSelector") or {}
+    check(all(ns.get(k) == v for k, v in daemon["node_selector"].items()),
+          f"{label}: nodeSelector {ns} includes the DaemonSet's {daemon['node_selector']} (same node as a daemon)")
+    env = {e["name"]: e for e in c.get("env", [])}
+    ref = ((env.get("MINIBATCHD_TOKEN") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+    check(ref.get("name") == TOKEN_SECRET and ref.get("key") == "token"
+          and "value" not in env.get("MINIBATCHD_TOKEN", {}),
+          f"{label}: the bearer token (attach asks for it too) from Secret {TOKEN_SECRET}, key token")
+
+
+def check_daemonset(check: Checks, kust: dict, dep: dict, svc: dict, np: dict, patches: dict,
+                    validate_schema) -> None:
+    comp_path = HERE / DS_DIR / "kustomization.yaml"
+    check(comp_path.is_file(), f"{DS_DIR}/kustomization.yaml exists")
+    if not comp_path.is_file():
+        return
+    comp = load(f"{DS_DIR}/kustomization.yaml")
+    check(comp.get("kind") == "Component" and comp.get("apiVersion") == "kustomize.config.k8s.io/v1alpha1",
+          f"{DS_DIR}/kustomization.yaml: a kustomize Component (an overlay cannot live inside its base)")
+    for r in comp.get("resources", []):
+        check((HERE / DS_DIR / r).is_file(), f"{DS_DIR}/kustomization.yaml: resource {r} exists")
+    ds = load(f"{DS_DIR}/daemonset.yaml")
+    job = load(f"{DS_DIR}/trainer-job.yaml")
+    check(ds.get("kind") == "DaemonSet", f"{DS_DIR}/daemonset.yaml: a DaemonSet (one daemon per node)")
+
+    rendered = render_overlay(comp)
+    ids = sorted(ident(d) for d in rendered)
+    want = sorted([ident(ds), ident(svc), ident(np)])
+    check(ids == want, f"{DS_DIR}: deploy/k8s + the Component renders {ids} (want {want}: no Deployment)")
+    built, why = kubectl_kustomize()
+    if built is None:
+        print(f"skip {DS_DIR}: `kubectl kustomize` of the overlay ({why}); emulated above")
+    else:
+        check(sorted(ident(d) for d in built) == ids and next((d for d in built if ident(d) == ident(ds)), None) == ds,
+              f"{DS_DIR}: `kubectl kustomize` of the overlay gives the same objects, the DaemonSet unchanged"
+              + (f" ({why})" if why else ""))
+
+    # As kustomize applies them with `target: {kind: DaemonSet, name: minibatchd}`:
+    # the patch's spec only (its kind and name are the Deployment's).
+    ds_patched = {name: dict(ds, spec=strategic_merge(ds["spec"], patches[name]["spec"], "spec"))
+                  for name in DS_PATCHES if name in patches}
+    if validate_schema:
+        validate_schema([(f"{DS_DIR}/daemonset.yaml", ds), (f"{DS_DIR}/trainer-job.yaml", job)]
+                        + [(f"{DS_DIR}/daemonset.yaml + {n}", d) for n, d in ds_patched.items()])
+
+    label = f"{DS_DIR}/daemonset.yaml"
+    check_deployment(check, ds, label, pinned=True, replicas=None)
+    check_access(check, ds, label, token=True, tls=False)
+    for name, d in ds_patched.items():
+        check_access(check, d, f"{label} + {name}", token=name != "open-patch.yaml", tls=name == "tls-patch.yaml")
+    if "tls-patch.yaml" in ds_patched:
+        check_deployment(check, ds_patched["tls-patch.yaml"], f"{label} + tls-patch.yaml", pinned=True, tls=True,
+                         replicas=None)
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    check(all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()),
+          f"{label}: the Service's selector matches its pods")
+    check_network_policy(check, np, ds, svc)
+    daemon = check_attach_daemonset(check, ds, label)
+    check_attach_trainer(check, job, daemon, f"{DS_DIR}/trainer-job.yaml")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-schema", action="store_true", help="skip the schema validation (PyYAML checks only)")
@@ -350,9 +578,11 @@ def main() -> int:
     check("networkpolicy.yaml" in kust.get("resources", []),
           "kustomization.yaml: applies networkpolicy.yaml with the Deployment")
     check(not kust.get("secretGenerator"), "kustomization.yaml: no secretGenerator (no token value shipped)")
-    shipped_secrets = [f"{f.name}: {d.get('metadata', {}).get('name')}" for f in sorted(HERE.glob("*.yaml"))
+    shipped_secrets = [f"{f.relative_to(HERE)}: {d.get('metadata', {}).get('name')}"
+                       for f in sorted(HERE.rglob("*.yaml"))
                        for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict) and d.get("kind") == "Secret"]
-    check(not shipped_secrets, f"no Secret shipped in deploy/k8s (the token is created per cluster) {shipped_secrets or ''}")
+    check(not shipped_secrets,
+          f"no Secret shipped in deploy/k8s (the token is created per cluster) {shipped_secrets or ''}")
 
     dep = load("deployment.yaml")
     svc = load("service.yaml")
@@ -368,6 +598,7 @@ def main() -> int:
         combos["nonroot-patch.yaml + tls-patch.yaml"] = strategic_merge(
             patched["nonroot-patch.yaml"], patches["tls-patch.yaml"])
 
+    validate_schema = None  # (name, object) pairs -> one check each per schema version
     if not a.no_schema:
         try:
             import kubernetes_validate as kv
@@ -375,18 +606,23 @@ def main() -> int:
             print("error: kubernetes-validate is not installed (pip install -r requirements-test.txt), "
                   "or pass --no-schema", file=sys.stderr)
             return 2
+
+        def validate_all(targets):
+            for version in SCHEMA_VERSIONS:
+                v = version or kv.latest_version()
+                for name, doc in targets:
+                    try:
+                        kv.validate(doc, v, strict=True)
+                        check(True, f"schema {v} (strict): {name}")
+                    except kv.ValidationError as e:
+                        where = "/".join(str(p) for p in e.path)
+                        check(False, f"schema {v} (strict): {name}: {where}: {e.message}")
+
+        validate_schema = validate_all
         targets = [("deployment.yaml", dep), ("service.yaml", svc), ("networkpolicy.yaml", np),
                    ("dataset-pvc.yaml", pvc)]
         targets += [(f"deployment.yaml + {name}", d) for name, d in (patched | combos).items()]
-        for version in SCHEMA_VERSIONS:
-            v = version or kv.latest_version()
-            for name, doc in targets:
-                try:
-                    kv.validate(doc, v, strict=True)
-                    check(True, f"schema {v} (strict): {name}")
-                except kv.ValidationError as e:
-                    where = "/".join(str(p) for p in e.path)
-                    check(False, f"schema {v} (strict): {name}: {where}: {e.message}")
+        validate_schema(targets)
 
     check_deployment(check, dep, "deployment.yaml", pinned=True)
     if "nonroot-patch.yaml" in patched:
@@ -428,6 +664,8 @@ def main() -> int:
                     m["mountPath"].rstrip("/") + "/"):
                 ok = m.get("readOnly") is True
         check(ok, "dataset-patch.yaml: MINIBATCHD_DATA lies in a read-only mount of the PVC in dataset-pvc.yaml")
+
+    check_daemonset(check, kust, dep, svc, np, patches, validate_schema)
 
     print(f"k8s-manifests: {check.passed} passed, {check.failed} failed")
     return 1 if check.failed else 0

@@ -12,7 +12,8 @@
 #            /usr/local, stdlib pruned of tests, tkinter, idlelib, ...),
 #            numpy, grpcio, protobuf and ./clients/python installed with
 #            `pip install --target` (versions pinned by requirements-test.txt),
-#            examples/train_logreg.py as /app/train_logreg.py, the shared
+#            examples/train_logreg.py as /app/train_logreg.py (and
+#            deploy/local/attach_check.py, test.sh's attach check), the shared
 #            libraries `ldd` lists for python and every extension module, and
 #            the non-root user trainer (10001).
 #
@@ -155,6 +156,7 @@ stage_trainer() {
     if file "$f" | grep -q "with debug_info"; then strip --strip-debug "$f"; fi; done' sh {} +
 
   cp examples/train_logreg.py "$root/app/train_logreg.py"
+  cp deploy/local/attach_check.py "$root/app/attach_check.py"
 
   add_libs "$root" "$root/usr/local/bin/python$ver"
   while IFS= read -r -d '' f; do add_libs "$root" "$f"; done < <(find "$root/usr/local/lib" -name '*.so*' -type f -print0)

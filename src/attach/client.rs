@@ -158,7 +158,7 @@ impl Attachment {
         let req = proto::AttachRequest {
             token: opts.token.clone().unwrap_or_default(),
             x_dtypes: opts.x_dtypes.iter().map(|d| d.to_proto() as i32).collect(),
-            client: format!("rust pid {}", std::process::id()),
+            client: format!("rust {} pid {}", hostname(), std::process::id()),
         };
         let mut out = header(req.encoded_len()).to_vec();
         req.encode(&mut out).expect("a Vec grows");
@@ -335,6 +335,20 @@ impl Attachment {
                 r.shape.as_slice(),
             )
         })
+    }
+}
+
+/// This host's name (a container's id in Docker), for the daemon's log: a
+/// daemon in another PID namespace sees no pid of ours.
+fn hostname() -> String {
+    let mut b = [0u8; 256];
+    // SAFETY: gethostname writes at most b.len() bytes into b.
+    let r = unsafe { libc::gethostname(b.as_mut_ptr() as *mut libc::c_char, b.len()) };
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    if r == 0 {
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    } else {
+        "?".into()
     }
 }
 

@@ -110,7 +110,11 @@ impl Attacher {
     ) {
         let t0 = Instant::now();
         let peer = sock.peer_cred().ok();
-        let (pid, uid) = (peer.and_then(|c| c.pid()), peer.map(|c| c.uid()));
+        // SO_PEERCRED's pid is 0 for a peer in another PID namespace (a
+        // trainer in its own container): logged as absent; the client's
+        // name (its host name, i.e. container id, and pid) says who it is.
+        let pid = peer.and_then(|c| c.pid()).filter(|&p| p != 0);
+        let uid = peer.map(|c| c.uid());
         let req = tokio::select! {
             r = self.read_request(&mut sock) => r,
             _ = evicted => return,

@@ -679,7 +679,7 @@ def test_the_request_on_the_wire(fake):
     mc.Client(target, token="s3cret").attach(x_dtype="uint8").close()
     mc.attach.connect(target, name="n" * 500).close()
     assert seen[0].token == "s3cret" and list(seen[0].x_dtypes) == [pb.DTYPE_UINT8]
-    assert seen[0].client == f"python pid {os.getpid()}"
+    assert seen[0].client == f"python {socket.gethostname()} pid {os.getpid()}"
     assert seen[1].token == "" and list(seen[1].x_dtypes) == [] and len(seen[1].client) == 128
 
 

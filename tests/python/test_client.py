@@ -935,6 +935,38 @@ def test_trainer_from_daemon_equals_local(server, tmp_path):
     assert not np.array_equal(shuf_local["W"], local["W"])
 
 
+def test_trainer_attached_equals_local(tmp_path):
+    """examples/train_logreg.py --attach SOCKET (the daemon's dataset mapped
+    over its Unix socket: in-order minibatches as views of it, shuffled ones
+    gathered, x as stored or the uint8 mirror): the same float32 weights, bit
+    for bit, as --local. deploy/test.sh runs this mode across containers."""
+    sock = tmp_path / "minibatchd.sock"
+    d = Daemon("--uds", str(sock), log_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline, f"{sock} never appeared"
+            time.sleep(0.02)
+        local, _ = _train(tmp_path, "local", "--local", str(SAMPLE), "--epochs", "20")
+        attached, log = _train(tmp_path, "attached", "--attach", str(sock), "--epochs", "20")
+        attached8, _ = _train(tmp_path, "attached-u8", "--attach", str(sock), "--epochs", "20", "--x-dtype", "uint8")
+        for k in ["W", "b", "best_W", "best_b", "best_validation_error", "test_error", "epochs"]:
+            assert np.array_equal(attached[k], local[k]), k
+            assert np.array_equal(attached8[k], local[k]), k
+        assert f"attached to unix://{sock}" in log and "verified" in log, log
+        shuf_local, _ = _train(tmp_path, "local-shuffled", "--local", str(SAMPLE), "--epochs", "5", "--shuffle",
+                               "--seed", "3")
+        shuf_attached, _ = _train(tmp_path, "attached-shuffled", "--attach", f"unix://{sock}", "--epochs", "5",
+                                  "--shuffle", "--seed", "3")
+        assert np.array_equal(shuf_attached["W"], shuf_local["W"]) and np.array_equal(shuf_attached["b"],
+                                                                                      shuf_local["b"])
+        r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_logreg.py"), "--attach", str(sock),
+                            "--x-dtype", "float16"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "uint8" in r.stderr, r.stderr
+    finally:
+        d.stop()
+
+
 # --- hostile requests on the wire -----------------------------------------------
 
 def test_malformed_protobuf_and_deadlines_leave_the_server_serving(server, client):

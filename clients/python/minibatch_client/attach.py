@@ -244,7 +244,7 @@ def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: 
     sock = _connect(path, timeout, target)
     fds: list[int] = []
     try:
-        req = _request(token, [code] if code else [], name or f"python pid {os.getpid()}")
+        req = _request(token, [code] if code else [], name or f"python {socket.gethostname()} pid {os.getpid()}")
         try:
             sock.sendall(req)
         except socket.timeout:

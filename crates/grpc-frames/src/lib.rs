@@ -250,7 +250,7 @@ where
     S::Error: std::error::Error,
     B: Body<Data = Bytes, Error = Status> + Unpin,
 {
-    let unavailable = |e: S::Error| Status::unavailable(format!("no response: {}", causes(&e)));
+    let unavailable = |e: S::Error| Status::unavailable(format!("{NO_RESPONSE}{}", causes(&e)));
     std::future::poll_fn(|cx| service.poll_ready(cx))
         .await
         .map_err(unavailable)?;
@@ -260,6 +260,18 @@ where
     } else {
         MessageReader::ended(body)
     })
+}
+
+/// How [`call`]'s errors begin when no response came at all: the
+/// connection failed (refused, reset, closed by the server while idle)
+/// before a response head arrived.
+pub const NO_RESPONSE: &str = "no response: ";
+
+/// Whether `st` is [`call`]'s error for a call that got no response at all
+/// (see [`NO_RESPONSE`]), which a client may retry on a new connection when
+/// the call is idempotent.
+pub fn no_response(st: &Status) -> bool {
+    st.code() == tonic::Code::Unavailable && st.message().starts_with(NO_RESPONSE)
 }
 
 /// An error and its sources, "outer: inner: root" (transport errors say

@@ -173,9 +173,22 @@ impl Connection {
         if let Some(a) = &self.auth {
             metadata.insert(http::header::AUTHORIZATION, a.clone());
         }
-        let req = grpc_frames::request(path, request, metadata)?;
         let max = self.max_message_bytes();
-        grpc_frames::call(&mut self.channel, req, max).await
+        let req = grpc_frames::request(path, request, metadata.clone())?;
+        match grpc_frames::call(&mut self.channel, req, max).await {
+            // Once, on a new connection: every call here is an idempotent
+            // read, and a connection can die while idle without the client
+            // noticing. The server closes connections that leave its
+            // keepalive pings unanswered (30 s + 10 s), and the native
+            // transport's runtime runs only during calls, so a trainer that
+            // paused longer (an evaluation between epochs) found its next
+            // call failing with "broken pipe" (seen in CI).
+            Err(st) if grpc_frames::no_response(&st) => {
+                let req = grpc_frames::request(path, request, metadata)?;
+                grpc_frames::call(&mut self.channel, req, max).await
+            }
+            r => r,
+        }
     }
 
     /// Starts a GetBatch or StreamBatches call: its minibatches, checked
