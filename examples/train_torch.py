@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "clients" / "python" / "minibatch_client").is_dir():  # in a checkout: its own client
     sys.path.insert(0, str(ROOT / "clients" / "python"))
 import minibatch_client  # noqa: E402
-from minibatch_client.torch import MinibatchDataset, dist_rank_world  # noqa: E402
+from minibatch_client.torch import MinibatchDataset, dist_rank_world, worker_context  # noqa: E402
 
 SETS = ("train", "valid", "test")
 
@@ -199,7 +199,9 @@ def main(argv=None) -> int:
                                 x_dtype=a.x_dtype, token=a.token, **kw)
 
     train_ds = dataset("train", a.shuffle)
-    loaders = {name: DataLoader(ds, batch_size=None, num_workers=a.workers)
+    # forkserver workers: grpcio is not fork-safe (minibatch_client.torch.worker_context)
+    ctx = worker_context() if a.workers else None
+    loaders = {name: DataLoader(ds, batch_size=None, num_workers=a.workers, multiprocessing_context=ctx)
                for name, ds in [("train", train_ds), ("valid", dataset("valid", False)),
                                 ("test", dataset("test", False))]}
     model = LeNet5()

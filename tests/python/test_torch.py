@@ -30,6 +30,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ from paths import ROOT, SAMPLE
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
 import minibatch_client as mc  # noqa: E402
-from minibatch_client.torch import STATE_FORMAT, MinibatchDataset  # noqa: E402
+from minibatch_client.torch import STATE_FORMAT, MinibatchDataset, worker_context  # noqa: E402
 from test_attach import UdsDaemon  # noqa: E402
 from test_client import EXAMPLES, Daemon  # noqa: E402
 
@@ -77,10 +78,18 @@ def ids_of(x: torch.Tensor, row_ids) -> list[int]:
     return [row_ids[a[i].tobytes()] for i in range(len(a))]
 
 
+def loader(ds, workers: int):
+    """The dataset itself (workers=0), or a DataLoader with forkserver workers
+    (the pytest process holds live gRPC channels: forking it is not safe)."""
+    if not workers:
+        return ds
+    return DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context=worker_context())
+
+
 def run_pass(ds, row_ids, *, limit=None, workers=0) -> list[list[int]]:
     """The examples of each minibatch of one pass (up to `limit` minibatches)."""
     out = []
-    src = DataLoader(ds, batch_size=None, num_workers=workers) if workers else ds
+    src = loader(ds, workers)
     for x, y in src:
         assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (len(y), 784)
         out.append(ids_of(x, row_ids))
@@ -133,7 +142,7 @@ def _gloo_rank(rank, world, init, address, out_dir):
         dist.all_gather(lens, torch.tensor([len(ds)]))
         ys, xs = [], []
         for w in (0, 2):  # in the process, and through two DataLoader workers
-            batches = list(DataLoader(ds, batch_size=None, num_workers=w))
+            batches = list(loader(ds, w))
             for x, y in batches:  # a DDP-style collective per step: hangs if a rank ran out
                 dist.all_reduce(torch.ones(1))
             xs.append(torch.cat([x for x, _ in batches]).numpy())
@@ -145,9 +154,10 @@ def _gloo_rank(rank, world, init, address, out_dir):
 
 
 def test_gloo_two_ranks(daemon, row_ids, tmp_path):
-    # fork: spawned ranks import torch again and spawn their DataLoader workers too (8 s more here)
+    # forkserver, not fork (this process holds gRPC channels), nor spawn (each rank would import torch again)
+    worker_context()  # the forkserver's preload, if it is not running yet
     tmp.start_processes(_gloo_rank, args=(2, f"file://{tmp_path}/rendezvous", daemon.address, str(tmp_path)),
-                        nprocs=2, join=True, start_method="fork")
+                        nprocs=2, join=True, start_method="forkserver")
     shards = []
     for r in range(2):
         f = np.load(tmp_path / f"rank{r}.npz")
@@ -191,10 +201,10 @@ def _dataset(address, **kw):
 def _train(model, opt, ds, epochs, *, first=0, workers=0, stop_at=None):
     """Trains `epochs` epochs from `first`; with stop_at=(epoch, k), returns
     the state after k minibatches of that epoch."""
-    loader = DataLoader(ds, batch_size=None, num_workers=workers) if workers else ds
+    batches = loader(ds, workers)
     for epoch in range(first, epochs):
         ds.set_epoch(epoch)
-        for k, (x, y) in enumerate(loader, 1):
+        for k, (x, y) in enumerate(batches, 1):
             _step(model, opt, x, y)
             if stop_at == (epoch, k):
                 return ds.state_dict(consumed=k) if workers else ds.state_dict()
@@ -274,9 +284,9 @@ def test_stateful_dataloader(daemon, deterministic):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     opt.load_state_dict(ck["optimizer"])
     ds = _dataset(daemon.address)
-    loader = StatefulDataLoader(ds, batch_size=None)
-    loader.load_state_dict(ck["data"])
-    run(model, opt, loader, ds, 2, first=0)
+    sdl = StatefulDataLoader(ds, batch_size=None)
+    sdl.load_state_dict(ck["data"])
+    run(model, opt, sdl, ds, 2, first=0)
     for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -295,8 +305,32 @@ def test_state_dict_in_a_worker_is_refused(daemon):
     StatefulDataLoader with workers, which asks each worker, fails loudly at
     its start instead of resuming wrongly; not run here, as its failed
     workers take 10 s to reap)."""
-    (msg,) = DataLoader(_StateInWorker(daemon.address, "train", 100), batch_size=None, num_workers=1)
+    (msg,) = loader(_StateInWorker(daemon.address, "train", 100), 1)
     assert "in a DataLoader worker" in msg and "state_dict(consumed=k)" in msg, msg
+
+
+class _ForkWarnings(MinibatchDataset):
+    def __iter__(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().__iter__()  # checks and plans the pass; fetches nothing
+        yield [str(w.message) for w in caught]
+
+
+def test_a_worker_forked_after_grpc_warns(daemon):
+    """grpcio is not fork-safe: a worker forked from a process where the
+    dataset used gRPC says so (and names worker_context()); forkserver
+    workers, and attached datasets, do not."""
+    ds = _ForkWarnings(daemon.address, "train", 100)
+    len(ds)  # GetInfo, over gRPC, in this process
+    (msgs,) = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert len(msgs) == 1 and "not fork-safe" in msgs[0] and "worker_context()" in msgs[0], msgs
+    (msgs,) = loader(ds, 1)
+    assert msgs == []
+    attached = _ForkWarnings(daemon.target, "train", 100)
+    len(attached)
+    (msgs,) = DataLoader(attached, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert msgs == []
 
 
 def test_state_names_the_run_and_end_of_epoch(daemon, row_ids):
@@ -457,7 +491,7 @@ def test_replica_killed_mid_epoch_completes_exactly_once(tmp_path, row_ids):
         live = [d for d in daemons if d.address != victim]
         ds = MinibatchDataset([d.address for d in live], "train", 50, **kw)
         got = []
-        for x, _ in DataLoader(ds, batch_size=None, num_workers=2):
+        for x, _ in loader(ds, 2):
             got.append(ids_of(x, row_ids))
             if len(got) == 10:
                 live[0].kill()
@@ -468,8 +502,7 @@ def test_replica_killed_mid_epoch_completes_exactly_once(tmp_path, row_ids):
 
 
 def _tensors(ds, workers=0):
-    loader = DataLoader(ds, batch_size=None, num_workers=workers) if workers else ds
-    return [(x.clone(), y.clone()) for x, y in loader]
+    return [(x.clone(), y.clone()) for x, y in loader(ds, workers)]
 
 
 @pytest.mark.parametrize("kw", [

@@ -23,7 +23,11 @@ size), so DDP's collectives never wait on a rank that ran out.
 DataLoader workers. With `DataLoader(ds, batch_size=None, num_workers=k)`,
 worker j fetches the rank's minibatches p+j, p+j+k, ... (p: where the pass
 starts) and the DataLoader hands them to the trainer round-robin, i.e. in
-order, each exactly once.
+order, each exactly once. Over TCP, pass
+`multiprocessing_context=worker_context()` (forkserver): grpcio is not
+fork-safe, and a worker forked from a process with gRPC threads can hang
+(a forked worker warns when this module used gRPC in its parent).
+Attaching (unix://) uses no gRPC and works with the default fork as well.
 
 State. `state_dict()` names the dataset (its fingerprint), the set, batch
 size, shuffle, seed, drop_last, epoch, world size, `offset` (positions of
@@ -66,6 +70,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from . import attach as _attach
 from . import order as _order
 from .attach import socket_path
 from .client import Client
@@ -76,6 +81,33 @@ STATE_FORMAT = "minibatchd.MinibatchDataset/1"
 
 # Keys that must match for a state to load: it describes another order otherwise.
 _IDENTITY = ("fingerprint", "set", "batch_size", "shuffle", "seed", "drop_last")
+
+
+# The process in which this module last made a gRPC client (None: none yet).
+_GRPC_PID: Optional[int] = None
+
+
+def worker_context(preload: Sequence[str] = ("numpy", "grpc", "torch")):
+    """The multiprocessing context for DataLoader workers of a dataset served
+    over TCP: `DataLoader(ds, batch_size=None, num_workers=k,
+    multiprocessing_context=worker_context())`.
+
+    grpcio is not fork-safe: a worker forked while the trainer's process has
+    gRPC threads (a live channel, or one closed a few milliseconds before)
+    can deadlock in its first gRPC call. "forkserver" forks workers from a
+    clean server process instead; `preload` is imported there once (when
+    the server starts, i.e. if no forkserver ran before), so that a worker
+    starts in about a tenth of a second (importing grpc starts no thread).
+    Python 3.11's forkserver imports `preload` from the default sys.path,
+    not the trainer's, so this package is left to the workers, which see the
+    trainer's sys.path. The trainer's script needs the usual `if __name__ ==
+    "__main__":` guard. Attached datasets (unix://) use no gRPC and are safe
+    with the default fork too."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    return ctx
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -194,16 +226,21 @@ class MinibatchDataset(IterableDataset):
         state["_conn"] = None
         return state
 
+    def _attach_now(self, x_dtype=None):
+        # No gRPC at all (attach.connect, not Client.attach): forked workers are safe.
+        return _attach.connect(self.address, token=self.token, x_dtype=x_dtype,
+                               timeout=self.client_options.get("timeout", 60.0))
+
+    def _client(self) -> Client:
+        global _GRPC_PID
+        _GRPC_PID = os.getpid()
+        return Client(self.address, token=self.token, **self.client_options)
+
     def _connection(self):
         pid = os.getpid()
         if self._conn is None or self._conn[0] != pid:
             # A connection from another process (before a fork) is left alone.
-            opts = dict(self.client_options)
-            if self._attach:
-                c = Client(self.address, token=self.token, **opts).attach(x_dtype=self.x_dtype)
-            else:
-                c = Client(self.address, token=self.token, **opts)
-            self._conn = (pid, c)
+            self._conn = (pid, self._attach_now(self.x_dtype) if self._attach else self._client())
         return self._conn[1]
 
     def _fetch_meta(self) -> tuple[str, int]:
@@ -211,12 +248,12 @@ class MinibatchDataset(IterableDataset):
             if self._conn is not None and self._conn[0] == os.getpid():
                 self._meta = self._describe(self._conn[1])
             elif self._attach:
-                with Client(self.address, token=self.token, **self.client_options).attach() as a:
+                with self._attach_now() as a:
                     self._meta = self._describe(a)
             else:
-                # A short-lived client: the trainer's process may fork
+                # A short-lived client: the trainer's process may start
                 # DataLoader workers later, which make their own.
-                with Client(self.address, token=self.token, **self.client_options) as c:
+                with self._client() as c:
                     self._meta = self._describe(c)
         return self._meta
 
@@ -288,6 +325,11 @@ class MinibatchDataset(IterableDataset):
         if worker is not None and self.device is not None and self.device.type != "cpu":
             raise ValueError(f"MinibatchDataset(device={self.device}) inside a DataLoader worker: leave device "
                              "unset there, and use DataLoader(pin_memory=True) and .to(device) in the trainer")
+        if worker is not None and not self._attach and _GRPC_PID is not None and _GRPC_PID != os.getpid():
+            warnings.warn(
+                f"MinibatchDataset: DataLoader worker {worker.id} was forked from a process that used gRPC "
+                f"(pid {_GRPC_PID}); grpcio is not fork-safe and the worker may hang. Pass "
+                "multiprocessing_context=minibatch_client.torch.worker_context() to the DataLoader", stacklevel=2)
         epoch, offset, start = self._next_pass()
         self.epoch, self._offset, self._start = epoch, offset, start
         self._finished = self._resumed = False
