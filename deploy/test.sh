@@ -354,7 +354,7 @@ except Exception as e:
     print(type(e).__name__, e)')
 check "uid 10003 outside group $ATTACH_GID is refused: ${denied:0:90}" grep -q '^PermissionDenied' <<<"$denied"
 
-attach_log=$(logs_of minibatchd-1 | grep 'attached pid=')
+attach_log=$(logs_of minibatchd-1 | grep -E 'attached( pid=[0-9]+)? uid=')
 check "minibatchd-1 logged the attaches with the peer's uid (10001, 10002)" \
   bash -c 'grep -q "uid=10001 " <<<"$1" && grep -q "uid=10002 " <<<"$1"' _ "$attach_log"
 attach_metrics() { metrics "${METRICS[1]}" | awk '$1 == "minibatchd_attach_accepted_total" {a = $2} $1 == "minibatchd_attached_processes" {n = $2} END {print a + 0, n + 0}'; }
