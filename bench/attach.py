@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "clients" / "python"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import minibatch_client as mc  # noqa: E402
+from harness import free_port, memcpy_limit  # noqa: E402  the serving benchmark's probes
 
 TRAINERS = 8
 SIZE = 500
@@ -75,12 +76,6 @@ s = float(x[:, ::256].sum()) + float(y.sum())
 print("ready", flush=True)
 sys.stdin.readline()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def binary() -> str:
@@ -115,18 +110,6 @@ def timed(seconds: float, step) -> tuple[int, float]:
         el = time.perf_counter() - t0
         if el >= seconds:
             return i, el
-
-
-def memcpy_bytes_per_s(nbytes: int, reps: int = 5) -> float:
-    src = np.ones(nbytes, np.uint8)
-    dst = np.zeros(nbytes, np.uint8)
-    np.copyto(dst, src)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        ts.append(time.perf_counter() - t)
-    return nbytes / statistics.median(ts)
 
 
 def memory_test(sock: Path, daemon_pid: int, data: Path, examples: int) -> dict:
@@ -242,7 +225,7 @@ def main() -> None:
                 for x, y in it:
                     nbytes += x.nbytes + y.nbytes
                 epoch[who].append(nbytes / (time.perf_counter() - t0) / 1e6)
-            memcpy.append(memcpy_bytes_per_s(train.examples * (row - 8)) / 1e6)
+            memcpy.append(memcpy_limit(train.examples * (row - 8))["bytes_per_s"] / 1e6)
         # Attach to first minibatch.
         firsts = []
         for _ in range(20 if a.quick else 100):

@@ -149,32 +149,40 @@ async fn attached_bytes_equal_the_dataset_get_batch_and_stream_batches() {
         drop_last: false,
         offset: 0,
     };
-    let mut stream = c.stream_batches(&r).await.unwrap();
-    let mut i = 0;
-    while let Some(b) = stream.next().await {
-        let b = b.unwrap();
-        let (x, y) = a.gather("train", i, 128, &order, None).unwrap();
-        assert_eq!(x.data, b.x.data, "minibatch {i}");
-        assert_eq!(y.data, b.y.data);
-        i += 1;
+    // Every minibatch of the stream, gathered through the attachment.
+    async fn gathered_equal_streamed(
+        a: &Attachment,
+        c: &mut Client,
+        r: &BatchRequest,
+        order: &OrderSpec,
+    ) -> u64 {
+        let mut stream = c.stream_batches(r).await.unwrap();
+        let mut i = 0;
+        while let Some(b) = stream.next().await {
+            let b = b.unwrap();
+            let (x, y) = a.gather("train", i, 128, order, None).unwrap();
+            assert_eq!(x.data, b.x.data, "minibatch {i} of {order:?}");
+            assert_eq!(y.data, b.y.data);
+            i += 1;
+        }
+        i
     }
-    assert_eq!(i, 8, "1,000 examples per rank in minibatches of 128");
+    assert_eq!(
+        gathered_equal_streamed(&a, &mut c, &r, &order).await,
+        8,
+        "1,000 examples per rank in minibatches of 128"
+    );
     // With an offset (elastic resume) too: 2,000 positions left, 666 per rank.
     let order = OrderSpec {
         offset: 1000,
         ..order
     };
     r.order.offset = 1000;
-    let mut stream = c.stream_batches(&r).await.unwrap();
-    let mut i = 0;
-    while let Some(b) = stream.next().await {
-        let b = b.unwrap();
-        let (x, y) = a.gather("train", i, 128, &order, None).unwrap();
-        assert_eq!(x.data, b.x.data, "minibatch {i} from offset 1000");
-        assert_eq!(y.data, b.y.data);
-        i += 1;
-    }
-    assert_eq!(i, 6, "666 examples per rank in minibatches of 128");
+    assert_eq!(
+        gathered_equal_streamed(&a, &mut c, &r, &order).await,
+        6,
+        "666 examples per rank in minibatches of 128"
+    );
     let past = OrderSpec {
         offset: 3001,
         ..order
