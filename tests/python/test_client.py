@@ -38,7 +38,7 @@ CLIENT_SRC = ROOT / "clients" / "python"
 sys.path.insert(0, str(CLIENT_SRC))
 
 import minibatch_client as mc  # noqa: E402
-from minibatch_client import wire  # noqa: E402
+from minibatch_client import order, wire  # noqa: E402
 from minibatch_client.expect import Expected  # noqa: E402
 from minibatch_client._crc32c import crc32c, crc32c_numpy  # noqa: E402
 from minibatch_client._proto import minibatch_pb2 as pb  # noqa: E402
@@ -366,6 +366,18 @@ def test_splitmix64_and_permutation_reference_values():
             j = (rng.next_u64() * (i + 1)) >> 64
             q[i], q[j] = q[j], q[i]
         assert mc.permutation(n, seed, epoch).tolist() == q
+        assert order.permutation_py(n, seed, epoch).tolist() == q
+
+
+def test_the_native_permutation_is_the_python_one():
+    """With the native transport installed, permutation() is the server's
+    Rust one (crates/tensor-chunks), and equals the Python specification."""
+    if os.environ.get("MINIBATCH_REQUIRE_NATIVE") == "1":
+        assert order._native_permutation is not None, "the native transport lends its permutation"
+    for n, seed, epoch in [(0, 0, 0), (1, 3, 3), (50_000, 1, 0), (4097, 2**64 - 1, 2**63)]:
+        got = order.permutation(n, seed, epoch)
+        assert got.dtype == np.int64
+        assert np.array_equal(got, order.permutation_py(n, seed, epoch)), (n, seed, epoch)
 
 
 def test_offset_reference_values():

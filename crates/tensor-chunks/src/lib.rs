@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 
 mod error;
 mod expect;
+pub mod order;
 
 pub use error::ChunkError;
 pub use expect::{dtype_size, Expect, Known, TensorExpect, DEFAULT_MAX_EXAMPLE_BYTES};
