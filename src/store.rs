@@ -100,6 +100,7 @@ pub enum Format {
     Pickle,
     PickleGzip,
     Idx,
+    Npz,
 }
 
 impl Format {
@@ -108,6 +109,7 @@ impl Format {
             Format::Pickle => "pickle",
             Format::PickleGzip => "pickle+gzip",
             Format::Idx => "idx",
+            Format::Npz => "npz",
         }
     }
 }

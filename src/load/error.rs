@@ -67,6 +67,21 @@ pub enum LoadError {
         stream: Stream,
         at: At,
     },
+    /// The zip structure of an `.npz` (offsets count bytes of the file).
+    #[error("{path}: zip{}: byte {}: {}", member.as_deref().map(|m| format!(" member {m}")).unwrap_or_default(), at.offset, at.what)]
+    Zip {
+        path: PathBuf,
+        member: Option<String>,
+        at: At,
+    },
+    /// A `.npy` array: an `.npz` member or a file of its own (offsets count
+    /// bytes of the member, inflated).
+    #[error("{path}: npy{}: {} {}: {}", member.as_deref().map(|m| format!(" member {m}")).unwrap_or_default(), if member.is_some() { "member byte" } else { "byte" }, at.offset, at.what)]
+    Npy {
+        path: PathBuf,
+        member: Option<String>,
+        at: At,
+    },
     /// Reading the file took more steps than its size allows
     /// ([`crate::load::work`]): a file built to burn CPU.
     #[error("{path}: {stage}: {stream} {}: {}", at.offset, at.what)]
@@ -97,7 +112,9 @@ impl LoadError {
             | LoadError::Pickle { at, .. }
             | LoadError::Layout { at, .. }
             | LoadError::WorkBudget { at, .. }
-            | LoadError::Idx { at, .. } => Some(at.offset),
+            | LoadError::Idx { at, .. }
+            | LoadError::Zip { at, .. }
+            | LoadError::Npy { at, .. } => Some(at.offset),
             _ => None,
         }
     }

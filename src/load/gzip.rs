@@ -151,6 +151,44 @@ impl Drop for Decompressor {
     }
 }
 
+/// Why [`inflate_raw`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RawError {
+    /// The stream inflates to more than the output holds.
+    TooBig,
+    /// Corrupt or truncated deflate data.
+    Corrupt,
+}
+
+/// Inflates one raw deflate stream (a zip member's data) into `out`, which
+/// it may not outgrow. Returns the bytes written.
+pub(crate) fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<usize, RawError> {
+    // SAFETY: plain allocation; checked for null below.
+    let dec = Decompressor(unsafe { libdeflate_sys::libdeflate_alloc_decompressor() });
+    if dec.0.is_null() {
+        return Err(RawError::Corrupt);
+    }
+    let (mut used, mut wrote) = (0usize, 0usize);
+    // SAFETY: pointers and lengths describe live slices; libdeflate writes
+    // at most out.len() bytes and reads at most input.len().
+    let r = unsafe {
+        libdeflate_sys::libdeflate_deflate_decompress_ex(
+            dec.0,
+            input.as_ptr() as *const _,
+            input.len(),
+            out.as_mut_ptr() as *mut _,
+            out.len(),
+            &mut used,
+            &mut wrote,
+        )
+    };
+    match r {
+        libdeflate_sys::libdeflate_result_LIBDEFLATE_SUCCESS => Ok(wrote),
+        libdeflate_sys::libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE => Err(RawError::TooBig),
+        _ => Err(RawError::Corrupt),
+    }
+}
+
 /// CRC-32 (the gzip one) with libdeflate's carry-less-multiply kernels.
 pub fn crc32(data: &[u8]) -> u32 {
     // SAFETY: pointer and length of a live slice.

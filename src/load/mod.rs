@@ -3,11 +3,13 @@
 //! buffer, and hand out zero-copy slices of it.
 //!
 //! Formats are told apart by content, never by name: gzip magic `1f 8b`, then
-//! a pickle (opcode stream); a directory is read as IDX files.
+//! a pickle (opcode stream); zip magic `PK 03 04`, an `.npz`; a directory
+//! is read as IDX files.
 pub mod error;
 pub mod gzip;
 pub mod idx;
 pub mod layout;
+pub mod npz;
 pub mod pickle;
 pub mod work;
 
@@ -209,6 +211,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
 /// Loads a dataset from the bytes of a gzip'd or plain pickle file; `path`
 /// names it in messages and in GetInfo.
 pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, LoadError> {
+    if raw.starts_with(&npz::MAGIC) || raw.starts_with(&npz::EMPTY_MAGIC) {
+        return load_npz(path, raw, opts);
+    }
     let t0 = Instant::now();
     let (mut buf, container) = decode_container(path, raw, opts)?;
     let format = match container {
@@ -535,25 +540,110 @@ fn read_idx(path: &Path, labels: bool, opts: &LoadOptions) -> Result<IdxPart, Lo
             format!("labels must be 1-D, found shape {:?}", h.shape),
         )));
     }
-    let data = &buf.as_slice()[h.data_start..];
-    let (own, dtype) = if matches!(h.dtype, DType::U8 | DType::I8) {
-        let w = idx::widen_labels(data, h.dtype).map_err(|source| LoadError::Memory {
-            bytes: h.shape[0] * 8,
+    label_part(&buf.as_slice()[h.data_start..], h.dtype, h.shape)
+}
+
+/// A label array in a buffer of its own, uint8 / int8 widened to int64.
+fn label_part(data: &[u8], dtype: DType, shape: Vec<usize>) -> Result<IdxPart, LoadError> {
+    let (own, dtype) = if matches!(dtype, DType::U8 | DType::I8) {
+        let w = idx::widen_labels(data, dtype).map_err(|source| LoadError::Memory {
+            bytes: data.len() * 8,
             source,
         })?;
         (w, DType::I64)
     } else {
         let b = HostBuffer::from_slice(data).map_err(|source| LoadError::Memory {
-            bytes: buf.len(),
+            bytes: data.len(),
             source,
         })?;
-        (b, h.dtype)
+        (b, dtype)
     };
     Ok(IdxPart {
         buf: own,
         dtype,
-        shape: h.shape,
+        shape,
         start: 0,
+    })
+}
+
+/// The arrays an `.npz` (or a directory of `.npy` files) must hold, in
+/// [`split_sets`]'s order: Keras's `mnist.npz` / `fashion_mnist` keys.
+pub const NPZ_KEYS: [&str; 4] = ["x_train", "y_train", "x_test", "y_test"];
+
+/// Loads an `.npz` archive holding [`NPZ_KEYS`] as `.npy` members.
+fn load_npz(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, LoadError> {
+    let t0 = Instant::now();
+    let zip_err = |member: Option<&str>, at: At| LoadError::Zip {
+        path: path.into(),
+        member: member.map(Into::into),
+        at,
+    };
+    let members = npz::members(raw).map_err(|at| zip_err(None, at))?;
+    let mut budget = opts.max_bytes;
+    let mut parts = Vec::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (k, key) in NPZ_KEYS.iter().enumerate() {
+        let name = format!("{key}.npy");
+        let Some(m) = members.iter().find(|m| m.name == name) else {
+            let mut found: Vec<&str> = members.iter().take(8).map(|m| m.name.as_str()).collect();
+            if members.len() > 8 {
+                found.push("...");
+            }
+            return Err(LoadError::Format {
+                path: path.into(),
+                what: format!(
+                    "npz has no member {name} (expected x_train, y_train, x_test, y_test as np.savez writes them; it holds [{}])",
+                    found.join(", ")
+                ),
+            });
+        };
+        let buf = npz::extract(raw, m, budget).map_err(|at| zip_err(Some(&m.name), at))?;
+        budget -= buf.len();
+        parts.push(npy_part(path, Some(&m.name), buf, k % 2 == 1)?);
+        files.push(PathBuf::from(format!("{}:{}", path.display(), m.name)));
+    }
+    tracing::info!(path = %path.display(), format = "npz", ms = t0.elapsed().as_millis() as u64, "read");
+    let files: [PathBuf; 4] = files.try_into().expect("four arrays");
+    split_sets(path, Format::Npz, &files, parts, opts, t0)
+}
+
+/// One `.npy` array (a whole `.npz` member or file in `buf`), little-endian:
+/// images flattened to [n, values per example], labels 1-D, uint8 / int8
+/// labels widened to int64.
+fn npy_part(
+    path: &Path,
+    member: Option<&str>,
+    mut buf: HostBuffer,
+    labels: bool,
+) -> Result<IdxPart, LoadError> {
+    let err = |at: At| LoadError::Npy {
+        path: path.into(),
+        member: member.map(Into::into),
+        at,
+    };
+    let h = npz::npy_header(buf.as_slice()).map_err(err)?;
+    if h.big_endian {
+        idx::to_little_endian(&mut buf.as_mut_slice()[h.data_start..], h.dtype);
+    }
+    if h.shape.is_empty() || (labels && h.shape.len() != 1) {
+        return Err(err(At::new(
+            8,
+            format!(
+                "{} must be {}, found shape {:?}",
+                if labels { "labels" } else { "examples" },
+                if labels { "1-D" } else { "at least 1-D" },
+                h.shape
+            ),
+        )));
+    }
+    if labels {
+        return label_part(&buf.as_slice()[h.data_start..], h.dtype, h.shape);
+    }
+    Ok(IdxPart {
+        dtype: h.dtype,
+        shape: vec![h.shape[0], h.shape[1..].iter().product()],
+        start: h.data_start,
+        buf,
     })
 }
 
@@ -580,6 +670,20 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
     for (k, p) in paths.iter().enumerate() {
         parts.push(read_idx(p, k % 2 == 1, opts)?);
     }
+    split_sets(dir, Format::Idx, &paths, parts, opts, t0)
+}
+
+/// The sets of four arrays (train x, train y, test x, test y, each named by
+/// its `files` entry in errors): train minus the last `--valid-split`
+/// examples, those as valid, and test; uint8 images get the IDX pixel scale.
+fn split_sets(
+    dir: &Path,
+    format: Format,
+    paths: &[PathBuf; 4],
+    parts: Vec<IdxPart>,
+    opts: &LoadOptions,
+    t0: Instant,
+) -> Result<Dataset, LoadError> {
     let n_train = parts[0].shape[0];
     for (k, want) in [(1usize, n_train), (3, parts[2].shape[0])] {
         if parts[k].shape[0] != want {
@@ -639,7 +743,7 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
         y: slice(3, 0, n_test),
     });
     let bufs = parts.into_iter().map(|p| p.buf).collect();
-    assemble(dir, Format::Idx, bufs, sets, opts.pin, t0)
+    assemble(dir, format, bufs, sets, opts.pin, t0)
 }
 
 #[cfg(test)]
