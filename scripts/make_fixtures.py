@@ -29,6 +29,14 @@ a.dtype.newbyteorder('<')).tobytes()``, i.e. little-endian C order, what the
 loader must serve. A hostile file's ``error_any`` lists substrings of which
 the loader's error message must contain at least one.
 
+``.npz`` archives (Keras's ``mnist.npz`` layout: ``x_train, y_train,
+x_test, y_test``, written by ``np.savez`` and ``np.savez_compressed``) are
+listed under ``"npz"``, each with the ``valid_split`` to load it with; their
+expected tensors are what ``np.load`` reads back, as the loader serves them:
+x flattened to ``[n, values per example]`` (the same bytes), uint8 / int8 y
+widened to int64, train split into its first ``n - valid_split`` examples
+("train") and the rest ("valid"). Hostile ``.npz`` files join ``"hostile"``.
+
 Writers:
 * ``np2``: Python 3's own pickler with the installed numpy 2.x, whose
   streams name ``numpy._core.multiarray._reconstruct`` (protocols 0-4),
@@ -52,6 +60,7 @@ import shutil
 import sys
 import types
 import warnings
+import zipfile
 
 import numpy as np
 
@@ -195,6 +204,7 @@ class Out:
         self.root = root
         self.files = []
         self.hostile = []
+        self.npz = []
         self.names = set()
 
     def _write(self, rel: str, data: bytes):
@@ -495,6 +505,116 @@ def hostile(out: Out):
                "work budget")
 
 
+# ---------------------------------------------------------------------------
+# .npz (Keras mnist.npz layout)
+# ---------------------------------------------------------------------------
+
+def npz_arrays(seed, n_train=12, n_test=4, row=(28, 28), xdtype=np.uint8, ydtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    def x(n):
+        if np.dtype(xdtype).kind == "f":
+            return (rng.integers(0, 256, (n, *row)) / 256).astype(xdtype)
+        return rng.integers(0, 256, (n, *row)).astype(xdtype)
+    return {
+        "x_train": x(n_train), "y_train": rng.integers(0, 10, n_train).astype(ydtype),
+        "x_test": x(n_test), "y_test": rng.integers(0, 10, n_test).astype(ydtype),
+    }
+
+
+def npz_bytes(arrays, compressed: bool) -> bytes:
+    f = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(f, **arrays)
+    return f.getvalue()
+
+
+def expected_npz_sets(data: bytes, valid_split: int):
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        a = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    def xs(x):
+        return x.reshape(len(x), -1)
+    def ys(y):
+        return y.astype(np.int64) if y.dtype in (np.uint8, np.int8) else y
+    cut = len(a["x_train"]) - valid_split
+    parts = [("train", a["x_train"][:cut], a["y_train"][:cut])]
+    if valid_split:
+        parts.append(("valid", a["x_train"][cut:], a["y_train"][cut:]))
+    parts.append(("test", a["x_test"], a["y_test"]))
+    return [{"name": n, "examples": len(y), "x": expected_tensor(xs(x)), "y": expected_tensor(ys(y))}
+            for n, x, y in parts]
+
+
+def patch_central_size(data: bytes, member: str, size: int) -> bytes:
+    """Sets a member's uncompressed size in the central directory."""
+    b = bytearray(data)
+    p = bytes(b).find(b"PK\x01\x02")
+    while p >= 0:
+        n = int.from_bytes(b[p + 28:p + 30], "little")
+        if bytes(b[p + 46:p + 46 + n]) == member.encode():
+            b[p + 24:p + 28] = size.to_bytes(4, "little")
+            return bytes(b)
+        p = bytes(b).find(b"PK\x01\x02", p + 4)
+    raise KeyError(member)
+
+
+def npz(out: Out):
+    def accept(rel, data, description, valid_split):
+        out._write(rel, data)
+        out.npz.append({"file": rel, "description": description, "valid_split": valid_split,
+                        "sets": expected_npz_sets(data, valid_split)})
+    mnist = npz_arrays(SEED)
+    accept("npz/mnist-savez.npz", npz_bytes(mnist, False),
+           "mnist.npz layout: uint8 [n, 28, 28] images, uint8 labels, np.savez (stored)", 3)
+    accept("npz/mnist-compressed.npz", npz_bytes(mnist, True),
+           "mnist.npz layout, np.savez_compressed (deflated)", 3)
+    accept("npz/mnist-no-valid.npz", npz_bytes(mnist, True), "no validation set (--valid-split 0)", 0)
+    accept("npz/float-bigendian.npz",
+           npz_bytes(npz_arrays(SEED + 1, row=(3, 4), xdtype=">f4", ydtype=">i8"), True),
+           "big-endian float32 [n, 3, 4] images and int64 labels", 2)
+    accept("npz/int8-labels.npz", npz_bytes(npz_arrays(SEED + 2, row=(5,), ydtype=np.int8), False),
+           "1-D rows and int8 labels", 2)
+    h = "hostile/"
+    base = npz_arrays(SEED + 3)
+    obj = dict(base, y_train=np.array([1, "a"] * 6, dtype=object))
+    f = io.BytesIO()
+    np.savez(f, allow_pickle=True, **obj)
+    out.reject(h + "object-dtype.npz", f.getvalue(), "y_train is an object array (pickled)", "object arrays")
+    # x_test's header says 5 images instead of 4 (same header length)
+    lying = {k + ".npy": _npy(v) for k, v in base.items()}
+    lying["x_test.npy"] = lying["x_test.npy"].replace(b"'shape': (4, 28, 28)", b"'shape': (5, 28, 28)", 1)
+    assert b"(5, 28, 28)" in lying["x_test.npy"]
+    out.reject(h + "lying-shape.npz", _zip(lying), ".npy header claims more data than the member holds",
+               "needs 3920 bytes of data, the member holds 3136")
+    fortran = dict(base, x_train=np.asfortranarray(base["x_train"]))
+    out.reject(h + "fortran.npz", npz_bytes(fortran, False), "Fortran-order x_train", "fortran_order")
+    bomb = npz_bytes(dict(base, x_train=np.zeros((2000, 28, 28), np.uint8)), True)
+    out.reject(h + "bomb.npz", patch_central_size(bomb, "x_train.npy", 4096),
+               "x_train declares 4096 bytes in the central directory and inflates to 1.5 MB",
+               "inflates to more than the 4096 bytes")
+    whole = npz_bytes(base, True)
+    out.reject(h + "truncated.npz", whole[: len(whole) // 2], "an npz cut in half",
+               "end-of-central-directory")
+    members = {k + ".npy": _npy(v) for k, v in base.items()}
+    members["y_test.npy"] = b"not an npy array at all"
+    out.reject(h + "not-npy-member.npz", _zip(members), "y_test.npy is not a .npy array", ".npy magic")
+    f = io.BytesIO()
+    np.savez(f, images=base["x_train"], labels=base["y_train"])
+    out.reject(h + "other-keys.npz", f.getvalue(), "keys other than Keras's", "no member x_train.npy")
+
+
+def _zip(members: dict) -> bytes:
+    f = io.BytesIO()
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return f.getvalue()
+
+
+def _npy(a) -> bytes:
+    f = io.BytesIO()
+    np.save(f, a)
+    return f.getvalue()
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__.split("\n\n")[1])
@@ -502,24 +622,26 @@ def main():
     if os.path.isdir(root):
         for name in os.listdir(root):
             p = os.path.join(root, name)
-            if name == "manifest.json" or name == "hostile" or name.endswith((".pkl", ".pkl.gz")):
+            if name in ("manifest.json", "hostile", "npz") or name.endswith((".pkl", ".pkl.gz")):
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     os.makedirs(root, exist_ok=True)
     out = Out(root)
     accepted(out)
     hostile(out)
+    npz(out)
     manifest = {
         "generator": "scripts/make_fixtures.py",
         "numpy": np.__version__,
         "python": sys.version.split()[0],
         "files": out.files,
         "hostile": out.hostile,
+        "npz": out.npz,
     }
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-    total = sum(os.path.getsize(os.path.join(root, e["file"])) for e in out.files + out.hostile)
-    print(f"{root}: {len(out.files)} accepted, {len(out.hostile)} hostile files, {total} bytes")
+    total = sum(os.path.getsize(os.path.join(root, e["file"])) for e in out.files + out.hostile + out.npz)
+    print(f"{root}: {len(out.files)} accepted, {len(out.npz)} npz, {len(out.hostile)} hostile files, {total} bytes")
 
 
 if __name__ == "__main__":

@@ -525,7 +525,7 @@ mod tests {
     /// A `.npy` member (version 1.0) with `header` as its dict.
     pub fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
         let mut h = dict.to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');

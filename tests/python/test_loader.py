@@ -65,6 +65,9 @@ def pytest_generate_tests(metafunc):
     if "hostile" in metafunc.fixturenames:
         files = generated()[1]["hostile"]
         metafunc.parametrize("hostile", files, ids=[f["file"].removeprefix("hostile/") for f in files])
+    if "npz_file" in metafunc.fixturenames:
+        files = generated()[1]["npz"]
+        metafunc.parametrize("npz_file", files, ids=[f["file"].removeprefix("npz/") for f in files])
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +146,43 @@ def test_accepts(fixtures, accepted):
     assert got["format"] == ("pickle+gzip" if accepted["file"].endswith(".gz") else "pickle")
     assert Path(got["source"]).name == path.name
     assert_sets_match(got, accepted["sets"], f"{accepted['file']} ({accepted['description']})")
+
+
+def test_npz_accepts(fixtures, npz_file):
+    """Keras-layout .npz archives (np.savez and np.savez_compressed): the
+    same tensors as np.load reads, flattened and with widened labels, split
+    by --valid-split."""
+    path = fixtures / npz_file["file"]
+    r = run_inspect("--valid-split", str(npz_file["valid_split"]), str(path))
+    what = f"{npz_file['file']} ({npz_file['description']})"
+    assert r.returncode == 0, f"{what} was rejected:\n{r.stderr}"
+    got = json.loads(r.stdout)
+    assert got["format"] == "npz"
+    assert_sets_match(got, npz_file["sets"], what)
+
+
+def test_npz_as_keras_writes_it(tmp_path):
+    """An mnist.npz written here with np.savez_compressed, uint8 images and
+    labels: the sha256s of what np.load reads back, x flattened to [n, 784]
+    and y widened to int64."""
+    rng = np.random.default_rng(7)
+    a = {"x_train": rng.integers(0, 256, (9, 28, 28), dtype=np.uint8),
+         "y_train": rng.integers(0, 10, 9, dtype=np.uint8),
+         "x_test": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+         "y_test": rng.integers(0, 10, 3, dtype=np.uint8)}
+    path = tmp_path / "mnist.npz"
+    np.savez_compressed(path, **a)
+    r = run_inspect("--valid-split", "4", str(path))
+    assert r.returncode == 0, r.stderr
+    got = {s["name"]: s for s in json.loads(r.stdout)["sets"]}
+    want = {"train": (a["x_train"][:5], a["y_train"][:5]), "valid": (a["x_train"][5:], a["y_train"][5:]),
+            "test": (a["x_test"], a["y_test"])}
+    assert list(got) == list(want)
+    for name, (x, y) in want.items():
+        assert got[name]["x"]["dtype"] == "uint8" and got[name]["x"]["shape"] == [len(x), 784]
+        assert got[name]["x"]["sha256"] == sha256_le(x.reshape(len(x), -1))
+        assert got[name]["y"]["dtype"] == "int64" and got[name]["y"]["shape"] == [len(y)]
+        assert got[name]["y"]["sha256"] == sha256_le(y.astype(np.int64))
 
 
 def test_rejects(fixtures, hostile):
