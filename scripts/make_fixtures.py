@@ -29,7 +29,7 @@ a.dtype.newbyteorder('<')).tobytes()``, i.e. little-endian C order, what the
 loader must serve. A hostile file's ``error_any`` lists substrings of which
 the loader's error message must contain at least one.
 
-``.npz`` archives (Keras's ``mnist.npz`` layout: ``x_train, y_train,
+``.npz`` archives (and a directory of ``.npy`` files, ``npy-dir``) (Keras's ``mnist.npz`` layout: ``x_train, y_train,
 x_test, y_test``, written by ``np.savez`` and ``np.savez_compressed``) are
 listed under ``"npz"``, each with the ``valid_split`` to load it with; their
 expected tensors are what ``np.load`` reads back, as the loader serves them:
@@ -559,7 +559,7 @@ def patch_central_size(data: bytes, member: str, size: int) -> bytes:
 def npz(out: Out):
     def accept(rel, data, description, valid_split):
         out._write(rel, data)
-        out.npz.append({"file": rel, "description": description, "valid_split": valid_split,
+        out.npz.append({"file": rel, "format": "npz", "description": description, "valid_split": valid_split,
                         "sets": expected_npz_sets(data, valid_split)})
     mnist = npz_arrays(SEED)
     accept("npz/mnist-savez.npz", npz_bytes(mnist, False),
@@ -572,6 +572,13 @@ def npz(out: Out):
            "big-endian float32 [n, 3, 4] images and int64 labels", 2)
     accept("npz/int8-labels.npz", npz_bytes(npz_arrays(SEED + 2, row=(5,), ydtype=np.int8), False),
            "1-D rows and int8 labels", 2)
+    # the same arrays as np.save'd files in a directory
+    arrays = npz_arrays(SEED + 4, row=(2, 3), xdtype="<f8", ydtype=">i2")
+    for k, v in arrays.items():
+        out._write(f"npy-dir/{k}.npy", _npy(v))
+    out.npz.append({"file": "npy-dir", "format": "npy", "valid_split": 5,
+                    "description": "a directory of x_train.npy, y_train.npy, x_test.npy, y_test.npy (np.save)",
+                    "sets": expected_npz_sets(npz_bytes(arrays, False), 5)})
     h = "hostile/"
     base = npz_arrays(SEED + 3)
     obj = dict(base, y_train=np.array([1, "a"] * 6, dtype=object))
@@ -622,7 +629,7 @@ def main():
     if os.path.isdir(root):
         for name in os.listdir(root):
             p = os.path.join(root, name)
-            if name in ("manifest.json", "hostile", "npz") or name.endswith((".pkl", ".pkl.gz")):
+            if name in ("manifest.json", "hostile", "npz", "npy-dir") or name.endswith((".pkl", ".pkl.gz")):
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     os.makedirs(root, exist_ok=True)
     out = Out(root)

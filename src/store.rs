@@ -101,6 +101,7 @@ pub enum Format {
     PickleGzip,
     Idx,
     Npz,
+    Npy,
 }
 
 impl Format {
@@ -110,6 +111,7 @@ impl Format {
             Format::PickleGzip => "pickle+gzip",
             Format::Idx => "idx",
             Format::Npz => "npz",
+            Format::Npy => "npy",
         }
     }
 }

@@ -199,6 +199,9 @@ mod cgroup {
 /// Loads a dataset file (gzip'd or plain pickle) or an IDX directory.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
     if path.is_dir() {
+        if path.join("x_train.npy").is_file() {
+            return load_npy_dir(path, opts);
+        }
         return load_idx_dir(path, opts);
     }
     let raw = std::fs::read(path).map_err(|source| LoadError::Io {
@@ -607,6 +610,59 @@ fn load_npz(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, Load
     split_sets(path, Format::Npz, &files, parts, opts, t0)
 }
 
+/// Loads a directory holding [`NPZ_KEYS`] as `.npy` files (what
+/// `np.save` writes), by the `.npz` rules.
+fn load_npy_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
+    let t0 = Instant::now();
+    if let Some(key) = NPZ_KEYS
+        .iter()
+        .find(|k| !dir.join(format!("{k}.npy")).is_file())
+    {
+        return Err(LoadError::Format {
+            path: dir.into(),
+            what: format!(
+                "directory has x_train.npy but no {key}.npy (expected x_train, y_train, x_test, y_test .npy files)"
+            ),
+        });
+    }
+    let mut budget = opts.max_bytes;
+    let mut parts = Vec::new();
+    let mut files = Vec::new();
+    for (k, key) in NPZ_KEYS.iter().enumerate() {
+        let path = dir.join(format!("{key}.npy"));
+        let io = |source| LoadError::Io {
+            path: path.clone(),
+            source,
+        };
+        let len = std::fs::metadata(&path).map_err(io)?.len();
+        if len > budget as u64 {
+            return Err(LoadError::Dataset {
+                path: path.clone(),
+                what: format!(
+                    "{len} bytes exceed what the limit leaves ({budget} bytes; --max-dataset-bytes)"
+                ),
+            });
+        }
+        let raw = std::fs::read(&path).map_err(io)?;
+        if raw.is_empty() {
+            return Err(LoadError::Npy {
+                path,
+                member: None,
+                at: At::new(0, "empty file"),
+            });
+        }
+        let buf = HostBuffer::from_slice(&raw).map_err(|source| LoadError::Memory {
+            bytes: raw.len(),
+            source,
+        })?;
+        budget -= raw.len().min(budget);
+        parts.push(npy_part(&path, None, buf, k % 2 == 1)?);
+        files.push(path);
+    }
+    let files: [PathBuf; 4] = files.try_into().expect("four arrays");
+    split_sets(dir, Format::Npy, &files, parts, opts, t0)
+}
+
 /// One `.npy` array (a whole `.npz` member or file in `buf`), little-endian:
 /// images flattened to [n, values per example], labels 1-D, uint8 / int8
 /// labels widened to int64.
@@ -867,5 +923,90 @@ mod tests {
                 e => panic!("expected an IDX error, got {e}"),
             }
         }
+    }
+
+    fn keras_members(y_train: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+        let u8s = |n: usize, shape: &str| {
+            npz::tests::npy(
+                &format!("{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}"),
+                &(0..n).map(|i| i as u8).collect::<Vec<_>>(),
+            )
+        };
+        vec![
+            ("x_train.npy", u8s(5 * 4, "(5, 2, 2)")),
+            (
+                "y_train.npy",
+                npz::tests::npy(
+                    "{'descr': '|u1', 'fortran_order': False, 'shape': (5,), }",
+                    y_train,
+                ),
+            ),
+            ("x_test.npy", u8s(2 * 4, "(2, 2, 2)")),
+            ("y_test.npy", u8s(2, "(2,)")),
+        ]
+    }
+
+    #[test]
+    fn npz_in_keras_layout_splits_flattens_and_widens() {
+        let m = keras_members(&[9, 8, 7, 6, 5]);
+        let refs: Vec<(&str, &[u8])> = m.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+        let opts = LoadOptions {
+            pin: PinPolicy::Off,
+            valid_split: 2,
+            ..Default::default()
+        };
+        let ds = load_bytes(Path::new("k.npz"), &npz::tests::zip(&refs), &opts).unwrap();
+        assert_eq!(ds.format, Format::Npz);
+        let names: Vec<&str> = ds.sets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["train", "valid", "test"]);
+        let train = &ds.sets[0];
+        assert_eq!(
+            (train.x.dtype, train.x.shape.clone()),
+            (DType::U8, vec![3, 4])
+        );
+        assert_eq!(train.x.scale_divisor, Some(idx::PIXEL_DIVISOR));
+        assert_eq!(&train.x.data[..], &(0..12).collect::<Vec<u8>>()[..]);
+        assert_eq!(
+            (train.y.dtype, train.y.shape.clone()),
+            (DType::I64, vec![3])
+        );
+        assert_eq!(&ds.sets[1].y.data[..8], &6i64.to_le_bytes());
+        // a lying label header: named by file, member and offset
+        let mut m = keras_members(&[9, 8, 7, 6]);
+        m[1].1 = npz::tests::npy(
+            "{'descr': '|u1', 'fortran_order': False, 'shape': (5,), }",
+            &[1, 2, 3, 4],
+        );
+        let refs: Vec<(&str, &[u8])> = m.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+        let e = load_bytes(Path::new("k.npz"), &npz::tests::zip(&refs), &opts).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("k.npz: npy member y_train.npy: member byte 128"),
+            "{msg}"
+        );
+        assert_eq!(e.offset(), Some(128));
+    }
+
+    #[test]
+    fn npy_directory_loads_like_the_npz() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, data) in keras_members(&[1, 2, 3, 4, 5]) {
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let opts = LoadOptions {
+            pin: PinPolicy::Off,
+            valid_split: 0,
+            ..Default::default()
+        };
+        let ds = load(dir.path(), &opts).unwrap();
+        assert_eq!(ds.format, Format::Npy);
+        assert_eq!(ds.sets.len(), 2);
+        assert_eq!(ds.sets[0].x.shape, vec![5, 4]);
+        std::fs::write(dir.path().join("x_test.npy"), b"\x93NUMPY").unwrap();
+        let msg = load(dir.path(), &opts).unwrap_err().to_string();
+        assert!(msg.contains("x_test.npy: npy: byte 6: truncated"), "{msg}");
+        std::fs::remove_file(dir.path().join("y_test.npy")).unwrap();
+        let msg = load(dir.path(), &opts).unwrap_err().to_string();
+        assert!(msg.contains("no y_test.npy"), "{msg}");
     }
 }

@@ -286,6 +286,12 @@ pub const NPY_MAGIC: [u8; 6] = *b"\x93NUMPY";
 /// Parses a `.npy` header (versions 1.0, 2.0, 3.0) and checks the data's
 /// length against it. Offsets count bytes of `b`.
 pub fn npy_header(b: &[u8]) -> Result<NpyHeader, At> {
+    if b.len() >= 6 && b[..6] == NPY_MAGIC && b.len() < 10 {
+        return Err(At::new(
+            b.len(),
+            format!("truncated .npy header: the data ends at byte {}", b.len()),
+        ));
+    }
     if b.len() < 10 || b[..6] != NPY_MAGIC {
         return Err(At::new(
             0,
@@ -519,11 +525,11 @@ impl Lit<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A `.npy` member (version 1.0) with `header` as its dict.
-    pub fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
         let mut h = dict.to_string();
         while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
@@ -538,7 +544,7 @@ mod tests {
     }
 
     /// A zip of stored members.
-    pub fn zip(members: &[(&str, &[u8])]) -> Vec<u8> {
+    pub(crate) fn zip(members: &[(&str, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         let mut cd = Vec::new();
         for (name, data) in members {

@@ -149,7 +149,8 @@ def test_accepts(fixtures, accepted):
 
 
 def test_npz_accepts(fixtures, npz_file):
-    """Keras-layout .npz archives (np.savez and np.savez_compressed): the
+    """Keras-layout .npz archives (np.savez and np.savez_compressed) and a
+    directory of the same arrays as .npy files: the
     same tensors as np.load reads, flattened and with widened labels, split
     by --valid-split."""
     path = fixtures / npz_file["file"]
@@ -157,7 +158,7 @@ def test_npz_accepts(fixtures, npz_file):
     what = f"{npz_file['file']} ({npz_file['description']})"
     assert r.returncode == 0, f"{what} was rejected:\n{r.stderr}"
     got = json.loads(r.stdout)
-    assert got["format"] == "npz"
+    assert got["format"] == npz_file["format"]
     assert_sets_match(got, npz_file["sets"], what)
 
 
