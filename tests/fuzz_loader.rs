@@ -578,3 +578,152 @@ fn mutated_hostile_pickles_stay_linear() {
         check_outcome("hostile", &input, res);
     }
 }
+
+/// A `.npy` (version 1.0) of `data` under the header dict `dict`.
+fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = dict.to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut v = b"\x93NUMPY\x01\x00".to_vec();
+    v.extend((h.len() as u16).to_le_bytes());
+    v.extend(h.as_bytes());
+    v.extend(data);
+    v
+}
+
+/// Raw deflate at libdeflate's level 6.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    // SAFETY: as in gzip_best.
+    unsafe {
+        let c = libdeflate_sys::libdeflate_alloc_compressor(6);
+        assert!(!c.is_null());
+        let mut out = vec![0u8; data.len() + 1024];
+        let n = libdeflate_sys::libdeflate_deflate_compress(
+            c,
+            data.as_ptr() as *const _,
+            data.len(),
+            out.as_mut_ptr() as *mut _,
+            out.len(),
+        );
+        libdeflate_sys::libdeflate_free_compressor(c);
+        out.truncate(n);
+        out
+    }
+}
+
+/// A zip archive, as `np.savez` (stored) or `np.savez_compressed` (deflated) lays it out.
+fn zip(members: &[(&str, Vec<u8>)], deflated: bool) -> Vec<u8> {
+    let (mut out, mut cd) = (Vec::new(), Vec::new());
+    for (name, data) in members {
+        let off = out.len() as u32;
+        let body = if deflated {
+            deflate(data)
+        } else {
+            data.clone()
+        };
+        let mut common = vec![20u8, 0, 0, 0, if deflated { 8 } else { 0 }, 0, 0, 0, 0, 0];
+        common.extend(load::gzip::crc32(data).to_le_bytes());
+        common.extend((body.len() as u32).to_le_bytes());
+        common.extend((data.len() as u32).to_le_bytes());
+        common.extend((name.len() as u16).to_le_bytes());
+        common.extend(0u16.to_le_bytes());
+        out.extend(b"PK\x03\x04");
+        out.extend(&common);
+        out.extend(name.as_bytes());
+        out.extend(&body);
+        cd.extend(b"PK\x01\x02\x14\x00");
+        cd.extend(&common);
+        cd.extend([0u8; 10]);
+        cd.extend(off.to_le_bytes());
+        cd.extend(name.as_bytes());
+    }
+    let cd_off = out.len() as u32;
+    out.extend(&cd);
+    out.extend(b"PK\x05\x06\x00\x00\x00\x00");
+    out.extend((members.len() as u16).to_le_bytes());
+    out.extend((members.len() as u16).to_le_bytes());
+    out.extend((cd.len() as u32).to_le_bytes());
+    out.extend(cd_off.to_le_bytes());
+    out.extend([0u8; 2]);
+    out
+}
+
+/// Keras's mnist.npz layout: uint8 [3, 2, 2] / [2, 2, 2] images, uint8 labels.
+fn keras_members() -> Vec<(&'static str, Vec<u8>)> {
+    let u8s = |shape: &str, n: usize| {
+        npy(
+            &format!("{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}"),
+            &(0..n as u8).collect::<Vec<_>>(),
+        )
+    };
+    vec![
+        ("x_train.npy", u8s("(3, 2, 2)", 12)),
+        ("y_train.npy", u8s("(3,)", 3)),
+        ("x_test.npy", u8s("(2, 2, 2)", 8)),
+        ("y_test.npy", u8s("(2,)", 2)),
+    ]
+}
+
+#[test]
+fn mutated_npz_never_panic() {
+    let mut r = rng(0x2a7);
+    let members = keras_members();
+    for deflated in [false, true] {
+        let ds =
+            load::load_bytes(Path::new("seed.npz"), &zip(&members, deflated), &opts()).unwrap();
+        assert_eq!(ds.format, Format::Npz);
+        assert_eq!(ds.sets[0].x.shape, vec![2, 4]);
+    }
+    let (mut ok, mut err) = (0, 0);
+    for i in 0..iters() {
+        let deflated = i % 2 == 0;
+        // Half mutate the archive's bytes (caught by the zip reader or the
+        // CRC), half one member's .npy bytes in a well-formed archive.
+        let input = if i % 4 < 2 {
+            mutate(&zip(&members, deflated), &mut r)
+        } else {
+            let mut m = members.clone();
+            let k = (r() as usize) % m.len();
+            m[k].1 = mutate(&m[k].1, &mut r);
+            zip(&m, deflated)
+        };
+        match load::load_bytes(Path::new("fuzz.npz"), &input, &opts()) {
+            Ok(ds) => {
+                ok += 1;
+                assert_eq!(ds.format, Format::Npz);
+                for s in &ds.sets {
+                    assert_eq!(s.x.shape[0], s.y.shape[0], "set {}", s.name);
+                    for t in [&s.x, &s.y] {
+                        let numel: usize = t.shape.iter().product();
+                        assert_eq!(t.data.len(), numel * t.dtype.size());
+                    }
+                }
+            }
+            Err(e) => {
+                err += 1;
+                let msg = e.to_string();
+                assert!(msg.starts_with("fuzz.npz"), "error names the file: {msg}");
+                match &e {
+                    LoadError::Zip { at, .. } => assert!(at.offset <= input.len() as u64, "{msg}"),
+                    LoadError::Npy { member, at, .. } => {
+                        assert!(member.is_some(), "{msg}");
+                        assert!(at.offset <= 1 << 20, "{msg}");
+                    }
+                    LoadError::Format { .. } | LoadError::Dataset { .. } => {}
+                    // a mutated magic: no longer a zip, read as a pickle
+                    LoadError::Pickle { .. }
+                    | LoadError::Layout { .. }
+                    | LoadError::WorkBudget { .. }
+                        if !input.starts_with(&load::npz::MAGIC) => {}
+                    other => panic!("unexpected error: {other}"),
+                }
+            }
+        }
+    }
+    assert!(
+        err > ok,
+        "most mutations must be caught ({ok} ok, {err} errors)"
+    );
+}

@@ -179,13 +179,29 @@ pub fn members(raw: &[u8]) -> Result<Vec<Member>, At> {
 /// Offsets in errors count bytes of the file.
 pub fn extract(raw: &[u8], m: &Member, budget: usize) -> Result<HostBuffer, At> {
     let lh = usize::try_from(m.local_header).unwrap_or(usize::MAX);
-    if lh.checked_add(30).is_none_or(|e| e > raw.len()) || u32_at(raw, lh) != LFH_SIG {
+    if lh.checked_add(30).is_none_or(|e| e > raw.len()) {
         return Err(At::new(
-            m.local_header,
-            "expected a local file header (PK 03 04)",
+            m.entry + 42,
+            format!(
+                "the local header offset {} lies past the end of the file at byte {} (truncated archive)",
+                m.local_header,
+                raw.len()
+            ),
         ));
     }
+    if u32_at(raw, lh) != LFH_SIG {
+        return Err(At::new(lh, "expected a local file header (PK 03 04)"));
+    }
     let data = lh + 30 + u16_at(raw, lh + 26) as usize + u16_at(raw, lh + 28) as usize;
+    if data > raw.len() {
+        return Err(At::new(
+            lh + 26,
+            format!(
+                "the local header's name and extra field run past the end of the file at byte {} (truncated archive)",
+                raw.len()
+            ),
+        ));
+    }
     let csize = usize::try_from(m.compressed).unwrap_or(usize::MAX);
     if data.checked_add(csize).is_none_or(|e| e > raw.len()) {
         return Err(At::new(
