@@ -13,6 +13,7 @@ use minibatchd::cli::inspect::Report;
 use minibatchd::cli::npy::npy;
 use minibatchd::client::BatchRequest;
 use minibatchd::load::{self, PinPolicy};
+use minibatchd::memory::Backing;
 
 /// mimalloc instead of glibc malloc: minibatch-sized buffers (MBs, freed at
 /// once) sent glibc to mmap and back per minibatch, and page faults were a
@@ -92,7 +93,13 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         a.metrics_max_connections
     };
     minibatchd::server::make_room_for_fds(minibatchd::server::fds_needed(&opts, metrics_conns));
-    let ds = Arc::new(a.load.load(a.pin())?);
+    // Memory other processes can map only when some can attach (--uds).
+    let backing = if opts.uds.is_some() {
+        Backing::Shared
+    } else {
+        Backing::Private
+    };
+    let ds = Arc::new(a.load.load(a.pin(), backing)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -140,7 +147,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         valid_split: a.valid_split,
         max_dataset_bytes: None,
     };
-    let ds = la.load(PinPolicy::Off)?;
+    let ds = la.load(PinPolicy::Off, Backing::Private)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let stats = minibatchd::analyze::dataset_stats(&ds);
     let report = Report::new(&ds, &stats, load_ms, t0.elapsed().as_secs_f64() * 1e3);
@@ -155,7 +162,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
 fn inflate(path: &Path) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let out = minibatchd::load::gzip::inflate(&raw, load::default_max_bytes())
+    let out = minibatchd::load::gzip::inflate(&raw, load::default_max_bytes(), Backing::Private)
         .map_err(|at| anyhow::anyhow!("{}: byte {}: {}", path.display(), at.offset, at.what))?;
     println!(
         "{} bytes in {:.1} ms",

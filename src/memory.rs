@@ -38,8 +38,22 @@ pub enum PinState {
     NotPinned(String),
 }
 
+/// Where a buffer's pages live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// A memfd of its own: other processes can map it by descriptor
+    /// (attach). Falls back to anonymous memory where memfds are refused.
+    #[default]
+    Shared,
+    /// Anonymous memory, the daemon's alone: cheaper to fill (a full-size
+    /// MNIST daemon was ready in 112 ms against 140 ms in memfds, same run,
+    /// BENCHMARKS.md "Issue 12"), so a daemon nobody can attach to (no
+    /// `--uds`) does not pay for sharing.
+    Private,
+}
+
 /// A page-aligned, optionally locked allocation: a shared mapping of its
-/// own memfd (or anonymous memory where memfds are refused).
+/// own memfd, or anonymous memory ([`Backing`]).
 pub struct HostBuffer {
     ptr: NonNull<u8>,
     /// Bytes in use (what `as_slice` shows).
@@ -109,16 +123,19 @@ static MEMFD_REFUSED: std::sync::Once = std::sync::Once::new();
 impl HostBuffer {
     /// Maps `len` zeroed bytes. Pages are only touched (and counted in RSS)
     /// when written.
-    pub fn zeroed(len: usize) -> std::io::Result<Self> {
+    pub fn zeroed(len: usize, backing: Backing) -> std::io::Result<Self> {
         let cap = round_up(len, page_size());
-        let fd = match memfd(cap) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                MEMFD_REFUSED.call_once(|| {
-                    tracing::warn!(error = %e, "memfd_create failed: dataset memory is anonymous, and same-host clients cannot attach to it");
-                });
-                None
-            }
+        let fd = match backing {
+            Backing::Private => None,
+            Backing::Shared => match memfd(cap) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    MEMFD_REFUSED.call_once(|| {
+                        tracing::warn!(error = %e, "memfd_create failed: dataset memory is anonymous, and same-host clients cannot attach to it");
+                    });
+                    None
+                }
+            },
         };
         let (flags, raw) = match &fd {
             Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
@@ -149,8 +166,8 @@ impl HostBuffer {
     }
 
     /// Copies `data` into a new buffer.
-    pub fn from_slice(data: &[u8]) -> std::io::Result<Self> {
-        let mut b = Self::zeroed(data.len())?;
+    pub fn from_slice(data: &[u8], backing: Backing) -> std::io::Result<Self> {
+        let mut b = Self::zeroed(data.len(), backing)?;
         b.as_mut_slice().copy_from_slice(data);
         Ok(b)
     }
@@ -462,7 +479,14 @@ mod tests {
 
     #[test]
     fn grows_and_shrinks_keeping_contents() {
-        let mut b = HostBuffer::zeroed(10).unwrap();
+        for backing in [Backing::Shared, Backing::Private] {
+            grows_and_shrinks(backing);
+        }
+    }
+
+    fn grows_and_shrinks(backing: Backing) {
+        let mut b = HostBuffer::zeroed(10, backing).unwrap();
+        assert_eq!(b.fd.is_some(), backing == Backing::Shared);
         b.as_mut_slice().copy_from_slice(b"0123456789");
         b.resize(3 * 4096 + 5).unwrap();
         assert_eq!(&b.as_slice()[..10], b"0123456789");
@@ -502,7 +526,7 @@ mod tests {
     #[test]
     fn frozen_memory_is_sealed_read_only_and_keeps_its_bytes() {
         for future_write in [true, false] {
-            let mut b = HostBuffer::zeroed(10).unwrap();
+            let mut b = HostBuffer::zeroed(10, Backing::Shared).unwrap();
             b.resize(3 * 4096 + 5).unwrap();
             b.as_mut_slice()[..10].copy_from_slice(b"0123456789");
             let r = b.freeze_with(future_write).unwrap();
@@ -526,7 +550,7 @@ mod tests {
 
     #[test]
     fn empty_buffer_is_valid() {
-        let b = HostBuffer::zeroed(0).unwrap();
+        let b = HostBuffer::zeroed(0, Backing::Shared).unwrap();
         assert!(b.is_empty());
         assert_eq!(b.as_slice(), b"");
     }

@@ -14,7 +14,7 @@
 use bytes::Bytes;
 
 pub use crate::dtype::DType;
-use crate::memory::{PinState, Resident};
+use crate::memory::{Backing, PinState, Resident};
 
 /// One tensor: `shape[0]` examples of `shape[1..]` elements each.
 #[derive(Debug, Clone)]
@@ -135,6 +135,16 @@ pub struct Dataset {
 impl Dataset {
     pub fn set(&self, name: &str) -> Option<&Set> {
         self.sets.iter().find(|s| s.name == name)
+    }
+
+    /// Whether the dataset lives in shared memory (memfds), so that copies
+    /// derived from it (mirrors) should too.
+    pub fn backing(&self) -> Backing {
+        if !self.memory.is_empty() && self.memory.iter().all(|m| m.fd().is_some()) {
+            Backing::Shared
+        } else {
+            Backing::Private
+        }
     }
 
     /// Where `t`'s bytes lie in [`memory`](Self::memory): (buffer, offset).

@@ -9,6 +9,7 @@
 //! clock: each must fail with its own error after work linear in its size.
 mod common;
 
+use minibatchd::memory::Backing;
 use std::path::Path;
 
 use common::rng;
@@ -120,6 +121,7 @@ fn opts() -> LoadOptions {
         max_bytes: 1 << 26,
         valid_split: 1,
         pin: PinPolicy::Off,
+        backing: Backing::Private,
     }
 }
 
@@ -173,7 +175,7 @@ fn check_outcome(name: &str, input: &[u8], r: Result<Dataset, LoadError>) {
     };
     let len = match stream {
         Stream::File => input.len(),
-        Stream::Decompressed => load::gzip::inflate(input, opts().max_bytes)
+        Stream::Decompressed => load::gzip::inflate(input, opts().max_bytes, Backing::Private)
             .expect("an error in the decompressed stream means it inflated")
             .len(),
     };
@@ -376,7 +378,13 @@ fn offset_of(p: &[u8], pat: &[u8], k: usize) -> u64 {
 fn read_counting(name: &str, p: &[u8]) -> (Result<(), LoadError>, u64) {
     let mut buf = p.to_vec();
     let mut work = Work::for_input(buf.len());
-    let r = load::read_pickle(Path::new(name), &mut buf, Stream::Decompressed, &mut work);
+    let r = load::read_pickle(
+        Path::new(name),
+        &mut buf,
+        Stream::Decompressed,
+        &mut work,
+        Backing::Private,
+    );
     (r.map(drop), work.used())
 }
 
@@ -504,6 +512,7 @@ fn work_budget_stops_repeated_copies_with_file_and_offset() {
         &mut seed.clone(),
         Stream::File,
         &mut work,
+        Backing::Private,
     )
     .unwrap_err();
     assert!(
@@ -524,6 +533,7 @@ fn work_budget_stops_repeated_copies_with_file_and_offset() {
         &mut seed.clone(),
         Stream::File,
         &mut work,
+        Backing::Private,
     )
     .unwrap();
     assert!(work.used() < 4 * seed.len() as u64, "{} steps", work.used());
@@ -531,16 +541,21 @@ fn work_budget_stops_repeated_copies_with_file_and_offset() {
 
 #[test]
 fn the_bundled_sample_needs_a_small_fraction_of_its_budget() {
-    let mut buf = load::gzip::inflate(minibatchd::BUNDLED_SAMPLE, opts().max_bytes)
-        .unwrap()
-        .as_slice()
-        .to_vec();
+    let mut buf = load::gzip::inflate(
+        minibatchd::BUNDLED_SAMPLE,
+        opts().max_bytes,
+        Backing::Private,
+    )
+    .unwrap()
+    .as_slice()
+    .to_vec();
     let mut work = Work::for_input(buf.len());
     load::read_pickle(
         Path::new("sample"),
         &mut buf,
         Stream::Decompressed,
         &mut work,
+        Backing::Private,
     )
     .unwrap();
     // WORK_PER_BYTE's doc comment quotes this: little-endian C-order

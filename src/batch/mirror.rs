@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use super::convert::{self, Conversion};
 use super::crc::RowCrcs;
-use crate::memory::{HostBuffer, Resident};
+use crate::memory::{Backing, HostBuffer, Resident};
 use crate::metrics::Metrics;
 use crate::store::{DType, Tensor};
 
@@ -35,9 +35,14 @@ pub struct Mirror {
 
 impl Mirror {
     /// Converts all of `t` (blocking: seconds of CPU for large sets).
-    pub fn build(t: &Tensor, conv: Conversion, pin: bool) -> std::io::Result<Self> {
+    pub fn build(
+        t: &Tensor,
+        conv: Conversion,
+        pin: bool,
+        backing: Backing,
+    ) -> std::io::Result<Self> {
         let len = t.examples() * t.row_elems() * conv.to.size();
-        let mut buf = HostBuffer::zeroed(len)?;
+        let mut buf = HostBuffer::zeroed(len, backing)?;
         convert::convert_into(&t.data, &conv, buf.as_mut_slice());
         if pin {
             buf.lock();
@@ -88,6 +93,7 @@ impl Mirrors {
         x: &Tensor,
         conv: Conversion,
         pin: bool,
+        backing: Backing,
         metrics: &Arc<Metrics>,
     ) -> Option<Arc<Mirror>> {
         let key = conv.to;
@@ -104,7 +110,7 @@ impl Mirrors {
             .name("mirror".into())
             .spawn(move || {
                 let t0 = Instant::now();
-                let slot = match Mirror::build(&x, conv, pin) {
+                let slot = match Mirror::build(&x, conv, pin, backing) {
                     Ok(m) => {
                         let bytes = m.tensor.data.len() as u64;
                         metrics
@@ -142,10 +148,11 @@ impl Mirrors {
         x: &Tensor,
         conv: Conversion,
         pin: bool,
+        backing: Backing,
         metrics: &Arc<Metrics>,
     ) -> Result<Arc<Mirror>, String> {
         loop {
-            if let Some(m) = self.get_or_start(&label, x, conv, pin, metrics) {
+            if let Some(m) = self.get_or_start(&label, x, conv, pin, backing, metrics) {
                 return Ok(m);
             }
             let failed = matches!(
@@ -191,7 +198,7 @@ mod tests {
             to: DType::U8,
             scale_divisor: 256,
         };
-        let m = Mirror::build(&t, conv, false).unwrap();
+        let m = Mirror::build(&t, conv, false, Backing::Private).unwrap();
         assert_eq!(m.tensor.scale_divisor, Some(256));
         let sel = Selection::Indices(vec![39, 0, 7, 7, 12]);
         let direct = gather_all(&t, &sel, &conv);

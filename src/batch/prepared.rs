@@ -145,9 +145,10 @@ impl PreparedTensor {
             // Named only when a build starts: this runs per minibatch.
             let label = || format!("{set}.{}", self.name);
             let pin = p.dataset.pin == PinState::Pinned;
-            if let Some(m) = self
-                .mirrors
-                .get_or_start(label, &self.tensor, conv, pin, &p.metrics)
+            let backing = p.dataset.backing();
+            if let Some(m) =
+                self.mirrors
+                    .get_or_start(label, &self.tensor, conv, pin, backing, &p.metrics)
             {
                 return Source {
                     rows: Rows::Tensor {
@@ -182,7 +183,14 @@ impl PreparedTensor {
         let label = || format!("{set}.{}", self.name);
         let pin = p.dataset.pin == PinState::Pinned;
         self.mirrors
-            .ready(label, &self.tensor, conv, pin, &p.metrics)
+            .ready(
+                label,
+                &self.tensor,
+                conv,
+                pin,
+                p.dataset.backing(),
+                &p.metrics,
+            )
             .await
     }
 }

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::cli::loadgen::{LoadSpec, Method};
 use crate::client::Client;
 use crate::load::{self, LoadOptions, PinPolicy};
+use crate::memory::Backing;
 use crate::service::{Limits, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::store::{DType, Dataset};
 
@@ -78,13 +79,16 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
-    pub fn load(&self, pin: PinPolicy) -> anyhow::Result<Dataset> {
+    /// Loads the dataset into `backing`: shared memory only where a client
+    /// can attach to it (`serve --uds`).
+    pub fn load(&self, pin: PinPolicy, backing: Backing) -> anyhow::Result<Dataset> {
         let opts = LoadOptions {
             max_bytes: self
                 .max_dataset_bytes
                 .unwrap_or_else(load::default_max_bytes),
             valid_split: self.valid_split,
             pin,
+            backing,
         };
         // An empty MINIBATCHD_DATA (compose files often pass one) means "unset".
         Ok(

@@ -8,7 +8,7 @@
 //! members over 4 GiB whose ISIZE wrapped) the buffer grows with `mremap` and
 //! the member is inflated again.
 use crate::load::error::At;
-use crate::memory::{HostBuffer, Prefaulter};
+use crate::memory::{Backing, HostBuffer, Prefaulter};
 
 /// gzip magic bytes.
 pub const MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -198,13 +198,13 @@ pub fn crc32(data: &[u8]) -> u32 {
 /// Inflates a whole gzip file (one or more members) into a new host buffer,
 /// checking every member's CRC-32 and ISIZE, and refusing trailing bytes
 /// other than zero padding (which gzip and Python's gzip module accept).
-pub fn inflate(input: &[u8], max_bytes: usize) -> Result<HostBuffer, At> {
+pub fn inflate(input: &[u8], max_bytes: usize, backing: Backing) -> Result<HostBuffer, At> {
     let guess = if input.len() >= 18 {
         u32::from_le_bytes(input[input.len() - 4..].try_into().unwrap()) as usize
     } else {
         0
     };
-    let mut out = HostBuffer::zeroed(guess.clamp(1, max_bytes.max(1))).map_err(|e| {
+    let mut out = HostBuffer::zeroed(guess.clamp(1, max_bytes.max(1)), backing).map_err(|e| {
         At::new(
             0,
             format!("cannot allocate {guess} bytes for the output: {e}"),
@@ -300,13 +300,15 @@ mod tests {
     #[test]
     fn inflates_one_and_several_members() {
         assert_eq!(
-            inflate(&member(b"hello"), 1 << 20).unwrap().as_slice(),
+            inflate(&member(b"hello"), 1 << 20, Backing::Private)
+                .unwrap()
+                .as_slice(),
             b"hello"
         );
         let mut two = member(b"hello ");
         two.extend(member(b"world, a longer second member"));
         assert_eq!(
-            inflate(&two, 1 << 20).unwrap().as_slice(),
+            inflate(&two, 1 << 20, Backing::Private).unwrap().as_slice(),
             b"hello world, a longer second member"
         );
     }
@@ -315,11 +317,14 @@ mod tests {
     fn zero_padding_is_accepted_garbage_is_not() {
         let mut f = member(b"abc");
         f.extend([0, 0, 0]);
-        assert_eq!(inflate(&f, 1 << 20).unwrap().as_slice(), b"abc");
+        assert_eq!(
+            inflate(&f, 1 << 20, Backing::Private).unwrap().as_slice(),
+            b"abc"
+        );
         let mut g = member(b"abc");
         let end = g.len();
         g.extend(b"xyz");
-        let e = inflate(&g, 1 << 20).unwrap_err();
+        let e = inflate(&g, 1 << 20, Backing::Private).unwrap_err();
         assert_eq!(e.offset, end as u64);
         assert!(e.what.contains("trailing garbage"), "{}", e.what);
     }
@@ -329,25 +334,25 @@ mod tests {
         let mut f = member(b"abcdef");
         let n = f.len();
         f[n - 8] ^= 1;
-        let e = inflate(&f, 1 << 20).unwrap_err();
+        let e = inflate(&f, 1 << 20, Backing::Private).unwrap_err();
         assert_eq!(e.offset, (n - 8) as u64);
         assert!(e.what.contains("CRC-32 mismatch"), "{}", e.what);
 
         let f = member(b"abcdef");
-        let e = inflate(&f[..f.len() - 3], 1 << 20).unwrap_err();
+        let e = inflate(&f[..f.len() - 3], 1 << 20, Backing::Private).unwrap_err();
         assert!(
             e.what.contains("truncated") || e.what.contains("ends early"),
             "{}",
             e.what
         );
-        let e = inflate(&f[..5], 1 << 20).unwrap_err();
+        let e = inflate(&f[..5], 1 << 20, Backing::Private).unwrap_err();
         assert!(e.what.contains("truncated gzip header"), "{}", e.what);
     }
 
     #[test]
     fn limit_stops_a_bomb() {
         let f = member(&[7u8; 5000]);
-        let e = inflate(&f, 100).unwrap_err();
+        let e = inflate(&f, 100, Backing::Private).unwrap_err();
         assert!(e.what.contains("exceeds the limit"), "{}", e.what);
     }
 }

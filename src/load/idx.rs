@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::load::error::At;
-use crate::memory::HostBuffer;
+use crate::memory::{Backing, HostBuffer};
 use crate::store::DType;
 
 /// Pixel scale of IDX uint8 images when served as floats: value = byte / 256.
@@ -112,8 +112,8 @@ pub fn to_little_endian(b: &mut [u8], dtype: DType) {
 }
 
 /// Widens uint8 (or int8) labels to int64 in a buffer of their own.
-pub fn widen_labels(b: &[u8], dtype: DType) -> std::io::Result<HostBuffer> {
-    let mut out = HostBuffer::zeroed(b.len() * 8)?;
+pub fn widen_labels(b: &[u8], dtype: DType, backing: Backing) -> std::io::Result<HostBuffer> {
+    let mut out = HostBuffer::zeroed(b.len() * 8, backing)?;
     for (i, &v) in b.iter().enumerate() {
         let x = if dtype == DType::I8 {
             v as i8 as i64

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use crate::load::error::At;
 use crate::load::pickle::{ArrayObj, DTypeObj, Object, Parsed, Span, Value};
 use crate::load::work::Work;
-use crate::memory::HostBuffer;
+use crate::memory::{Backing, HostBuffer};
 use crate::store::DType;
 
 /// Names given to the three pairs, in file order, as the tutorial does.
@@ -44,11 +44,17 @@ pub struct PlannedSet {
 /// Checks the layout and normalizes arrays. May rewrite `buf` in place
 /// (byte swaps); never copies an array that is already little-endian C order.
 /// Swaps, transposes and stacks are counted against `work`.
-pub fn plan(p: &Parsed, buf: &mut [u8], work: &mut Work) -> Result<Vec<PlannedSet>, At> {
+pub fn plan(
+    p: &Parsed,
+    buf: &mut [u8],
+    work: &mut Work,
+    backing: Backing,
+) -> Result<Vec<PlannedSet>, At> {
     let mut cx = Cx {
         p,
         buf,
         work,
+        backing,
         swapped: HashSet::new(),
     };
     let top = cx.items(
@@ -89,6 +95,8 @@ struct Cx<'a> {
     p: &'a Parsed,
     buf: &'a mut [u8],
     work: &'a mut Work,
+    /// Where arrays that must be copied (transposed, stacked) go.
+    backing: Backing,
     /// Spans already byte-swapped (an array referenced twice is swapped once).
     swapped: HashSet<usize>,
 }
@@ -218,7 +226,7 @@ impl<'a> Cx<'a> {
         }
         let storage = if a.fortran && a.shape.len() > 1 {
             self.work.charge(need / dtype.size() + a.shape.len(), at)?;
-            let mut out = HostBuffer::zeroed(need)
+            let mut out = HostBuffer::zeroed(need, self.backing)
                 .map_err(|e| At::new(at, format!("{what}: cannot allocate {need} bytes: {e}")))?;
             fortran_to_c(
                 &self.buf[span.start..span.end],
@@ -293,7 +301,7 @@ impl<'a> Cx<'a> {
         let row_bytes = first.span.len();
         let total = row_bytes * n;
         self.work.charge(total / first.dtype.size(), at)?;
-        let mut out = HostBuffer::zeroed(total)
+        let mut out = HostBuffer::zeroed(total, self.backing)
             .map_err(|e| At::new(at, format!("{what}: cannot allocate {total} bytes: {e}")))?;
         for (i, (span, order)) in parts.iter().enumerate() {
             let dst = &mut out.as_mut_slice()[i * row_bytes..(i + 1) * row_bytes];
@@ -314,7 +322,7 @@ impl<'a> Cx<'a> {
     /// Labels as a list of Python ints (or bools): int64, one per item.
     fn int_labels(&mut self, items: &[Value], at: usize, what: &str) -> Result<PlannedTensor, At> {
         let n = items.len();
-        let mut out = HostBuffer::zeroed(n * 8)
+        let mut out = HostBuffer::zeroed(n * 8, self.backing)
             .map_err(|e| At::new(at, format!("{what}: cannot allocate: {e}")))?;
         for (i, v) in items.iter().enumerate() {
             let x = match *v {

@@ -20,7 +20,7 @@ use std::time::Instant;
 pub use error::{At, LoadError, Stream};
 pub use work::Work;
 
-use crate::memory::{HostBuffer, PinState};
+use crate::memory::{Backing, HostBuffer, PinState};
 use crate::store::{DType, Dataset, Format, Set, Tensor};
 
 /// What to do when the memory cannot be locked.
@@ -46,6 +46,12 @@ pub struct LoadOptions {
     /// deeplearning.net's 50,000 / 10,000 split.
     pub valid_split: usize,
     pub pin: PinPolicy,
+    /// Where the dataset's memory lives: memfds that same-host clients can
+    /// attach to (the default), or the daemon's private memory, cheaper to
+    /// fill, when nothing will attach (`serve` without `--uds`, `inspect`).
+    /// Tensors are moved to aligned offsets only in shared memory, where
+    /// clients see them.
+    pub backing: Backing,
 }
 
 impl Default for LoadOptions {
@@ -54,6 +60,7 @@ impl Default for LoadOptions {
             max_bytes: default_max_bytes(),
             valid_split: 10_000,
             pin: PinPolicy::Try,
+            backing: Backing::Shared,
         }
     }
 }
@@ -235,7 +242,13 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
         });
     }
     let mut work = Work::for_input(buf.len());
-    let planned = read_pickle(path, buf.as_mut_slice(), container.stream(), &mut work)?;
+    let planned = read_pickle(
+        path,
+        buf.as_mut_slice(),
+        container.stream(),
+        &mut work,
+        opts.backing,
+    )?;
     // Buffer 0 is the decompressed stream; tensors that could not be served
     // from it (transposed, stacked) follow in buffers of their own.
     let mut bufs = vec![buf];
@@ -266,7 +279,7 @@ pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset
             y,
         });
     }
-    assemble(path, format, bufs, sets, opts.pin, t0)
+    assemble(path, format, bufs, sets, opts, t0)
 }
 
 /// The pickle passes of [`load_bytes`] on an already decompressed buffer:
@@ -278,6 +291,7 @@ pub fn read_pickle(
     buf: &mut [u8],
     stream: Stream,
     work: &mut Work,
+    backing: Backing,
 ) -> Result<Vec<layout::PlannedSet>, LoadError> {
     let t0 = Instant::now();
     let fail = |stage: &'static str, at: At, work: &Work| {
@@ -296,7 +310,8 @@ pub fn read_pickle(
         }
     };
     let parsed = pickle::parse(buf, work).map_err(|at| fail("pickle", at, work))?;
-    let planned = layout::plan(&parsed, buf, work).map_err(|at| fail("layout", at, work))?;
+    let planned =
+        layout::plan(&parsed, buf, work, backing).map_err(|at| fail("layout", at, work))?;
     tracing::debug!(
         ms = t0.elapsed().as_millis() as u64,
         protocol = parsed.protocol,
@@ -396,11 +411,13 @@ fn assemble(
     format: Format,
     mut bufs: Vec<HostBuffer>,
     mut sets: Vec<SetSpec>,
-    pin: PinPolicy,
+    opts: &LoadOptions,
     t0: Instant,
 ) -> Result<Dataset, LoadError> {
-    align_tensors(&mut bufs, &mut sets);
-    let pin = pin_all(bufs.iter_mut(), pin)?;
+    if opts.backing == Backing::Shared {
+        align_tensors(&mut bufs, &mut sets);
+    }
+    let pin = pin_all(bufs.iter_mut(), opts.pin)?;
     let memory_bytes = bufs.iter().map(|b| b.capacity()).sum();
     let memory = bufs
         .into_iter()
@@ -438,6 +455,7 @@ fn assemble(
         format = format.name(),
         ms = t0.elapsed().as_millis() as u64,
         tensor_bytes = ds.tensor_bytes(),
+        shared = ds.backing() == Backing::Shared,
         "loaded"
     );
     Ok(ds)
@@ -450,10 +468,11 @@ fn decode_container(
     opts: &LoadOptions,
 ) -> Result<(HostBuffer, Container), LoadError> {
     if raw.starts_with(&gzip::MAGIC) {
-        let buf = gzip::inflate(raw, opts.max_bytes).map_err(|at| LoadError::Gzip {
-            path: path.into(),
-            at,
-        })?;
+        let buf =
+            gzip::inflate(raw, opts.max_bytes, opts.backing).map_err(|at| LoadError::Gzip {
+                path: path.into(),
+                at,
+            })?;
         Ok((buf, Container::Gzip))
     } else {
         if raw.len() > opts.max_bytes {
@@ -466,10 +485,11 @@ fn decode_container(
                 ),
             });
         }
-        let buf = HostBuffer::from_slice(raw).map_err(|source| LoadError::Memory {
-            bytes: raw.len(),
-            source,
-        })?;
+        let buf =
+            HostBuffer::from_slice(raw, opts.backing).map_err(|source| LoadError::Memory {
+                bytes: raw.len(),
+                source,
+            })?;
         Ok((buf, Container::Plain))
     }
 }
@@ -543,19 +563,29 @@ fn read_idx(path: &Path, labels: bool, opts: &LoadOptions) -> Result<IdxPart, Lo
             format!("labels must be 1-D, found shape {:?}", h.shape),
         )));
     }
-    label_part(&buf.as_slice()[h.data_start..], h.dtype, h.shape)
+    label_part(
+        &buf.as_slice()[h.data_start..],
+        h.dtype,
+        h.shape,
+        opts.backing,
+    )
 }
 
 /// A label array in a buffer of its own, uint8 / int8 widened to int64.
-fn label_part(data: &[u8], dtype: DType, shape: Vec<usize>) -> Result<IdxPart, LoadError> {
+fn label_part(
+    data: &[u8],
+    dtype: DType,
+    shape: Vec<usize>,
+    backing: Backing,
+) -> Result<IdxPart, LoadError> {
     let (own, dtype) = if matches!(dtype, DType::U8 | DType::I8) {
-        let w = idx::widen_labels(data, dtype).map_err(|source| LoadError::Memory {
+        let w = idx::widen_labels(data, dtype, backing).map_err(|source| LoadError::Memory {
             bytes: data.len() * 8,
             source,
         })?;
         (w, DType::I64)
     } else {
-        let b = HostBuffer::from_slice(data).map_err(|source| LoadError::Memory {
+        let b = HostBuffer::from_slice(data, backing).map_err(|source| LoadError::Memory {
             bytes: data.len(),
             source,
         })?;
@@ -600,9 +630,16 @@ fn load_npz(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, Load
                 ),
             });
         };
-        let buf = npz::extract(raw, m, budget).map_err(|at| zip_err(Some(&m.name), at))?;
+        let buf =
+            npz::extract(raw, m, budget, opts.backing).map_err(|at| zip_err(Some(&m.name), at))?;
         budget -= buf.len();
-        parts.push(npy_part(path, Some(&m.name), buf, k % 2 == 1)?);
+        parts.push(npy_part(
+            path,
+            Some(&m.name),
+            buf,
+            k % 2 == 1,
+            opts.backing,
+        )?);
         files.push(PathBuf::from(format!("{}:{}", path.display(), m.name)));
     }
     tracing::info!(path = %path.display(), format = "npz", ms = t0.elapsed().as_millis() as u64, "read");
@@ -651,12 +688,13 @@ fn load_npy_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
                 at: At::new(0, "empty file"),
             });
         }
-        let buf = HostBuffer::from_slice(&raw).map_err(|source| LoadError::Memory {
-            bytes: raw.len(),
-            source,
-        })?;
+        let buf =
+            HostBuffer::from_slice(&raw, opts.backing).map_err(|source| LoadError::Memory {
+                bytes: raw.len(),
+                source,
+            })?;
         budget -= raw.len().min(budget);
-        parts.push(npy_part(&path, None, buf, k % 2 == 1)?);
+        parts.push(npy_part(&path, None, buf, k % 2 == 1, opts.backing)?);
         files.push(path);
     }
     let files: [PathBuf; 4] = files.try_into().expect("four arrays");
@@ -671,6 +709,7 @@ fn npy_part(
     member: Option<&str>,
     mut buf: HostBuffer,
     labels: bool,
+    backing: Backing,
 ) -> Result<IdxPart, LoadError> {
     let err = |at: At| LoadError::Npy {
         path: path.into(),
@@ -693,7 +732,7 @@ fn npy_part(
         )));
     }
     if labels {
-        return label_part(&buf.as_slice()[h.data_start..], h.dtype, h.shape);
+        return label_part(&buf.as_slice()[h.data_start..], h.dtype, h.shape, backing);
     }
     Ok(IdxPart {
         dtype: h.dtype,
@@ -799,7 +838,7 @@ fn split_sets(
         y: slice(3, 0, n_test),
     });
     let bufs = parts.into_iter().map(|p| p.buf).collect();
-    assemble(dir, format, bufs, sets, opts.pin, t0)
+    assemble(dir, format, bufs, sets, opts, t0)
 }
 
 #[cfg(test)]
@@ -830,7 +869,7 @@ mod tests {
 
     #[test]
     fn tensors_move_down_to_aligned_offsets_keeping_their_bytes() {
-        let mut b = HostBuffer::zeroed(400).unwrap();
+        let mut b = HostBuffer::zeroed(400, Backing::Private).unwrap();
         for (i, v) in b.as_mut_slice().iter_mut().enumerate() {
             *v = i as u8;
         }

@@ -14,7 +14,7 @@
 //! whose CRC-32 differs, is refused.
 use crate::load::error::At;
 use crate::load::gzip;
-use crate::memory::HostBuffer;
+use crate::memory::{Backing, HostBuffer};
 use crate::store::DType;
 
 /// A zip local file header's signature, the archive's first bytes.
@@ -177,7 +177,7 @@ pub fn members(raw: &[u8]) -> Result<Vec<Member>, At> {
 /// deflated and checking the CRC-32. `budget`: bytes the load may still
 /// allocate; a member declaring more is refused before any allocation.
 /// Offsets in errors count bytes of the file.
-pub fn extract(raw: &[u8], m: &Member, budget: usize) -> Result<HostBuffer, At> {
+pub fn extract(raw: &[u8], m: &Member, budget: usize, backing: Backing) -> Result<HostBuffer, At> {
     let lh = usize::try_from(m.local_header).unwrap_or(usize::MAX);
     if lh.checked_add(30).is_none_or(|e| e > raw.len()) {
         return Err(At::new(
@@ -228,7 +228,8 @@ pub fn extract(raw: &[u8], m: &Member, budget: usize) -> Result<HostBuffer, At> 
         return Err(At::new(data, "empty member"));
     }
     let alloc = |n: usize| {
-        HostBuffer::zeroed(n).map_err(|e| At::new(data, format!("cannot allocate {n} bytes: {e}")))
+        HostBuffer::zeroed(n, backing)
+            .map_err(|e| At::new(data, format!("cannot allocate {n} bytes: {e}")))
     };
     let out = match m.method {
         0 => {
@@ -712,10 +713,10 @@ pub(crate) mod tests {
         let ms = members(&z).unwrap();
         assert_eq!(ms.len(), 2);
         assert_eq!(ms[1].name, "b.npy");
-        let b = extract(&z, &ms[1], 1 << 20).unwrap();
+        let b = extract(&z, &ms[1], 1 << 20, Backing::Private).unwrap();
         assert_eq!(&b.as_slice()[..6], b"world!");
         // over the budget: refused before allocating
-        let e = extract(&z, &ms[1], 5).unwrap_err();
+        let e = extract(&z, &ms[1], 5, Backing::Private).unwrap_err();
         assert!(e.what.contains("--max-dataset-bytes"), "{}", e.what);
         // truncated: no end record
         let e = members(&z[..z.len() - 10]).unwrap_err();
@@ -724,12 +725,12 @@ pub(crate) mod tests {
         let mut t = z.clone();
         t[ms[1].entry + 20] = 200; // compressed size
         t[ms[1].entry + 24] = 200;
-        let e = extract(&t, &members(&t).unwrap()[1], 1 << 20).unwrap_err();
+        let e = extract(&t, &members(&t).unwrap()[1], 1 << 20, Backing::Private).unwrap_err();
         assert!(e.what.contains("truncated archive"), "{}", e.what);
         // corrupt data: CRC
         let mut c = z.clone();
         c[30 + 5] ^= 1;
-        let e = extract(&c, &ms[0], 1 << 20).unwrap_err();
+        let e = extract(&c, &ms[0], 1 << 20, Backing::Private).unwrap_err();
         assert!(e.what.contains("CRC-32"), "{}", e.what);
         // encrypted
         let mut enc = z.clone();
@@ -757,7 +758,7 @@ pub(crate) mod tests {
         z[e + 10] = 8; // method
         z[e + 24..e + 28].copy_from_slice(&1000u32.to_le_bytes());
         let m = &members(&z).unwrap()[0];
-        let err = extract(&z, m, 1 << 30).unwrap_err();
+        let err = extract(&z, m, 1 << 30, Backing::Private).unwrap_err();
         assert!(
             err.what.contains("more than the 1000 bytes"),
             "{}",
@@ -766,7 +767,7 @@ pub(crate) mod tests {
         // declared honestly but over the limit
         z[e + 24..e + 28].copy_from_slice(&(1u32 << 20).to_le_bytes());
         let m = &members(&z).unwrap()[0];
-        let err = extract(&z, m, 1 << 16).unwrap_err();
+        let err = extract(&z, m, 1 << 16, Backing::Private).unwrap_err();
         assert!(
             err.what.contains("over what the limit leaves"),
             "{}",
@@ -775,7 +776,12 @@ pub(crate) mod tests {
         // and within the limit it inflates (with the right CRC)
         z[e + 16..e + 20].copy_from_slice(&gzip::crc32(&data).to_le_bytes());
         let m = &members(&z).unwrap()[0];
-        assert_eq!(extract(&z, m, 1 << 30).unwrap().as_slice(), &data[..]);
+        assert_eq!(
+            extract(&z, m, 1 << 30, Backing::Private)
+                .unwrap()
+                .as_slice(),
+            &data[..]
+        );
     }
 
     /// Raw deflate with libdeflate's compressor.
