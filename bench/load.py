@@ -5,6 +5,8 @@ Compares, on the same full-size file, alternating the commands run by run:
   inspect   `minibatchd inspect --json FILE` (load + sha256/range/histogram of every tensor)
   ready     `minibatchd serve --data FILE` until it logs "serving gRPC" (load, pin,
             listen: health answers from then; hashing runs later in the background)
+  ready-uds the same with `--uds`: the dataset in shared memory that same-host
+            trainers can attach to (memfds), its tensors aligned
   inflate   `minibatchd inflate FILE` (only the loader's decompressor: the floor)
   python    `pickle.load(gzip.open(FILE), encoding='latin1')` in a fresh Python
   gunzip    `gzip -dc FILE > /dev/null` (zlib, for reference)
@@ -109,6 +111,11 @@ def main() -> None:
         "inflate": ([a.bin, "inflate", str(f)], None),
         "python": ([py, "-c", f"import pickle,gzip; pickle.load(gzip.open({str(f)!r}), encoding='latin1')"], None),
     }
+    # The same with a Unix socket: the dataset then goes into shared memory
+    # (memfds) that trainers can attach to, and its tensors are aligned.
+    uds_dir = tempfile.mkdtemp(prefix="mb-load-")
+    cmds["ready-uds"] = ([a.bin, "--log", "info", "serve", "--data", str(f), "--addr", "127.0.0.1:0",
+                          "--metrics-addr", "off", "--uds", os.path.join(uds_dir, "s.sock")], b"serving gRPC")
     if a.compare:
         cmds["ready-old"] = ([a.compare, "--log", "info", "serve", "--data", str(f), "--addr", "127.0.0.1:0",
                               "--metrics-addr", "off"], b"serving gRPC")
@@ -146,11 +153,13 @@ def main() -> None:
         "ready peak RSS / (1.15 x tensors + 32 MiB) (goal <= 1)": med["ready"][1] / rss_goal,
         "python peak RSS / tensors": med["python"][1] / tensor_bytes,
     }
+    ratios["ready-uds / ready, wall (the cost of attachable memory)"] = med["ready-uds"][0] / med["ready"][0]
     if a.compare:
         ratios["ready / ready-old, wall"] = med["ready"][0] / med["ready-old"][0]
         ratios["ready / ready-old, peak RSS"] = med["ready"][1] / med["ready-old"][1]
     lines.append("")
     lines += [f"{k:<58}{v:>7.2f}" for k, v in ratios.items()]
+    shutil.rmtree(uds_dir, ignore_errors=True)
     lines.append(f"\ncommand: python3 bench/load.py --runs {a.runs}" + (f" --file {a.file}" if a.file else "")
                  + (f" --compare {a.compare}" if a.compare else ""))
     print("\n".join(lines))
