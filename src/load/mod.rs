@@ -600,7 +600,7 @@ fn label_part(
 }
 
 /// The arrays an `.npz` (or a directory of `.npy` files) must hold, in
-/// [`split_sets`]'s order: Keras's `mnist.npz` / `fashion_mnist` keys.
+/// `split_sets`' order: Keras's `mnist.npz` / `fashion_mnist` keys.
 pub const NPZ_KEYS: [&str; 4] = ["x_train", "y_train", "x_test", "y_test"];
 
 /// Loads an `.npz` archive holding [`NPZ_KEYS`] as `.npy` members.
