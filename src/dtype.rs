@@ -83,6 +83,12 @@ impl DType {
         self.facts().size
     }
 
+    /// Bytes of a C-order array of `shape` (elements × size); None when it
+    /// overflows.
+    pub fn array_bytes(self, shape: &[usize]) -> Option<usize> {
+        shape.iter().try_fold(self.size(), |a, &d| a.checked_mul(d))
+    }
+
     /// numpy's name for the type.
     pub fn name(self) -> &'static str {
         self.facts().name

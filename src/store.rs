@@ -32,9 +32,8 @@ pub struct Tensor {
 impl Tensor {
     /// Builds a tensor, checking that `data` holds exactly the shape.
     pub fn new(dtype: DType, shape: Vec<usize>, data: Bytes) -> Result<Self, String> {
-        let want = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        let want = dtype
+            .array_bytes(&shape)
             .ok_or_else(|| format!("shape {shape:?} overflows"))?;
         if shape.is_empty() {
             return Err("a tensor needs at least one dimension (examples)".into());

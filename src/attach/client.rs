@@ -467,9 +467,8 @@ fn check_regions(reply: &proto::AttachReply, maps: &[Mapping]) -> Result<Vec<Pla
             .and_then(DType::from_proto)
             .ok_or_else(|| bad(format!("unknown dtype {}", r.dtype)))?;
         let shape: Vec<usize> = r.shape.iter().map(|&d| d as usize).collect();
-        let want = shape
-            .iter()
-            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+        let want = dtype
+            .array_bytes(&shape)
             .filter(|_| !shape.is_empty())
             .ok_or_else(|| bad(format!("shape {shape:?} is empty or overflows")))?;
         let map = maps

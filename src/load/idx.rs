@@ -86,10 +86,7 @@ pub fn header(b: &[u8]) -> Result<Header, At> {
     let shape: Vec<usize> = (0..nd)
         .map(|i| u32::from_be_bytes(b[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let need = shape
-        .iter()
-        .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
-        .unwrap_or(usize::MAX);
+    let need = dtype.array_bytes(&shape).unwrap_or(usize::MAX);
     let have = b.len() - data_start;
     if need != have {
         return Err(At::new(

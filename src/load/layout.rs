@@ -200,10 +200,8 @@ impl<'a> Cx<'a> {
         };
         let dtype = self.dtype(d, at, what)?;
         self.work.charge(a.shape.len(), at)?;
-        let need = a
-            .shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &x| acc.checked_mul(x))
+        let need = dtype
+            .array_bytes(&a.shape)
             .ok_or_else(|| At::new(at, format!("{what}: shape {:?} overflows", a.shape)))?;
         if need != span.len() {
             return Err(At::new(

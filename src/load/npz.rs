@@ -378,10 +378,7 @@ pub fn npy_header(b: &[u8]) -> Result<NpyHeader, At> {
         }
     };
     let data_start = start + len;
-    let need = shape
-        .iter()
-        .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
-        .unwrap_or(usize::MAX);
+    let need = dtype.array_bytes(&shape).unwrap_or(usize::MAX);
     let have = b.len() - data_start;
     if need != have {
         return Err(At::new(
