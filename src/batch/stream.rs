@@ -290,7 +290,9 @@ impl BatchStream {
             cur.off = 0;
         } else {
             let bytes = cur.parts[..2].iter().map(|p| p.total as u64).sum();
-            self.prepared.metrics.minibatch(self.method, bytes);
+            self.prepared
+                .metrics
+                .minibatch(self.method, &self.prepared.name, bytes);
             self.cur = None;
         }
         Step::Frame(frame::encode(chunk))
