@@ -53,6 +53,9 @@ HIST_MIN_S = 1e-7
 #: octaves above HIST_MIN_S: up to 100 ns * 2**34 = ~29 minutes; longer waits land in the top bin
 HIST_OCTAVES = 34
 _NBINS = BINS_PER_OCTAVE * HIST_OCTAVES + 1
+# bound once: stop() runs per minibatch
+_now = time.perf_counter
+_log2 = math.log2
 
 
 def enabled_by_default() -> bool:
@@ -158,7 +161,7 @@ class WaitMeter:
     def start(self) -> float:
         """A call begins: returns its start time for stop(). The gap since
         the previous return, when nothing was in flight, was busy time."""
-        t = time.perf_counter()
+        t = _now()
         with self._lock:
             if self._in_flight == 0 and self._last_end is not None:
                 self._busy += t - self._last_end
@@ -171,10 +174,15 @@ class WaitMeter:
         """The call that start() returned t0 for ends now. minibatch: it
         handed one over (of nbytes); ready: minibatches a prefetching path
         had ready when the caller asked (None where there is no prefetch)."""
-        t = time.perf_counter()
+        t = _now()
         w = t - t0
+        if minibatch:  # the bin outside the lock
+            b = int(_log2(w / HIST_MIN_S) * BINS_PER_OCTAVE) + 1 if w > HIST_MIN_S else 0
+            if b >= _NBINS:
+                b = _NBINS - 1
         with self._lock:
-            self._in_flight = max(self._in_flight - 1, 0)
+            if self._in_flight > 0:
+                self._in_flight -= 1
             self._wait += w
             self._last_end = t
             if self._first is None:  # reset while in flight
@@ -182,7 +190,7 @@ class WaitMeter:
             if minibatch:
                 self._minibatches += 1
                 self._bytes += nbytes
-                self._hist[_bin(w)] += 1
+                self._hist[b] += 1
                 if w > self._max:
                     self._max = w
                 if ready is not None:
@@ -283,6 +291,7 @@ def nbytes(arrays) -> int:
 
 
 def _bin(w: float) -> int:
+    """The histogram bin of a wait (stop() inlines the same rule)."""
     if w <= HIST_MIN_S:
         return 0
     b = int(math.log2(w / HIST_MIN_S) * BINS_PER_OCTAVE) + 1
