@@ -3,17 +3,20 @@
 
     python3 bench/wait_cost.py [--file DATA] [--rounds 11] [--calls 400] [--transport native|grpcio] [--json out.json]
 
-One daemon (serving the bundled sample unless --file; TCP and --uds); two
+One daemon (serving the bundled sample unless --file; TCP and --uds);
 clients of the same transport, one with `stats=True` and one with
-`stats=False` (what MINIBATCH_CLIENT_STATS=0 gives). Each round times
-`--calls` GetBatch("train", i, 500) on each, in alternating order (so drift
-in the machine's speed hits both alike), and the same for attached
-`batch("train", i, 500)` (a zero-copy view: the path where a fixed cost
-weighs most). Prints, per path, the median over rounds of the mean time per
-call with accounting on and off, their spread (min..max), and the median of
+`stats=False` (what MINIBATCH_CLIENT_STATS=0 gives). Each round makes
+`--calls` pairs of GetBatch("train", i, 500), one call on each client,
+the order alternating pair by pair (on a shared machine the load changes
+within a fraction of a second: neighbouring calls see the same), timing
+each call; a round's figure per side is the median call. The same for
+attached `batch("train", i, 500)` (a zero-copy view: the path where a fixed
+cost weighs most), and a control row of two clients both with stats off
+(A/A: what "no difference" looks like on this machine now). Prints, per
+path, the median over rounds with their spread (min..max) and the median of
 the per-round differences; and the meter's own cost (start + stop, no I/O)
-from a tight loop. The accounting is within noise when that difference is
-inside the spread of either side.
+from a tight loop. The accounting is within noise when its difference is
+no larger than the control's and inside the spread of either side.
 
 Needs a built minibatchd ($MINIBATCHD, else target/release, else
 target/debug).
@@ -52,12 +55,21 @@ def binary() -> str:
     sys.exit("no minibatchd binary: build it first (cargo build --release) or set MINIBATCHD")
 
 
-def per_call_us(n: int, call) -> float:
-    """Mean microseconds of call(i) over n calls."""
-    t0 = time.perf_counter()
+def paired_round(n: int, on, off) -> tuple[float, float]:
+    """n pairs of calls on(i), off(i), in alternating order; the median
+    microseconds of each side's calls."""
+    now = time.perf_counter
+    t_on, t_off = [], []
     for i in range(n):
-        call(i)
-    return (time.perf_counter() - t0) / n * 1e6
+        if i % 2:
+            t0 = now(); on(i); t1 = now(); off(i); t2 = now()  # noqa: E702
+            t_on.append(t1 - t0)
+            t_off.append(t2 - t1)
+        else:
+            t0 = now(); off(i); t1 = now(); on(i); t2 = now()  # noqa: E702
+            t_off.append(t1 - t0)
+            t_on.append(t2 - t1)
+    return statistics.median(t_on) * 1e6, statistics.median(t_off) * 1e6
 
 
 def meter_cost_ns(n: int = 200_000) -> dict:
@@ -75,12 +87,12 @@ def meter_cost_ns(n: int = 200_000) -> dict:
 
 
 def compare(rounds: int, calls: int, on, off) -> dict:
-    """Alternating rounds of `calls` calls through on(i) and off(i)."""
+    """`rounds` rounds of `calls` interleaved pairs through on(i) and off(i)."""
     r_on, r_off = [], []
-    for r in range(rounds):
-        pair = [("on", on), ("off", off)] if r % 2 == 0 else [("off", off), ("on", on)]
-        for name, fn in pair:
-            (r_on if name == "on" else r_off).append(per_call_us(calls, fn))
+    for _ in range(rounds):
+        a, b = paired_round(calls, on, off)
+        r_on.append(a)
+        r_off.append(b)
     diff = [a - b for a, b in zip(r_on, r_off)]
     return {"on_us": r_on, "off_us": r_off, "diff_us": diff,
             "on_median": statistics.median(r_on), "off_median": statistics.median(r_off),
@@ -119,14 +131,17 @@ def main() -> None:
             time.sleep(0.01)
         native = {"native": True, "grpcio": False}.get(a.transport or "")
         with mc.Client(addr, native=native, stats=True) as c_on, mc.Client(addr, native=native, stats=False) as c_off, \
+                mc.Client(addr, native=native, stats=False) as c_ctl, \
                 mc.attach.connect("unix://" + str(sock), stats=True) as a_on, \
                 mc.attach.connect("unix://" + str(sock), stats=False) as a_off:
             nb = c_on.num_batches("train", SIZE)
-            for c in (c_on, c_off):  # GetInfo read, connections up
+            for c in (c_on, c_off, c_ctl):  # GetInfo read, connections up
                 for i in range(20):
                     c.get_batch("train", i % nb, SIZE)
             grpc_cmp = compare(a.rounds, a.calls, lambda i: c_on.get_batch("train", i % nb, SIZE),
                                lambda i: c_off.get_batch("train", i % nb, SIZE))
+            ctl_cmp = compare(a.rounds, a.calls, lambda i: c_ctl.get_batch("train", i % nb, SIZE),
+                              lambda i: c_off.get_batch("train", i % nb, SIZE))
             att_cmp = compare(a.rounds, a.calls * 10, lambda i: a_on.batch("train", i % nb, SIZE),
                               lambda i: a_off.batch("train", i % nb, SIZE))
             transport = c_on.transport
@@ -144,12 +159,14 @@ def main() -> None:
     print("| path | stats on: us/call median (min..max) | stats off | on - off, median of rounds |")
     print("|---|---|---|---|")
     print(row(f"GetBatch({SIZE}) {transport}", grpc_cmp))
+    print(row(f"control: GetBatch({SIZE}), off vs off", ctl_cmp))
     print(row(f"attach batch({SIZE})", att_cmp))
     print(f"\nmeter alone (start + stop, no I/O): {meter['on']:.0f} ns on, {meter['off']:.0f} ns off")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"command": command, "transport": transport, "rounds": a.rounds, "calls": a.calls,
-                       "get_batch": grpc_cmp, "attach_batch": att_cmp, "meter_ns": meter}, f, indent=1)
+                       "get_batch": grpc_cmp, "control_off_off": ctl_cmp, "attach_batch": att_cmp,
+                       "meter_ns": meter}, f, indent=1)
 
 
 if __name__ == "__main__":
