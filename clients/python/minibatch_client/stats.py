@@ -222,7 +222,7 @@ class WaitMeter:
 
     def iterate(self, it: Iterable[T], nbytes: Callable[[T], int],
                 ready: Optional[Callable[[], Optional[int]]] = None) -> Iterator[T]:
-        """Yields it's items, timing each next() as a wait; the time the
+        """Yields its items, timing each next() as a wait; the time the
         caller holds each item (until it asks for the next) is busy.
         ready(): minibatches ready before each next(), for a prefetching it."""
         it = iter(it)
