@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::batch::budget::Budget;
 use crate::batch::prepared::{Limits, Prepared};
+use crate::device;
 use crate::error::ServeError;
 use crate::metrics::Metrics;
 use crate::store::Dataset;
@@ -91,10 +92,15 @@ pub fn name_from_path(path: &Path) -> String {
     }
 }
 
-/// Datasets as loaded, with their names, before serving: checked for
-/// valid, distinct names and their number.
-#[derive(Debug, Clone)]
-pub struct Datasets(Vec<(String, Arc<Dataset>)>);
+/// Datasets as loaded, with their names (and their device copies, with
+/// `--device`), before serving: checked for valid, distinct names and
+/// their number.
+#[derive(Clone)]
+pub struct Datasets {
+    named: Vec<(String, Arc<Dataset>)>,
+    /// Per dataset, its copies on each device (empty without devices).
+    copies: Vec<Vec<Arc<device::Copy>>>,
+}
 
 impl Datasets {
     /// Several named datasets, in the order requests list them.
@@ -103,17 +109,33 @@ impl Datasets {
             return Err("no dataset to serve".into());
         }
         check_names(&named.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())?;
-        Ok(Self(named))
+        Ok(Self {
+            named,
+            copies: Vec::new(),
+        })
     }
 
     /// One dataset, named after its source (see [`name_from_path`]).
     pub fn one(dataset: Arc<Dataset>) -> Self {
         let name = name_from_path(Path::new(&dataset.source));
-        Self(vec![(name, dataset)])
+        Self {
+            named: vec![(name, dataset)],
+            copies: Vec::new(),
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &(String, Arc<Dataset>)> {
-        self.0.iter()
+        self.named.iter()
+    }
+
+    /// Adds the device copies [`device::place`] made of these datasets.
+    pub fn with_devices(mut self, copies: Vec<Vec<device::Copy>>) -> Self {
+        assert_eq!(copies.len(), self.named.len(), "one list per dataset");
+        self.copies = copies
+            .into_iter()
+            .map(|c| c.into_iter().map(Arc::new).collect())
+            .collect();
+        self
     }
 }
 
@@ -138,10 +160,16 @@ impl Catalog {
         metrics.set_budget(budget.clone());
         let datasets = datasets
             .iter()
-            .map(|(name, ds)| {
+            .enumerate()
+            .map(|(i, (name, ds))| {
+                let copies = datasets.copies.get(i).cloned().unwrap_or_default();
+                for c in &copies {
+                    metrics.device(name, c.device.uuid(), c.bytes() as u64);
+                }
                 Prepared::new(
                     name.clone(),
                     ds.clone(),
+                    copies,
                     limits,
                     budget.clone(),
                     metrics.clone(),

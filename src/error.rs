@@ -57,6 +57,8 @@ pub enum ServeError {
     AttachLimit { attached: usize, max: usize },
     #[error("the dataset's memory cannot be shared: {0}")]
     NotShareable(String),
+    #[error("device {asked:?} holds no copy of this dataset; it is on {served}")]
+    UnknownDevice { asked: String, served: String },
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("attach protocol version {0}; this daemon speaks version {v}", v = crate::attach::VERSION)]
@@ -105,9 +107,9 @@ impl From<ServeError> for Status {
     fn from(e: ServeError) -> Status {
         let msg = e.to_string();
         match e {
-            ServeError::UnknownSet { .. } | ServeError::UnknownDataset { .. } => {
-                Status::not_found(msg)
-            }
+            ServeError::UnknownSet { .. }
+            | ServeError::UnknownDataset { .. }
+            | ServeError::UnknownDevice { .. } => Status::not_found(msg),
             ServeError::Order(OrderError::PastEnd { .. })
             | ServeError::StartPastEnd { .. }
             | ServeError::RequestTooLarge { .. } => Status::out_of_range(msg),

@@ -20,6 +20,8 @@
 //! - [`batch`]: minibatch assembly: the prepared dataset (row CRCs, uint8
 //!   mirrors, limits, the memory budget) and the pull-based stream that
 //!   slices or gathers one chunk at a time into encoded frames.
+//! - [`device`]: the device tier: each dataset copied once into each
+//!   GPU's memory (`--device`) and exported by CUDA IPC for attach.
 //! - [`catalog`]: the datasets one daemon serves, by name (`--data
 //!   NAME=PATH`), each prepared once, all sharing one budget and metrics.
 //! - [`service`]: BatchService's requests validated and answered (GetInfo,
@@ -51,6 +53,7 @@ pub mod batch;
 pub mod catalog;
 pub mod cli;
 pub mod client;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod load;

@@ -99,7 +99,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     } else {
         Backing::Private
     };
-    let ds = a.load.load_all(a.pin(), backing)?;
+    let ds = a.datasets(backing)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

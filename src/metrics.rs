@@ -38,6 +38,8 @@ pub struct Metrics {
     bytes: Mutex<BTreeMap<(String, String), u64>>,
     /// Host bytes of each dataset, and whether they are locked in RAM.
     datasets: Mutex<BTreeMap<String, (u64, bool)>>,
+    /// Device bytes of each (dataset, device UUID) copy (`--device`).
+    devices: Mutex<BTreeMap<(String, String), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     pub active_streams: AtomicU64,
     /// Host bytes of x mirrors in narrower wire dtypes (see `mirror`).
@@ -85,6 +87,14 @@ impl Metrics {
             .lock()
             .unwrap()
             .insert(name.to_string(), (bytes, pinned));
+    }
+
+    /// Records dataset `name`'s copy on device `uuid` (once, at start-up).
+    pub fn device(&self, name: &str, uuid: &str, bytes: u64) {
+        self.devices
+            .lock()
+            .unwrap()
+            .insert((name.to_string(), uuid.to_string()), bytes);
     }
 
     /// Counts one minibatch of dataset `dataset` of `bytes` payload bytes sent.
@@ -170,6 +180,18 @@ impl Metrics {
                     o,
                     "minibatchd_dataset_pinned_bytes{{dataset=\"{d}\"}} {pinned}"
                 );
+            }
+        }
+        {
+            let dev = self.devices.lock().unwrap();
+            if !dev.is_empty() {
+                o.push_str("# HELP minibatchd_device_bytes Device bytes holding each dataset's copy (--device).\n# TYPE minibatchd_device_bytes gauge\n");
+                for ((d, u), bytes) in dev.iter() {
+                    let _ = writeln!(
+                        o,
+                        "minibatchd_device_bytes{{dataset=\"{d}\",device=\"{u}\"}} {bytes}"
+                    );
+                }
             }
         }
         g(

@@ -292,6 +292,16 @@ pub async fn describe(p: &Prepared) -> Result<proto::DatasetInfo, ServeError> {
         sets,
         memory_bytes: ds.memory_bytes as u64,
         pinned: ds.pin == PinState::Pinned,
+        devices: p
+            .devices
+            .iter()
+            .map(|c| proto::DeviceInfo {
+                uuid: c.device.uuid().into(),
+                name: c.device.name().into(),
+                bytes: c.bytes() as u64,
+                backend: c.backend.into(),
+            })
+            .collect(),
         ..Default::default()
     })
 }

@@ -165,6 +165,7 @@ impl Attachment {
             x_dtypes: opts.x_dtypes.iter().map(|d| d.to_proto() as i32).collect(),
             client: format!("rust {} pid {}", hostname(), std::process::id()),
             dataset: opts.dataset.clone(),
+            device: String::new(),
         };
         let mut out = header(req.encoded_len()).to_vec();
         req.encode(&mut out).expect("a Vec grows");

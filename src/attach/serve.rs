@@ -46,6 +46,25 @@ pub struct Attacher {
     attached: Arc<AtomicUsize>,
     /// For the request to arrive whole (the handshake timeout).
     timeout: Duration,
+    /// Attachments to device memory now: id → "pid P client C".
+    device_holders: std::sync::Mutex<std::collections::BTreeMap<u64, String>>,
+    next_hold: std::sync::atomic::AtomicU64,
+}
+
+/// A process attached to device memory, counted until it detaches.
+struct DeviceHold<'a> {
+    attacher: &'a Attacher,
+    id: u64,
+}
+
+impl Drop for DeviceHold<'_> {
+    fn drop(&mut self) {
+        self.attacher
+            .device_holders
+            .lock()
+            .unwrap()
+            .remove(&self.id);
+    }
 }
 
 /// A number that differs for each start of a daemon on a host: the start
@@ -88,6 +107,8 @@ impl Attacher {
             max_attached,
             attached: Arc::new(AtomicUsize::new(0)),
             timeout,
+            device_holders: Default::default(),
+            next_hold: Default::default(),
         }
     }
 
@@ -136,6 +157,24 @@ impl Attacher {
                 return;
             }
         };
+        let client: String = req
+            .client
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_CLIENT_NAME)
+            .collect();
+        // Held before the reply goes: the client may open the handles at once.
+        let _device_hold = reply.device.as_ref().map(|d| {
+            let id = self.next_hold.fetch_add(1, Ordering::Relaxed);
+            let who = format!(
+                "pid {} client {client:?} on {}",
+                pid.map_or_else(|| "?".into(), |p| p.to_string()),
+                d.uuid
+            );
+            self.device_holders.lock().unwrap().insert(id, who);
+            DeviceHold { attacher: self, id }
+        });
+        let device = reply.device.as_ref().map(|d| d.uuid.clone());
         let msg = proto::AttachResponse {
             result: Some(proto::attach_response::Result::Attached(reply)),
         };
@@ -146,16 +185,12 @@ impl Attacher {
         }
         let m = &self.catalog.metrics.attach;
         m.accepted.fetch_add(1, Ordering::Relaxed);
-        let client: String = req
-            .client
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(MAX_CLIENT_NAME)
-            .collect();
         tracing::info!(
             pid,
             uid,
             client,
+            dataset = %req.dataset,
+            device,
             files = fds.len(),
             attached = self.attached(),
             us = t0.elapsed().as_micros() as u64,
@@ -280,6 +315,7 @@ impl Attacher {
             }
             files.push(r.clone());
         }
+        let device = self.device_copy(p, req)?;
         let mut mirrors = Vec::new();
         for &d in &req.x_dtypes {
             let dt = proto::Dtype::try_from(d).map_err(|_| ServeError::BadDType(d))?;
@@ -341,8 +377,76 @@ impl Attacher {
                 .collect(),
             regions,
             dataset: p.name.clone(),
+            device: device.map(|c| proto::DeviceCopy {
+                uuid: c.device.uuid().into(),
+                name: c.device.name().into(),
+                backend: c.backend.into(),
+                allocations: c
+                    .allocations
+                    .iter()
+                    .map(|a| proto::DeviceAllocation {
+                        ipc_handle: a.ipc_handle(),
+                        bytes: a.len() as u64,
+                    })
+                    .collect(),
+            }),
         };
         Ok((reply, files))
+    }
+
+    /// The device copy an attach request asks for, if any: one of the
+    /// dataset's, named by UUID; with only the stored dtypes (the device
+    /// copies hold x as stored, no mirrors).
+    fn device_copy<'a>(
+        &self,
+        p: &'a crate::batch::prepared::Prepared,
+        req: &proto::AttachRequest,
+    ) -> Result<Option<&'a Arc<crate::device::Copy>>, ServeError> {
+        if req.device.is_empty() {
+            return Ok(None);
+        }
+        if p.devices.is_empty() {
+            return Err(ServeError::NotShareable(
+                "this daemon holds no copy in device memory (serve --device cuda:N)".into(),
+            ));
+        }
+        if req
+            .x_dtypes
+            .iter()
+            .any(|&d| DType::from_proto(proto::Dtype::try_from(d).unwrap_or_default()).is_some())
+        {
+            return Err(ServeError::NotShareable(
+                "device copies hold x as stored: attach to a device without x_dtypes".into(),
+            ));
+        }
+        p.devices
+            .iter()
+            .find(|c| crate::device::same_device(c.device.uuid(), &req.device))
+            .map(Some)
+            .ok_or_else(|| ServeError::UnknownDevice {
+                asked: req
+                    .device
+                    .chars()
+                    .take(crate::error::MAX_ECHOED_NAME)
+                    .collect(),
+                served: p
+                    .devices
+                    .iter()
+                    .map(|c| format!("{} ({})", c.device.uuid(), c.device.name()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Processes attached to device memory now, as "pid P client C" (the
+    /// daemon keeps its device copies until they are gone).
+    pub fn device_holders(&self) -> Vec<String> {
+        self.device_holders
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Sends `e` as the reply (best effort: the client may be gone) and

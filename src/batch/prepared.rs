@@ -224,6 +224,8 @@ pub struct Prepared {
     /// Its name on this daemon (see [`crate::catalog`]).
     pub name: String,
     pub dataset: Arc<Dataset>,
+    /// Its copies in device memory (`--device`), one per device.
+    pub devices: Vec<Arc<crate::device::Copy>>,
     pub sets: Vec<PreparedSet>,
     /// Computed once, in the background from start-up (see `analyze`).
     stats: OnceCell<Arc<DatasetStats>>,
@@ -239,6 +241,7 @@ impl Prepared {
     pub fn new(
         name: String,
         dataset: Arc<Dataset>,
+        devices: Vec<Arc<crate::device::Copy>>,
         limits: Limits,
         budget: Budget,
         metrics: Arc<Metrics>,
@@ -260,6 +263,7 @@ impl Prepared {
         Arc::new(Self {
             name,
             dataset,
+            devices,
             sets,
             stats: OnceCell::new(),
             perms: PermCache::default(),

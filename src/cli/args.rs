@@ -329,6 +329,12 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED. Each holds one descriptor of the daemon's.
     #[arg(long, env = "MINIBATCHD_MAX_ATTACHED", default_value_t = crate::attach::serve::DEFAULT_MAX_ATTACHED)]
     pub max_attached: usize,
+    /// Copy every dataset once into the memory of these GPUs (cuda:0, or
+    /// cuda:0,cuda:1) for trainers on this host to attach by CUDA IPC
+    /// (needs --uds; README "Device memory"). Fails at start-up where the
+    /// CUDA driver or the device is missing.
+    #[arg(long, env = "MINIBATCHD_DEVICE", value_name = "cuda:N[,cuda:M]")]
+    pub device: Option<String>,
 }
 
 /// A path, or "" for off (clap refuses empty paths of its own).
@@ -481,6 +487,31 @@ pub struct BenchArgs {
 }
 
 impl ServeArgs {
+    /// Loads the datasets and, with `--device`, copies them to the devices.
+    pub fn datasets(&self, backing: Backing) -> anyhow::Result<Datasets> {
+        let spec = self
+            .device
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        // Flags first: a mistake must not cost a load.
+        let ordinals = spec.map(crate::device::parse_spec).transpose()?;
+        if let Some(spec) = spec {
+            if self.uds.as_ref().is_none_or(|p| p.as_os_str().is_empty()) {
+                anyhow::bail!(
+                    "--device {spec}: trainers reach device copies by attaching over the Unix socket; give --uds PATH too"
+                );
+            }
+        }
+        let datasets = self.load.load_all(self.pin(), backing)?;
+        let (Some(spec), Some(ordinals)) = (spec, ordinals) else {
+            return Ok(datasets);
+        };
+        let backend = crate::device::backend();
+        let copies = crate::device::place(&datasets, &ordinals, spec, backend.as_ref())?;
+        Ok(datasets.with_devices(copies))
+    }
+
     /// The server's settings from these flags (the token file read now).
     pub fn options(&self) -> anyhow::Result<crate::server::ServerOptions> {
         let a = self;

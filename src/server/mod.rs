@@ -401,17 +401,36 @@ pub async fn run(
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    drain(accept, done, phase_tx, &metrics, opts.shutdown_grace).await
+    let busy = || {
+        metrics
+            .active_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+            || !attacher.device_holders().is_empty()
+    };
+    let r = drain(accept, done, phase_tx, busy, opts.shutdown_grace).await;
+    let holders = attacher.device_holders();
+    if !holders.is_empty() {
+        tracing::warn!(
+            holders = holders.join("; "),
+            "shutdown grace period over with processes still attached to device memory: \
+             freeing it under them"
+        );
+    }
+    r
 }
 
 /// Shutdown after NOT_SERVING: streams in flight finish (new requests are
-/// still answered) for up to `grace`, then accepting stops and the
-/// connections close; past the grace period whatever is left is dropped.
+/// still answered), and processes attached to device memory detach, for up
+/// to `grace` (while `busy`), then accepting stops and the connections
+/// close; past the grace period whatever is left is dropped. Why wait for
+/// device attachments: CUDA IPC importers read the daemon's own
+/// allocations, freed when it exits.
 async fn drain(
     mut accept: std::pin::Pin<Box<impl Future<Output = ()>>>,
     mut done: Vec<Done>,
     phase_tx: tokio::sync::watch::Sender<Phase>,
-    metrics: &Metrics,
+    busy: impl Fn() -> bool,
     grace: Duration,
 ) -> anyhow::Result<()> {
     // Drain first, then close: hyper's HTTP/2 graceful close can cut a
@@ -420,12 +439,7 @@ async fn drain(
     // connections. New connections and requests are still answered while
     // balancers notice NOT_SERVING.
     let deadline = tokio::time::Instant::now() + grace;
-    while metrics
-        .active_streams
-        .load(std::sync::atomic::Ordering::Relaxed)
-        > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while busy() && tokio::time::Instant::now() < deadline {
         tokio::select! {
             _ = &mut accept => unreachable!("the accept loop runs until dropped"),
             r = first_done(&mut done) => return Err(io_thread_ended(r)),

@@ -69,9 +69,9 @@ def _wait_for(path, limit_s: float = 30) -> None:
 class UdsDaemon(Daemon):
     """A daemon also serving on a Unix socket: `.target` (unix://...), `.pid`."""
 
-    def __init__(self, tmp_path, *args: str, name: str = "minibatchd.sock"):
+    def __init__(self, tmp_path, *args: str, name: str = "minibatchd.sock", env=None, grace: str = "1"):
         self.sock = tmp_path / name
-        super().__init__("--uds", str(self.sock), "--shutdown-grace-secs", "1", *args, log_dir=tmp_path)
+        super().__init__("--uds", str(self.sock), "--shutdown-grace-secs", grace, *args, log_dir=tmp_path, env=env)
         _wait_for(self.sock)
         self.target = "unix://" + str(self.sock)
         self.pid = self.proc.pid

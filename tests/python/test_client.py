@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
+from typing import Optional
 import time
 import warnings
 from pathlib import Path
@@ -56,10 +57,13 @@ def free_port() -> int:
 class Daemon:
     """`minibatchd serve` on a free loopback port, healthy once constructed."""
 
-    def __init__(self, *args: str, log_dir: Path, health_args: tuple[str, ...] = ()):
+    def __init__(self, *args: str, log_dir: Path, health_args: tuple[str, ...] = (),
+                 env: Optional[dict[str, str]] = None):
         self.health_args = health_args
+        extra = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINIBATCHD_")}
         env["MINIBATCHD_LOG"] = "warn"
+        env.update(extra)
         for attempt in range(3):  # the port may be taken between probe and bind
             self.address = f"127.0.0.1:{free_port()}"
             self.log = log_dir / f"minibatchd-{self.address.replace(':', '-')}.log"

@@ -136,9 +136,10 @@ class AttachedSet:
     stored_x: Region
 
 
-def _request(token: Optional[str], x_dtypes: Sequence[int], name: str, dataset: str = "") -> bytes:
+def _request(token: Optional[str], x_dtypes: Sequence[int], name: str, dataset: str = "",
+             device: str = "") -> bytes:
     body = pb.AttachRequest(token=token or "", x_dtypes=list(x_dtypes), client=name[:128],
-                            dataset=dataset).SerializeToString()
+                            dataset=dataset, device=device).SerializeToString()
     if len(body) > MAX_REQUEST_BYTES:
         raise InvalidArgument(f"the attach request is {len(body)} bytes, over the protocol's limit of "
                               f"{MAX_REQUEST_BYTES} (a token that long?)")
@@ -228,7 +229,8 @@ def _connect(path: str, timeout: Optional[float], address: str) -> socket.socket
 
 
 def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: Optional[float] = 60.0,
-            name: Optional[str] = None, stats: Optional[bool] = None, dataset: str = "") -> "Attachment":
+            name: Optional[str] = None, stats: Optional[bool] = None, dataset: str = "",
+            device=None):
     """Attaches to the daemon at `target` (`unix:///path/to.sock`, or the
     path itself): see Attachment. `token`: the daemon's bearer token, if it
     has one. `x_dtype`: None, or "uint8" for the daemon's uint8 mirror of
@@ -236,7 +238,10 @@ def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: 
     exchange (seconds; None: no limit). `name` goes to the daemon's log.
     `stats`: wait accounting (Attachment.stats(); None: on unless
     MINIBATCH_CLIENT_STATS=0). `dataset`: which of the daemon's datasets
-    (its name; "" = the only one)."""
+    (its name; "" = the only one). `device`: also map the daemon's copy on
+    that GPU (`"cuda:0"`, an ordinal, a torch.device or a "GPU-..." UUID;
+    `serve --device`): a device.DeviceAttachment yielding torch tensors on
+    the device, instead of an Attachment."""
     path = socket_path(target)
     if path is None:
         if "://" in target or not target.startswith(("/", ".")):
@@ -246,11 +251,16 @@ def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: 
                 "unix:///PATH)", address=target)
         path = target
     code = dtype_code(x_dtype)
+    uuid = ""
+    if device is not None:
+        from .device import device_uuid
+
+        uuid = device_uuid(device)
     sock = _connect(path, timeout, target)
     fds: list[int] = []
     try:
         req = _request(token, [code] if code else [], name or f"python {socket.gethostname()} pid {os.getpid()}",
-                       dataset)
+                       dataset, uuid)
         try:
             sock.sendall(req)
         except socket.timeout:
@@ -269,6 +279,14 @@ def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: 
                                 f"{resp.attached.dataset!r}", address=target)
         a = Attachment(resp.attached, fds, sock, target, code, stats=stats)
         fds = []  # the Attachment closed them
+        if uuid:
+            from . import device as _device
+
+            try:
+                return _device.attach(a, resp.attached)
+            except BaseException:
+                a.close()
+                raise
         return a
     except BaseException:
         _close_all(fds)

@@ -400,12 +400,15 @@ class Client:
         return EpochIterator(self, req, int(start), int(count), int(prefetch), bool(decode), bool(with_indices),
                              self._meter)
 
-    def attach(self, x_dtype=None, *, name: Optional[str] = None) -> "Attachment":
+    def attach(self, x_dtype=None, *, name: Optional[str] = None, device=None):
         """Maps the daemon's resident dataset into this process (same host,
         over the daemon's Unix socket: an address `unix:///PATH` of a daemon
         run with --uds PATH): an Attachment, whose minibatches are read-only
         views of the daemon's own memory (see attach.py). x_dtype="uint8"
         maps the daemon's uint8 mirror of x as well and returns it as x.
+        device="cuda:0" (or a GPU UUID) maps the daemon's copy in that GPU's
+        memory (`serve --device`) instead: a device.DeviceAttachment whose
+        minibatches are torch tensors on the device.
         With several addresses, the Unix sockets among them are tried in
         turn; with none, FailedPrecondition (attach passes memory by
         descriptor, which TCP cannot carry)."""
@@ -421,7 +424,7 @@ class Client:
         for target in sockets:
             try:
                 return _attach.connect(target, token=self._token, x_dtype=x_dtype, timeout=self.timeout, name=name,
-                                       stats=self._meter.enabled, dataset=self.dataset)
+                                       stats=self._meter.enabled, dataset=self.dataset, device=device)
             except Unavailable as e:
                 errors.append(e)
         if len(errors) == 1:

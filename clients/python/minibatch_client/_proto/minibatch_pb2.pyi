@@ -45,7 +45,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("source", "format", "fingerprint", "sets", "memory_bytes", "pinned", "server_version", "limits", "name", "datasets")
+    __slots__ = ("source", "format", "fingerprint", "sets", "memory_bytes", "pinned", "server_version", "limits", "name", "datasets", "devices")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class DatasetInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     source: str
     format: str
     fingerprint: str
@@ -66,7 +67,20 @@ class DatasetInfo(_message.Message):
     limits: Limits
     name: str
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
-    def __init__(self, source: _Optional[str] = ..., format: _Optional[str] = ..., fingerprint: _Optional[str] = ..., sets: _Optional[_Iterable[_Union[SetInfo, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., name: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    def __init__(self, source: _Optional[str] = ..., format: _Optional[str] = ..., fingerprint: _Optional[str] = ..., sets: _Optional[_Iterable[_Union[SetInfo, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., name: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("uuid", "name", "bytes", "backend")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    name: str
+    bytes: int
+    backend: str
+    def __init__(self, uuid: _Optional[str] = ..., name: _Optional[str] = ..., bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class SetInfo(_message.Message):
     __slots__ = ("name", "examples", "x", "y", "classes")
@@ -195,16 +209,18 @@ class TensorChunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., total_bytes: _Optional[int] = ..., scale_divisor: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("token", "x_dtypes", "client", "dataset")
+    __slots__ = ("token", "x_dtypes", "client", "dataset", "device")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     X_DTYPES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     token: str
     x_dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
     client: str
     dataset: str
-    def __init__(self, token: _Optional[str] = ..., x_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., client: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, token: _Optional[str] = ..., x_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., client: _Optional[str] = ..., dataset: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("attached", "error")
@@ -223,20 +239,42 @@ class AttachError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AttachReply(_message.Message):
-    __slots__ = ("fingerprint", "generation", "server_version", "files", "regions", "dataset")
+    __slots__ = ("fingerprint", "generation", "server_version", "files", "regions", "dataset", "device")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     generation: int
     server_version: str
     files: _containers.RepeatedCompositeFieldContainer[SharedFile]
     regions: _containers.RepeatedCompositeFieldContainer[Region]
     dataset: str
-    def __init__(self, fingerprint: _Optional[str] = ..., generation: _Optional[int] = ..., server_version: _Optional[str] = ..., files: _Optional[_Iterable[_Union[SharedFile, _Mapping]]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., dataset: _Optional[str] = ...) -> None: ...
+    device: DeviceCopy
+    def __init__(self, fingerprint: _Optional[str] = ..., generation: _Optional[int] = ..., server_version: _Optional[str] = ..., files: _Optional[_Iterable[_Union[SharedFile, _Mapping]]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., dataset: _Optional[str] = ..., device: _Optional[_Union[DeviceCopy, _Mapping]] = ...) -> None: ...
+
+class DeviceCopy(_message.Message):
+    __slots__ = ("uuid", "name", "backend", "allocations")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    name: str
+    backend: str
+    allocations: _containers.RepeatedCompositeFieldContainer[DeviceAllocation]
+    def __init__(self, uuid: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., allocations: _Optional[_Iterable[_Union[DeviceAllocation, _Mapping]]] = ...) -> None: ...
+
+class DeviceAllocation(_message.Message):
+    __slots__ = ("ipc_handle", "bytes")
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ipc_handle: bytes
+    bytes: int
+    def __init__(self, ipc_handle: _Optional[bytes] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class SharedFile(_message.Message):
     __slots__ = ("bytes",)
