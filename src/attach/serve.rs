@@ -162,6 +162,11 @@ impl Attacher {
             "attached"
         );
         // The attachment: until the client closes (or sends anything).
+        let mut shown = self
+            .prepared
+            .metrics
+            .status
+            .attached(&self.prepared, pid, &client);
         let mut b = [0u8; 64];
         let why = match sock.read(&mut b).await {
             Ok(0) => "closed by the client",
@@ -169,6 +174,7 @@ impl Attacher {
             Err(_) => "connection error",
         };
         tracing::debug!(pid, uid, why, "detached");
+        shown.finish("detached");
     }
 
     /// Answers an attach request that came over TCP (or TLS): refused,

@@ -159,6 +159,8 @@ pub struct BatchStream {
     started: Instant,
     /// How the stream ended, once it has (for metrics).
     outcome: Option<tonic::Code>,
+    /// Its entry on the status page, when listed ([`BatchStream::shown`]).
+    shown: Option<crate::status::Shown>,
 }
 
 impl BatchStream {
@@ -192,7 +194,16 @@ impl BatchStream {
             waiting: None,
             started,
             outcome: None,
+            shown: None,
         }
+    }
+
+    /// Lists this stream on the status page (`crate::status`) as `req`'s
+    /// until it ends.
+    pub fn shown(mut self, req: crate::status::StreamRequest) -> Self {
+        let board = &self.prepared.metrics.status;
+        self.shown = Some(board.open(req, &self.prepared, self.next..self.end));
+        self
     }
 
     /// Starts minibatch `index`: its selection and its parts.
@@ -291,6 +302,9 @@ impl BatchStream {
         } else {
             let bytes = cur.parts[..2].iter().map(|p| p.total as u64).sum();
             self.prepared.metrics.minibatch(self.method, bytes);
+            if let Some(s) = &self.shown {
+                s.sent(bytes);
+            }
             self.cur = None;
         }
         Step::Frame(frame::encode(chunk))
@@ -361,5 +375,8 @@ impl Drop for BatchStream {
         // server shut down past its grace period).
         let code = self.outcome.unwrap_or(tonic::Code::Cancelled);
         m.request(self.method, code, self.started.elapsed());
+        if let Some(s) = &mut self.shown {
+            s.finish(&format!("{code:?}"));
+        }
     }
 }

@@ -37,6 +37,7 @@ use crate::store::Dataset;
 mod conn;
 mod listen;
 
+pub use conn::ConnInfo;
 use conn::{Accepted, ConnSlot, Established, Handshake, LimitedConn, Slots};
 pub(crate) use listen::AcceptErrors;
 use listen::{accept, LOG_EVERY};
@@ -322,6 +323,10 @@ pub async fn run(
         opts.max_attached,
         opts.handshake_timeout,
     ));
+    let datasets = [(crate::status::DEFAULT_DATASET, &prepared)];
+    metrics
+        .status
+        .serve(&datasets, auth.clone(), opts.uds.is_some());
     let router = router(prepared, &opts, auth, health_svc)?;
 
     let addr = listener.local_addr()?;
