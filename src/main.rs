@@ -42,9 +42,11 @@ fn main() -> std::process::ExitCode {
         Cmd::Info(a) => rt().and_then(|rt| rt.block_on(info(a))),
         Cmd::Get(a) => rt().and_then(|rt| rt.block_on(get(a))),
         Cmd::Bench(a) => rt().and_then(|rt| rt.block_on(bench(a))),
-        Cmd::Status(a) => {
-            rt().and_then(|rt| rt.block_on(minibatchd::cli::status::run(&a, |s| say!("{s}"))))
-        }
+        Cmd::Status(a) => rt().and_then(|rt| {
+            rt.block_on(minibatchd::cli::status::run(&a, |s| {
+                minibatchd::cli::say(format_args!("{s}"))
+            }))
+        }),
         Cmd::Inflate { path } => inflate(&path),
     };
     match r {
