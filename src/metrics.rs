@@ -21,11 +21,11 @@ pub const BUCKETS: [f64; 14] = [
 /// Longest request head the endpoint reads before answering 431.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// How long a request head may take to arrive.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the answer may take to be written: a status page PNG is up to
 /// a few MB, which a reader that stops reading must not hold a
 /// connection slot for (a scrape is written in microseconds).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct Histogram {
