@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """LeNet-5 on MNIST in PyTorch, the deeplearning.net tutorial's convolutional
-network (convolutional_mlp.py), with every minibatch from minibatchd
+network (convolutional_mlp.py), or a small CNN on CIFAR-10-shaped data (x of
+3x32x32 per example), with every minibatch from minibatchd
 through minibatch_client.torch.MinibatchDataset; DDP on CPU (gloo) under
 torchrun; checkpoint mid-epoch and resume exactly, with any number of ranks.
 
@@ -12,6 +13,16 @@ torchrun; checkpoint mid-epoch and resume exactly, with any number of ranks.
     # single process, or the same training on tensors loaded here, for comparison:
     python examples/train_torch.py --server 127.0.0.1:50051
     python examples/train_torch.py --data-file data/mnist-sample.pkl.gz
+    # CIFAR-10 in the Keras .npz layout (x_train uint8 [n, 3, 32, 32], y_train, x_test, y_test):
+    target/debug/minibatchd serve --addr 127.0.0.1:50052 --data cifar10.npz --valid-split 5000 &
+    python examples/train_torch.py --server 127.0.0.1:50052
+
+The model follows the shape of one example of x (GetInfo): 784, 28x28 or
+1x28x28 values train LeNet-5 on 1x28x28 images; 3072 or 3x32x32 train the
+small CNN on 3x32x32 (channels first, as CIFAR-10's own files and the
+.npz above hold them; a daemon that flattens x to 3072 values per example
+keeps that order); other image shapes (C, H, W) or (H, W) go to the
+small CNN too.
 
 The model, as in the tutorial: x as [N, 1, 28, 28]; conv 20 5x5, max-pool
 2x2, tanh; conv 50 5x5, max-pool 2x2, tanh; fully connected 800 -> 500,
@@ -21,8 +32,10 @@ logistic layer); plain SGD, learning rate 0.1, minibatches of 500 per rank
 (--batch-size; with w ranks a step sees w * 500 examples). Each epoch prints
 the validation and test errors (errors / examples, each rank evaluating its
 shard, summed over ranks), the seconds the epoch's training took, and the
-fraction of step time spent waiting for data (time blocked in next() on
-the loader over next() plus forward, backward and the optimizer step).
+fraction of step time spent waiting for data: MinibatchDataset.timed()
+times next() on the DataLoader in the trainer's process (the library's wait
+accounting, minibatch_client.stats), against the time between those calls
+(forward, backward, the optimizer step), summed over ranks.
 
 Checkpoint (--checkpoint PATH, every --checkpoint-every steps and at each
 epoch's end; written by rank 0, atomically): the model, the optimizer and
@@ -61,9 +74,54 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "clients" / "python" / "minibatch_client").is_dir():  # in a checkout: its own client
     sys.path.insert(0, str(ROOT / "clients" / "python"))
 import minibatch_client  # noqa: E402
+from minibatch_client.stats import WaitMeter, nbytes  # noqa: E402
 from minibatch_client.torch import MinibatchDataset, dist_rank_world, worker_context  # noqa: E402
 
 SETS = ("train", "valid", "test")
+
+
+def image_shape(example_shape) -> tuple[int, int, int]:
+    """(channels, height, width) of one example of x as served: MNIST's 784
+    values (or 28x28) are 1x28x28, CIFAR-10's 3072 values 3x32x32 (channels
+    first: CIFAR-10's own order, kept by a daemon that flattens)."""
+    shape = tuple(int(d) for d in example_shape)
+    if shape in ((784,), (28, 28)):
+        return (1, 28, 28)
+    if shape == (3072,):
+        return (3, 32, 32)
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 3:
+        return shape  # type: ignore[return-value]
+    raise SystemExit(f"x has examples of shape {list(shape)}: this trainer takes images (784, 3072, HxW or CxHxW "
+                     "values)")
+
+
+def make_model(shape: tuple[int, int, int]) -> nn.Module:
+    """LeNet-5 for MNIST's 1x28x28 (the tutorial), the small CNN otherwise."""
+    return LeNet5() if shape == (1, 28, 28) else SmallCNN(shape)
+
+
+class SmallCNN(nn.Module):
+    """A small CNN for CIFAR-10-like images (C x H x W, H and W multiples of
+    4): two 3x3 convolutions (32, 64 channels, ReLU, max-pool 2), fully
+    connected 256, ReLU, 10 classes. PyTorch's default initialisation."""
+
+    def __init__(self, shape=(3, 32, 32), classes=10):
+        super().__init__()
+        c, h, w = shape
+        self.shape = shape
+        self.conv1 = nn.Conv2d(c, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc = nn.Linear(64 * (h // 4) * (w // 4), 256)
+        self.out = nn.Linear(256, classes)
+
+    def forward(self, x):
+        x = x.reshape(-1, *self.shape)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc(x.flatten(1)))
+        return self.out(x)
 
 
 class LeNet5(nn.Module):
@@ -108,6 +166,7 @@ class LocalDataset(IterableDataset):
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.epoch = 0
+        self.example_shape = tuple(self.x.shape[1:])
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -204,7 +263,16 @@ def main(argv=None) -> int:
     loaders = {name: DataLoader(ds, batch_size=None, num_workers=a.workers, multiprocessing_context=ctx)
                for name, ds in [("train", train_ds), ("valid", dataset("valid", False)),
                                 ("test", dataset("test", False))]}
-    model = LeNet5()
+    shape = image_shape(train_ds.example_shape)
+    model = make_model(shape)
+    # Wait accounting (minibatch_client.stats): the dataset times next() on
+    # its DataLoader in this process, what the trainer waits on with any
+    # number of workers; local tensors get a bare meter, the same code.
+    if isinstance(train_ds, MinibatchDataset):
+        timed, stats = train_ds.timed, train_ds.stats
+    else:
+        meter = WaitMeter()
+        timed, stats = (lambda loader: meter.iterate(loader, nbytes)), meter.snapshot
     opt = torch.optim.SGD(model.parameters(), lr=a.learning_rate)
     step = 0
     if a.resume:
@@ -220,30 +288,22 @@ def main(argv=None) -> int:
     first_epoch = train_ds.epoch if a.resume else 0
     ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     src = f"{a.data_file} (local tensors)" if a.data_file else a.server
-    log(f"... LeNet-5, {world} rank(s), minibatches of {a.batch_size} per rank from {src}, "
+    name = "LeNet-5" if isinstance(model, LeNet5) else "small CNN"
+    log(f"... {name} on {'x'.join(map(str, shape))} images, {world} rank(s), minibatches of {a.batch_size} per rank "
+        f"from {src}, "
         f"{len(train_ds)} steps in the first epoch")
     history = []
     for epoch in range(first_epoch, a.epochs):
         train_ds.set_epoch(epoch)
-        it = iter(loaders["train"])
         consumed = 0
-        wait = busy = 0.0
         cost = 0.0
+        stats(reset=True)  # this epoch's figures: not the evaluation between epochs
         t_epoch = time.perf_counter()
-        while True:
-            t0 = time.perf_counter()
-            try:
-                x, y = next(it)
-            except StopIteration:
-                break
-            t1 = time.perf_counter()
+        for x, y in timed(loaders["train"]):
             loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            t2 = time.perf_counter()
-            wait += t1 - t0
-            busy += t2 - t0
             cost += loss.item()
             consumed += 1
             step += 1
@@ -259,18 +319,21 @@ def main(argv=None) -> int:
                 finish()
                 return 0
         seconds = time.perf_counter() - t_epoch
+        waited = stats(reset=True)
         if a.checkpoint:
             save_checkpoint(a.checkpoint, model, opt, train_ds.state_dict(consumed=consumed), step)
         model.eval()
         (vw, vn, tw, tn, w_sum, b_sum, steps) = all_sum(
-            [*errors(model, loaders["valid"]), *errors(model, loaders["test"]), wait, busy, consumed])
+            [*errors(model, loaders["valid"]), *errors(model, loaders["test"]), waited.wait_seconds,
+             waited.wait_seconds + waited.busy_seconds, consumed])
         model.train()
         row = {"epoch": epoch, "steps": consumed, "cost": cost / max(consumed, 1), "valid_error": vw / vn,
-               "test_error": tw / tn, "seconds": seconds, "wait_fraction": w_sum / b_sum if b_sum else 0.0}
+               "test_error": tw / tn, "seconds": seconds, "wait_fraction": w_sum / b_sum if b_sum else 0.0,
+               "wait_p50": waited.wait_p50, "wait_p99": waited.wait_p99, "minibatch_bytes": waited.bytes}
         history.append(row)
         log(f"epoch {epoch}: {consumed} steps, cost {row['cost']:.4f}, validation error "
             f"{100 * row['valid_error']:.2f} %, test error {100 * row['test_error']:.2f} %, {seconds:.2f} s, "
-            f"waiting for data {100 * row['wait_fraction']:.1f} % of step time")
+            f"waiting for data: {100 * row['wait_fraction']:.1f} % of step time")
     if rank == 0:
         if a.save:
             torch.save(model.state_dict(), a.save)

@@ -63,6 +63,8 @@ pub struct Batch {
 /// Everything GetBatch and StreamBatches take, with defaults.
 #[derive(Debug, Clone, Default)]
 pub struct BatchRequest {
+    /// Which dataset of the daemon; empty = its only one.
+    pub dataset: String,
     pub set: String,
     pub index: u64,
     pub size: u32,
@@ -98,6 +100,7 @@ impl BatchRequest {
 
     fn get_batch(&self) -> pb::GetBatchRequest {
         pb::GetBatchRequest {
+            dataset: self.dataset.clone(),
             set: self.set.clone(),
             index: self.index,
             size: self.size,
@@ -111,6 +114,7 @@ impl BatchRequest {
 
     fn stream_batches(&self) -> pb::StreamBatchesRequest {
         pb::StreamBatchesRequest {
+            dataset: self.dataset.clone(),
             set: self.set.clone(),
             size: self.size,
             order: self.order(),
@@ -236,12 +240,18 @@ impl Client {
     /// The dataset and the server's limits. The client (and its clones)
     /// then holds every minibatch to the dataset's exact shapes and dtypes
     /// and the server's message limit.
+    /// With several datasets the answer's `datasets` lists them, and its
+    /// per-dataset fields are empty (see [`Client::info_of`]).
     pub async fn info(&mut self) -> Result<proto::DatasetInfo, ClientError> {
-        let info = self
-            .inner
-            .get_info(self.request(proto::GetInfoRequest {}))
-            .await?
-            .into_inner();
+        self.info_of("").await
+    }
+
+    /// As [`Client::info`], describing dataset `dataset` (empty: the only one).
+    pub async fn info_of(&mut self, dataset: &str) -> Result<proto::DatasetInfo, ClientError> {
+        let req = proto::GetInfoRequest {
+            dataset: dataset.into(),
+        };
+        let info = self.inner.get_info(self.request(req)).await?.into_inner();
         self.conn.learn(info.clone());
         Ok(info)
     }

@@ -18,6 +18,10 @@ pub const MAX_ECHOED_NAME: usize = 64;
 pub enum ServeError {
     #[error("unknown set {name:?}; this dataset has {available}")]
     UnknownSet { name: String, available: String },
+    #[error("unknown dataset {name:?}; this daemon serves {available}")]
+    UnknownDataset { name: String, available: String },
+    #[error("this daemon serves several datasets ({available}): name one in the request's dataset field")]
+    DatasetNeeded { available: String },
     #[error("{0}")]
     Order(#[from] OrderError),
     #[error("start {start} is past the end: this order has {batches} minibatches")]
@@ -63,26 +67,54 @@ impl ServeError {
     /// An unknown set, echoing at most [`MAX_ECHOED_NAME`] characters of it.
     pub fn unknown_set<'a>(name: &str, available: impl Iterator<Item = &'a str>) -> Self {
         ServeError::UnknownSet {
-            name: name.chars().take(MAX_ECHOED_NAME).collect(),
-            available: available
-                .map(|s| format!("{s:?}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            name: echoed(name),
+            available: quoted(available),
         }
     }
+
+    /// An unknown dataset, echoing at most [`MAX_ECHOED_NAME`] characters of it.
+    pub fn unknown_dataset<'a>(name: &str, available: impl Iterator<Item = &'a str>) -> Self {
+        ServeError::UnknownDataset {
+            name: echoed(name),
+            available: quoted(available),
+        }
+    }
+
+    /// A request that named no dataset of a daemon with several.
+    pub fn dataset_needed<'a>(available: impl Iterator<Item = &'a str>) -> Self {
+        ServeError::DatasetNeeded {
+            available: quoted(available),
+        }
+    }
+}
+
+/// At most [`MAX_ECHOED_NAME`] characters of a client-supplied name.
+fn echoed(name: &str) -> String {
+    name.chars().take(MAX_ECHOED_NAME).collect()
+}
+
+/// The server's own names, quoted, for a message.
+fn quoted<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Status {
         let msg = e.to_string();
         match e {
-            ServeError::UnknownSet { .. } => Status::not_found(msg),
+            ServeError::UnknownSet { .. } | ServeError::UnknownDataset { .. } => {
+                Status::not_found(msg)
+            }
             ServeError::Order(OrderError::PastEnd { .. })
             | ServeError::StartPastEnd { .. }
             | ServeError::RequestTooLarge { .. } => Status::out_of_range(msg),
-            ServeError::Order(_) | ServeError::BadDType(_) | ServeError::BadRequest(_) => {
-                Status::invalid_argument(msg)
-            }
+            ServeError::Order(_)
+            | ServeError::BadDType(_)
+            | ServeError::BadRequest(_)
+            | ServeError::DatasetNeeded { .. } => Status::invalid_argument(msg),
             ServeError::Conversion { .. }
             | ServeError::AttachNeedsUnixSocket
             | ServeError::NotShareable(_) => Status::failed_precondition(msg),
@@ -112,6 +144,14 @@ mod tests {
             (
                 ServeError::unknown_set("nope", ["train", "valid"].into_iter()),
                 Code::NotFound,
+            ),
+            (
+                ServeError::unknown_dataset("nope", ["mnist", "cifar"].into_iter()),
+                Code::NotFound,
+            ),
+            (
+                ServeError::dataset_needed(["mnist", "cifar"].into_iter()),
+                Code::InvalidArgument,
             ),
             (
                 OrderError::PastEnd {

@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! A minibatch flows top to bottom once:
-//! load → store → order → batch → service → routes → server.
+//! load → store → order → batch → catalog → service → routes → server.
 //!
 //! - [`memory`]: page-aligned, lockable host buffers (memfds) the loader
 //!   fills, sealed read-only once loaded.
@@ -20,6 +20,8 @@
 //! - [`batch`]: minibatch assembly: the prepared dataset (row CRCs, uint8
 //!   mirrors, limits, the memory budget) and the pull-based stream that
 //!   slices or gathers one chunk at a time into encoded frames.
+//! - [`catalog`]: the datasets one daemon serves, by name (`--data
+//!   NAME=PATH`), each prepared once, all sharing one budget and metrics.
 //! - [`service`]: BatchService's requests validated and answered (GetInfo,
 //!   or a [`batch::stream::BatchStream`]); [`error`] maps every failure to
 //!   one status code.
@@ -50,6 +52,7 @@ pub mod analyze;
 pub mod attach;
 pub mod background;
 pub mod batch;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod dtype;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 
 use minibatchd::cli::args::{
-    BenchArgs, Cli, ClientArgs, Cmd, GetArgs, InspectArgs, LoadArgs, LogFormat, ServeArgs,
+    BenchArgs, Cli, ClientArgs, Cmd, GetArgs, InfoArgs, InspectArgs, LoadArgs, LogFormat, ServeArgs,
 };
 use minibatchd::cli::inspect::Report;
 use minibatchd::cli::npy::npy;
@@ -104,7 +104,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     } else {
         Backing::Private
     };
-    let ds = Arc::new(a.load.load(a.pin(), backing)?);
+    let ds = a.load.load_all(a.pin(), backing)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -148,11 +148,11 @@ async fn shutdown_signal() {
 fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let la = LoadArgs {
-        data: a.path.clone(),
+        data: Vec::new(),
         valid_split: a.valid_split,
         max_dataset_bytes: None,
     };
-    let ds = la.load(PinPolicy::Off, Backing::Private)?;
+    let ds = la.load(a.path.as_deref(), PinPolicy::Off, Backing::Private)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let stats = minibatchd::analyze::dataset_stats(&ds);
     let report = Report::new(&ds, &stats, load_ms, t0.elapsed().as_secs_f64() * 1e3);
@@ -192,15 +192,17 @@ async fn health(a: ClientArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn info(a: ClientArgs) -> anyhow::Result<()> {
-    let i = a.connect().await?.info().await?;
-    say!("{}", minibatchd::cli::info::table(&i).trim_end());
+async fn info(a: InfoArgs) -> anyhow::Result<()> {
+    let i = a.client.connect().await?.info_of(&a.dataset).await?;
+    let table = minibatchd::cli::info::table(&i, !a.dataset.is_empty());
+    say!("{}", table.trim_end());
     Ok(())
 }
 
 async fn get(a: GetArgs) -> anyhow::Result<()> {
     let mut c = a.client.connect().await?;
     let mut r = BatchRequest::new(&a.set, a.index, a.size);
+    r.dataset = a.dataset.clone();
     r.x_dtype = a.x_dtype;
     r.y_dtype = a.y_dtype;
     r.order = minibatchd::proto::Order {

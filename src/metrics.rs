@@ -38,12 +38,14 @@ struct Histogram {
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String), u64>>,
-    minibatches: Mutex<BTreeMap<String, u64>>,
-    bytes: Mutex<BTreeMap<String, u64>>,
+    /// By (method, dataset): dataset names are fixed at start-up and at
+    /// most `catalog::MAX_DATASETS`, so the labels stay bounded.
+    minibatches: Mutex<BTreeMap<(String, String), u64>>,
+    bytes: Mutex<BTreeMap<(String, String), u64>>,
+    /// Host bytes of each dataset, and whether they are locked in RAM.
+    datasets: Mutex<BTreeMap<String, (u64, bool)>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     pub active_streams: AtomicU64,
-    pub dataset_bytes: AtomicU64,
-    pub pinned_bytes: AtomicU64,
     /// Host bytes of x mirrors in narrower wire dtypes (see `mirror`).
     pub mirror_bytes: AtomicU64,
     /// The memory budget, once the server made it (its size and use).
@@ -86,26 +88,25 @@ impl Metrics {
         h.count += 1;
     }
 
-    /// Counts one minibatch of `bytes` payload bytes sent.
-    pub fn minibatch(&self, method: &str, bytes: u64) {
-        *self
-            .minibatches
+    /// Records dataset `name`'s host memory (once, when it is prepared).
+    pub fn dataset(&self, name: &str, bytes: u64, pinned: bool) {
+        self.datasets
             .lock()
             .unwrap()
-            .entry(method.to_string())
-            .or_default() += 1;
-        *self
-            .bytes
-            .lock()
-            .unwrap()
-            .entry(method.to_string())
-            .or_default() += bytes;
+            .insert(name.to_string(), (bytes, pinned));
     }
 
-    /// Minibatches and tensor bytes sent, all methods together (the
+    /// Counts one minibatch of dataset `dataset` of `bytes` payload bytes sent.
+    pub fn minibatch(&self, method: &str, dataset: &str, bytes: u64) {
+        let key = || (method.to_string(), dataset.to_string());
+        *self.minibatches.lock().unwrap().entry(key()).or_default() += 1;
+        *self.bytes.lock().unwrap().entry(key()).or_default() += bytes;
+    }
+
+    /// Minibatches and tensor bytes sent, all methods and datasets together (the
     /// status page's throughput).
     pub fn totals(&self) -> (u64, u64) {
-        let sum = |m: &Mutex<BTreeMap<String, u64>>| m.lock().unwrap().values().sum();
+        let sum = |m: &Mutex<BTreeMap<(String, String), u64>>| m.lock().unwrap().values().sum();
         (sum(&self.minibatches), sum(&self.bytes))
     }
 
@@ -120,12 +121,18 @@ impl Metrics {
             );
         }
         o.push_str("# HELP minibatchd_minibatches_total Minibatches sent.\n# TYPE minibatchd_minibatches_total counter\n");
-        for (m, v) in self.minibatches.lock().unwrap().iter() {
-            let _ = writeln!(o, "minibatchd_minibatches_total{{method=\"{m}\"}} {v}");
+        for ((m, d), v) in self.minibatches.lock().unwrap().iter() {
+            let _ = writeln!(
+                o,
+                "minibatchd_minibatches_total{{method=\"{m}\",dataset=\"{d}\"}} {v}"
+            );
         }
         o.push_str("# HELP minibatchd_sent_bytes_total Tensor payload bytes sent.\n# TYPE minibatchd_sent_bytes_total counter\n");
-        for (m, v) in self.bytes.lock().unwrap().iter() {
-            let _ = writeln!(o, "minibatchd_sent_bytes_total{{method=\"{m}\"}} {v}");
+        for ((m, d), v) in self.bytes.lock().unwrap().iter() {
+            let _ = writeln!(
+                o,
+                "minibatchd_sent_bytes_total{{method=\"{m}\",dataset=\"{d}\"}} {v}"
+            );
         }
         o.push_str("# HELP minibatchd_request_duration_seconds RPC duration, first byte in to last byte out.\n# TYPE minibatchd_request_duration_seconds histogram\n");
         for (m, h) in self.latency.lock().unwrap().iter() {
@@ -166,18 +173,21 @@ impl Metrics {
             "Response streams in flight.",
             self.active_streams.load(Ordering::Relaxed),
         );
-        g(
-            &mut o,
-            "minibatchd_dataset_bytes",
-            "Host bytes holding the dataset.",
-            self.dataset_bytes.load(Ordering::Relaxed),
-        );
-        g(
-            &mut o,
-            "minibatchd_dataset_pinned_bytes",
-            "Host bytes of the dataset locked in RAM (mlock).",
-            self.pinned_bytes.load(Ordering::Relaxed),
-        );
+        {
+            let ds = self.datasets.lock().unwrap();
+            o.push_str("# HELP minibatchd_dataset_bytes Host bytes holding each dataset.\n# TYPE minibatchd_dataset_bytes gauge\n");
+            for (d, (bytes, _)) in ds.iter() {
+                let _ = writeln!(o, "minibatchd_dataset_bytes{{dataset=\"{d}\"}} {bytes}");
+            }
+            o.push_str("# HELP minibatchd_dataset_pinned_bytes Host bytes of each dataset locked in RAM (mlock).\n# TYPE minibatchd_dataset_pinned_bytes gauge\n");
+            for (d, (bytes, pinned)) in ds.iter() {
+                let pinned = if *pinned { *bytes } else { 0 };
+                let _ = writeln!(
+                    o,
+                    "minibatchd_dataset_pinned_bytes{{dataset=\"{d}\"}} {pinned}"
+                );
+            }
+        }
         g(
             &mut o,
             "minibatchd_mirror_bytes",
@@ -390,8 +400,11 @@ mod tests {
         m.request("GetBatch", tonic::Code::Ok, Duration::from_micros(300));
         m.request("GetBatch", tonic::Code::Ok, Duration::from_secs(2));
         m.request("GetBatch", tonic::Code::ResourceExhausted, Duration::ZERO);
-        m.minibatch("GetBatch", 1000);
-        m.minibatch("GetBatch", 24);
+        m.minibatch("GetBatch", "mnist", 1000);
+        m.minibatch("GetBatch", "mnist", 24);
+        m.minibatch("GetBatch", "cifar", 7);
+        m.dataset("mnist", 4096, true);
+        m.dataset("cifar", 100, false);
         m.set_budget(crate::batch::budget::Budget::new(
             4096,
             Duration::from_secs(1),
@@ -401,8 +414,12 @@ mod tests {
         for line in [
             "minibatchd_requests_total{method=\"GetBatch\",code=\"Ok\"} 2",
             "minibatchd_requests_total{method=\"GetBatch\",code=\"ResourceExhausted\"} 1",
-            "minibatchd_minibatches_total{method=\"GetBatch\"} 2",
-            "minibatchd_sent_bytes_total{method=\"GetBatch\"} 1024",
+            "minibatchd_minibatches_total{method=\"GetBatch\",dataset=\"mnist\"} 2",
+            "minibatchd_minibatches_total{method=\"GetBatch\",dataset=\"cifar\"} 1",
+            "minibatchd_sent_bytes_total{method=\"GetBatch\",dataset=\"mnist\"} 1024",
+            "minibatchd_dataset_bytes{dataset=\"mnist\"} 4096",
+            "minibatchd_dataset_pinned_bytes{dataset=\"mnist\"} 4096",
+            "minibatchd_dataset_pinned_bytes{dataset=\"cifar\"} 0",
             "minibatchd_request_duration_seconds_bucket{method=\"GetBatch\",le=\"0.0001\"} 1",
             "minibatchd_request_duration_seconds_bucket{method=\"GetBatch\",le=\"0.0005\"} 2",
             "minibatchd_request_duration_seconds_bucket{method=\"GetBatch\",le=\"1\"} 2",

@@ -94,7 +94,7 @@ impl BatchRoutes {
         let holder = conn.as_ref().map(|c| c.holder.clone());
         let caller = crate::status::Caller::of(conn.as_ref().map(|c| &c.peer), req.headers());
         let t0 = Instant::now();
-        let limit = self.svc.prepared().limits.request_timeout;
+        let limit = self.svc.catalog().limits.request_timeout;
         let msg = tokio::time::timeout(limit, read_request(req.into_body(), holder.as_ref()))
             .await
             .map_err(|_| ServeError::RequestTimeout(limit))
@@ -109,8 +109,8 @@ impl BatchRoutes {
         };
         let body = match path.as_str() {
             GET_INFO => {
-                proto::GetInfoRequest::decode(msg).map_err(bad)?;
-                let info = self.svc.info().await?;
+                let r = proto::GetInfoRequest::decode(msg).map_err(bad)?;
+                let info = self.svc.info(r).await?;
                 Body::new(ChunkBody::unary(frame::message(&info)))
             }
             GET_BATCH => {

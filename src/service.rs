@@ -1,6 +1,6 @@
 //! BatchService's three requests, validated against the prepared dataset
-//! and answered: GetInfo with a description, GetBatch and StreamBatches
-//! with a [`BatchStream`]. Which examples (order), how they are encoded
+//! they name (of the daemon's [`Catalog`]) and answered: GetInfo with a
+//! description, GetBatch and StreamBatches with a [`BatchStream`]. Which examples (order), how they are encoded
 //! (batch) and how they travel (routes) are decided elsewhere; errors are
 //! [`ServeError`]s, mapped to status codes in one place (`error`).
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use crate::batch::budget::Holder;
 use crate::batch::convert::{self, Conversion};
 use crate::batch::prepared::{Prepared, PreparedSet};
 use crate::batch::stream::{BatchStream, Encoding, Span};
+use crate::catalog::Catalog;
 use crate::memory::PinState;
 use crate::order::{OrderSpec, Plan};
 use crate::proto;
@@ -23,6 +24,7 @@ pub use crate::error::{ServeError, MAX_ECHOED_NAME};
 
 /// The fields GetBatch and StreamBatches requests share (same names).
 struct StreamSpec<'a> {
+    dataset: &'a str,
     set: &'a str,
     size: u32,
     order: Option<proto::Order>,
@@ -36,6 +38,7 @@ struct StreamSpec<'a> {
 macro_rules! stream_spec {
     ($r:expr) => {
         StreamSpec {
+            dataset: &$r.dataset,
             set: &$r.set,
             size: $r.size,
             order: $r.order,
@@ -47,27 +50,49 @@ macro_rules! stream_spec {
     };
 }
 
-/// The service over one prepared dataset (cheap to clone).
+/// The service over the daemon's prepared datasets (cheap to clone).
 #[derive(Clone)]
 pub struct BatchService {
-    prepared: Arc<Prepared>,
+    catalog: Arc<Catalog>,
 }
 
 impl BatchService {
-    pub fn new(prepared: Arc<Prepared>) -> Self {
-        Self { prepared }
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        Self { catalog }
     }
 
-    pub fn prepared(&self) -> &Arc<Prepared> {
-        &self.prepared
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
-    /// GetInfo.
-    pub async fn info(&self) -> Result<proto::DatasetInfo, ServeError> {
+    /// GetInfo: the named dataset (or the only one) and the list of all.
+    pub async fn info(&self, r: proto::GetInfoRequest) -> Result<proto::DatasetInfo, ServeError> {
         let t0 = Instant::now();
-        let r = self.describe().await;
-        self.record("GetInfo", t0, r.as_ref().err());
-        r
+        let res = async {
+            let mut datasets = Vec::with_capacity(self.catalog.all().len());
+            for p in self.catalog.all() {
+                datasets.push(describe(p).await?);
+            }
+            // With several datasets and none named, the per-dataset fields
+            // stay empty: which one would be a guess.
+            let mut info = match (r.dataset.as_str(), self.catalog.get(&r.dataset)) {
+                ("", Err(ServeError::DatasetNeeded { .. })) => proto::DatasetInfo::default(),
+                (_, Ok(p)) => describe(p).await?,
+                (_, Err(e)) => return Err(e),
+            };
+            let l = self.catalog.limits;
+            info.server_version = env!("CARGO_PKG_VERSION").into();
+            info.limits = Some(proto::Limits {
+                max_batch_size: l.max_batch_size as u32,
+                max_message_bytes: l.max_message_bytes as u32,
+                chunk_bytes: l.chunk_bytes as u32,
+            });
+            info.datasets = datasets;
+            Ok(info)
+        }
+        .await;
+        self.record("GetInfo", t0, res.as_ref().err());
+        res
     }
 
     /// GetBatch: minibatch `index` of the request's order, for a stream of
@@ -118,13 +143,11 @@ impl BatchService {
     ) -> Result<BatchStream, ServeError> {
         let t0 = Instant::now();
         let r = async {
-            let p = &self.prepared;
-            let set = self.set(spec.set)?;
-            let plan = self.plan(&p.sets[set], spec.size, spec.order)?;
+            let p = self.catalog.get(spec.dataset)?;
+            let set = set_index(p, spec.set)?;
+            let plan = plan(p, &p.sets[set], spec.size, spec.order)?;
             let range = range(&plan)?;
-            let conv = self
-                .conversions(&p.sets[set], spec.x_dtype, spec.y_dtype)
-                .await?;
+            let conv = conversions(p, &p.sets[set], spec.x_dtype, spec.y_dtype).await?;
             let enc = Encoding {
                 conv,
                 with_indices: spec.with_indices,
@@ -152,127 +175,123 @@ impl BatchService {
                 st.code()
             }
         };
-        self.prepared.metrics.request(method, code, t0.elapsed());
+        self.catalog.metrics.request(method, code, t0.elapsed());
     }
+}
 
-    /// The index of set `name`.
-    fn set(&self, name: &str) -> Result<usize, ServeError> {
-        let sets = &self.prepared.sets;
-        sets.iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| ServeError::unknown_set(name, sets.iter().map(|s| s.name.as_str())))
-    }
+/// The index of set `name` in `p`.
+pub fn set_index(p: &Prepared, name: &str) -> Result<usize, ServeError> {
+    let sets = &p.sets;
+    sets.iter()
+        .position(|s| s.name == name)
+        .ok_or_else(|| ServeError::unknown_set(name, sets.iter().map(|s| s.name.as_str())))
+}
 
-    fn plan(
-        &self,
-        set: &PreparedSet,
-        size: u32,
-        order: Option<proto::Order>,
-    ) -> Result<Plan, ServeError> {
-        let o = order.unwrap_or_default();
-        let spec = OrderSpec {
-            shuffle: o.shuffle,
-            seed: o.seed,
-            epoch: o.epoch,
-            rank: o.rank,
-            world_size: o.world_size,
-            drop_last: o.drop_last,
-            offset: o.offset,
+/// The resolved order of a request for minibatches of `size` from `set`.
+pub fn plan(
+    p: &Prepared,
+    set: &PreparedSet,
+    size: u32,
+    order: Option<proto::Order>,
+) -> Result<Plan, ServeError> {
+    let o = order.unwrap_or_default();
+    let spec = OrderSpec {
+        shuffle: o.shuffle,
+        seed: o.seed,
+        epoch: o.epoch,
+        rank: o.rank,
+        world_size: o.world_size,
+        drop_last: o.drop_last,
+        offset: o.offset,
+    };
+    Ok(Plan::new(
+        set.examples(),
+        size as usize,
+        p.limits.max_batch_size,
+        &spec,
+        &p.perms,
+    )?)
+}
+
+/// How x and y of `set` go on the wire for the requested dtypes (0: as stored).
+pub async fn conversions(
+    p: &Prepared,
+    set: &PreparedSet,
+    x: i32,
+    y: i32,
+) -> Result<(Conversion, Conversion), ServeError> {
+    let mut out = [
+        Conversion::identity(&set.x.tensor),
+        Conversion::identity(&set.y.tensor),
+    ];
+    for (o, (t, asked)) in out.iter_mut().zip(set.tensors().into_iter().zip([x, y])) {
+        let d = proto::Dtype::try_from(asked).map_err(|_| ServeError::BadDType(asked))?;
+        let Some(to) = DType::from_proto(d).filter(|&to| to != t.tensor.dtype) else {
+            continue;
         };
-        Ok(Plan::new(
-            set.examples(),
-            size as usize,
-            self.prepared.limits.max_batch_size,
-            &spec,
-            &self.prepared.perms,
-        )?)
-    }
-
-    /// How x and y go on the wire for the requested dtypes (0: as stored).
-    async fn conversions(
-        &self,
-        set: &PreparedSet,
-        x: i32,
-        y: i32,
-    ) -> Result<(Conversion, Conversion), ServeError> {
-        let mut out = [
-            Conversion::identity(&set.x.tensor),
-            Conversion::identity(&set.y.tensor),
-        ];
-        for (o, (t, asked)) in out.iter_mut().zip(set.tensors().into_iter().zip([x, y])) {
-            let d = proto::Dtype::try_from(asked).map_err(|_| ServeError::BadDType(asked))?;
-            let Some(to) = DType::from_proto(d).filter(|&to| to != t.tensor.dtype) else {
-                continue;
-            };
-            let stats = self.prepared.stats().await.map_err(ServeError::Stats)?;
-            let st = stats
-                .get(&set.name, t.name)
-                .expect("stats cover every tensor");
-            *o = convert::conversion(&t.tensor, st, to).map_err(|why| ServeError::Conversion {
-                tensor: format!("{}.{}", set.name, t.name),
-                from: t.tensor.dtype,
-                to,
-                why,
-            })?;
-        }
-        Ok((out[0], out[1]))
-    }
-
-    /// GetInfo's answer.
-    async fn describe(&self) -> Result<proto::DatasetInfo, ServeError> {
-        let p = &self.prepared;
         let stats = p.stats().await.map_err(ServeError::Stats)?;
-        let ds = &p.dataset;
-        let sets = p
-            .sets
-            .iter()
-            .map(|s| {
-                let [x, y] = s.tensors().map(|t| {
-                    let st = stats
-                        .get(&s.name, t.name)
-                        .expect("stats cover every tensor");
-                    proto::TensorInfo {
-                        dtype: t.tensor.dtype.to_proto() as i32,
-                        shape: t.tensor.shape[1..].iter().map(|&d| d as u64).collect(),
-                        sha256: st.sha256.clone(),
-                        wire_dtypes: convert::wire_dtypes(&t.tensor, st)
-                            .into_iter()
-                            .map(|d| d.to_proto() as i32)
-                            .collect(),
-                        scale_divisor: st.uint8_divisor.unwrap_or(0),
-                    }
-                });
-                proto::SetInfo {
-                    name: s.name.clone(),
-                    examples: s.examples() as u64,
-                    x: Some(x),
-                    y: Some(y),
-                    classes: stats
-                        .get(&s.name, "y")
-                        .and_then(|st| st.histogram.as_ref())
-                        .map(|h| h.keys().copied().collect())
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
-        let source = std::path::Path::new(&ds.source)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| ds.source.clone());
-        let l = p.limits;
-        Ok(proto::DatasetInfo {
-            source,
-            format: ds.format.name().into(),
-            fingerprint: stats.fingerprint.clone(),
-            sets,
-            memory_bytes: ds.memory_bytes as u64,
-            pinned: ds.pin == PinState::Pinned,
-            server_version: env!("CARGO_PKG_VERSION").into(),
-            limits: Some(proto::Limits {
-                max_batch_size: l.max_batch_size as u32,
-                max_message_bytes: l.max_message_bytes as u32,
-                chunk_bytes: l.chunk_bytes as u32,
-            }),
-        })
+        let st = stats
+            .get(&set.name, t.name)
+            .expect("stats cover every tensor");
+        *o = convert::conversion(&t.tensor, st, to).map_err(|why| ServeError::Conversion {
+            tensor: format!("{}.{}", set.name, t.name),
+            from: t.tensor.dtype,
+            to,
+            why,
+        })?;
     }
+    Ok((out[0], out[1]))
+}
+
+/// One dataset as GetInfo describes it (without the daemon-wide fields:
+/// version, limits, the list of datasets).
+pub async fn describe(p: &Prepared) -> Result<proto::DatasetInfo, ServeError> {
+    let stats = p.stats().await.map_err(ServeError::Stats)?;
+    let ds = &p.dataset;
+    let sets = p
+        .sets
+        .iter()
+        .map(|s| {
+            let [x, y] = s.tensors().map(|t| {
+                let st = stats
+                    .get(&s.name, t.name)
+                    .expect("stats cover every tensor");
+                proto::TensorInfo {
+                    dtype: t.tensor.dtype.to_proto() as i32,
+                    shape: t.tensor.shape[1..].iter().map(|&d| d as u64).collect(),
+                    sha256: st.sha256.clone(),
+                    wire_dtypes: convert::wire_dtypes(&t.tensor, st)
+                        .into_iter()
+                        .map(|d| d.to_proto() as i32)
+                        .collect(),
+                    scale_divisor: st.uint8_divisor.unwrap_or(0),
+                }
+            });
+            proto::SetInfo {
+                name: s.name.clone(),
+                examples: s.examples() as u64,
+                x: Some(x),
+                y: Some(y),
+                classes: stats
+                    .get(&s.name, "y")
+                    .and_then(|st| st.histogram.as_ref())
+                    .map(|h| h.keys().copied().collect())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    let source = std::path::Path::new(&ds.source)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| ds.source.clone());
+    Ok(proto::DatasetInfo {
+        name: p.name.clone(),
+        source,
+        format: ds.format.name().into(),
+        fingerprint: stats.fingerprint.clone(),
+        sets,
+        memory_bytes: ds.memory_bytes as u64,
+        pinned: ds.pin == PinState::Pinned,
+        ..Default::default()
+    })
 }

@@ -305,7 +305,7 @@ async fn partial_and_oversized_requests_are_refused() {
     // An unknown method of the service.
     h2 = h2.ready().await.unwrap();
     let (resp, mut send) = h2.send_request(post(srv.addr, "Nope"), false).unwrap();
-    send.send_data(grpc(&proto::GetInfoRequest {}), true)
+    send.send_data(grpc(&proto::GetInfoRequest::default()), true)
         .unwrap();
     assert_eq!(status_of(resp).await, "12", "UNIMPLEMENTED");
 

@@ -588,13 +588,16 @@ async fn health_reflection_and_metrics_answer() {
         text.contains("minibatchd_requests_total{method=\"GetBatch\",code=\"Ok\"} 1"),
         "{text}"
     );
+    let name = minibatchd::catalog::name_from_path(std::path::Path::new(&srv.dataset.source));
     assert!(
-        text.contains("minibatchd_minibatches_total{method=\"GetBatch\"} 1"),
+        text.contains(&format!(
+            "minibatchd_minibatches_total{{method=\"GetBatch\",dataset=\"{name}\"}} 1"
+        )),
         "{text}"
     );
     assert!(
         text.contains(&format!(
-            "minibatchd_sent_bytes_total{{method=\"GetBatch\"}} {}",
+            "minibatchd_sent_bytes_total{{method=\"GetBatch\",dataset=\"{name}\"}} {}",
             100 * 784 * 4 + 100 * 8
         )),
         "{text}"

@@ -216,7 +216,7 @@ async fn status_json_describes_the_daemon_and_its_dataset() {
     assert!(s.uptime_s > 0.0 && s.started_unix > 1.7e9);
     assert_eq!(s.datasets.len(), 1);
     let d = &s.datasets[0];
-    assert_eq!(d.name, "default");
+    assert_eq!(d.name, "mnist-sample");
     assert_eq!(d.source, "mnist-sample.pkl.gz");
     assert_eq!(d.format, "pickle+gzip");
     assert_eq!(d.memory_bytes, st.srv.dataset.memory_bytes as u64);
@@ -249,7 +249,7 @@ async fn status_json_describes_the_daemon_and_its_dataset() {
     let f = &s.finished[0];
     assert_eq!(
         (f.method.as_str(), f.set.as_str(), f.dataset.as_str()),
-        ("GetBatch", "train", "default")
+        ("GetBatch", "train", "mnist-sample")
     );
     assert_eq!((f.start, f.end, f.sent, f.bytes), (2, 3, 1, t.bytes_total));
     assert_eq!(f.outcome.as_deref(), Some("Ok"));
@@ -286,7 +286,7 @@ async fn streams_are_listed_while_open_and_go_away_after() {
     let t = &s.streams[0];
     assert_eq!(
         (t.method.as_str(), t.dataset.as_str(), t.set.as_str()),
-        ("StreamBatches", "default", "train")
+        ("StreamBatches", "mnist-sample", "train")
     );
     assert_eq!(
         (t.shuffle, t.seed, t.epoch, t.rank, t.world_size),
@@ -468,7 +468,7 @@ async fn bad_viewer_requests_get_4xx_with_grpc_messages_and_never_panic() {
         (
             "/minibatch.png?dataset=other",
             404,
-            "unknown dataset \"other\"; this daemon serves \"default\"",
+            "unknown dataset \"other\"; this daemon serves \"mnist-sample\"",
         ),
         (
             "/minibatch.png?%%%&&==&set=%ff%",
@@ -613,7 +613,7 @@ async fn the_page_reads_without_javascript_and_escapes_what_clients_send() {
         "{page}"
     );
     assert!(page.contains(
-        "src=\"/minibatch.png?dataset=default&amp;set=train&amp;index=0&amp;size=64&amp;scale=2\""
+        "src=\"/minibatch.png?dataset=mnist-sample&amp;set=train&amp;index=0&amp;size=64&amp;scale=2\""
     ));
     assert!(page.contains("<pre class=\"labels\" id=\"labels\">"));
     assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
@@ -655,7 +655,7 @@ async fn attached_processes_are_listed_while_attached() {
     let t = &s.streams[0];
     assert_eq!(
         (t.method.as_str(), t.dataset.as_str(), t.peer.as_str()),
-        ("Attach", "default", "unix")
+        ("Attach", "mnist-sample", "unix")
     );
     assert_eq!(t.pid, Some(std::process::id()));
     assert!(t.trainer.starts_with("rust "), "{}", t.trainer);
@@ -691,7 +691,7 @@ fn the_status_command_and_get_png() {
     assert!(ok, "{err}");
     for want in [
         "minibatchd ",
-        "dataset default: mnist-sample.pkl.gz (pickle+gzip)",
+        "dataset mnist-sample: mnist-sample.pkl.gz (pickle+gzip)",
         "train",
         "3000",
         "float32 [784]",
@@ -753,4 +753,77 @@ fn the_status_command_and_get_png() {
         served.body,
         "get --png draws what the daemon draws"
     );
+}
+
+/// Several datasets: all listed, streams and the viewer name theirs, and
+/// a viewer request without `dataset=` is refused as GetBatch refuses one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_datasets_are_listed_and_viewed_by_name() {
+    let datasets = minibatchd::catalog::Datasets::new(vec![
+        ("mnist".into(), std::sync::Arc::new(sample())),
+        ("mixed".into(), std::sync::Arc::new(mixed())),
+    ])
+    .unwrap();
+    let srv = TestServer::start_datasets(datasets, ServerOptions::default()).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = l.local_addr().unwrap();
+    tokio::spawn(minibatchd::metrics::serve(
+        l,
+        srv.metrics.clone(),
+        4,
+        std::future::pending(),
+    ));
+    let m = srv.metrics.clone();
+    assert!(eventually(START_UP_TIMEOUT, || m.status.is_serving()).await);
+    let a = get(http, "/status.json", &[]).await;
+    let s: Snapshot = serde_json::from_slice(&a.body).unwrap();
+    let names: Vec<_> = s.datasets.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["mnist", "mixed"]);
+    assert_eq!(s.datasets[1].sets[2].x.shape, [3, 8, 8]);
+
+    // No dataset named: GetBatch's INVALID_ARGUMENT message, as 400.
+    let mut raw = srv.raw_client().await;
+    let grpc = raw
+        .get_batch(proto::GetBatchRequest {
+            set: "train".into(),
+            size: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let a = get(http, "/minibatch.png?set=train&size=4", &[]).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.text().trim_end(), grpc.message());
+    let a = get(http, "/minibatch.png?dataset=mixed&set=rgb&size=2", &[]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(decode(&a.body).channels, 3);
+    let page = get(http, "/?dataset=mixed&set=rgb&size=2", &[])
+        .await
+        .text();
+    assert!(
+        page.contains("<option selected value=\"mixed\">mixed</option>"),
+        "{page}"
+    );
+    assert!(page.contains("src=\"/minibatch.png?dataset=mixed&amp;set=rgb&amp;"));
+
+    // A stream of the second dataset names it.
+    let mut stream = raw
+        .stream_batches(proto::StreamBatchesRequest {
+            dataset: "mixed".into(),
+            set: "feat".into(),
+            size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    let s = minibatchd::status::snapshot(&srv.metrics);
+    let listed: Vec<_> = s
+        .streams
+        .iter()
+        .chain(&s.finished)
+        .map(|t| (t.dataset.as_str(), t.set.as_str()))
+        .collect();
+    assert!(listed.contains(&("mixed", "feat")), "{listed:?}");
 }

@@ -142,11 +142,17 @@ async fn the_unix_socket_serves_the_same_services_behind_the_same_token() {
     assert_eq!(health(&conn).await, 1, "SERVING, with no token");
 
     let info = "/minibatch.v1.BatchService/GetInfo";
-    let (_, status) = call(&conn, info, &proto::GetInfoRequest {}, None).await;
+    let (_, status) = call(&conn, info, &proto::GetInfoRequest::default(), None).await;
     assert_eq!(status, "16", "UNAUTHENTICATED without the token");
-    let (_, status) = call(&conn, info, &proto::GetInfoRequest {}, Some("wrong")).await;
+    let (_, status) = call(
+        &conn,
+        info,
+        &proto::GetInfoRequest::default(),
+        Some("wrong"),
+    )
+    .await;
     assert_eq!(status, "16", "UNAUTHENTICATED with a wrong token");
-    let (m, status) = call(&conn, info, &proto::GetInfoRequest {}, Some(TOKEN)).await;
+    let (m, status) = call(&conn, info, &proto::GetInfoRequest::default(), Some(TOKEN)).await;
     assert_eq!(status, "0");
     let info = proto::DatasetInfo::decode(m[0].clone()).unwrap();
     let valid = info.sets.iter().find(|s| s.name == "valid").unwrap();

@@ -33,6 +33,8 @@ use crate::store::DType;
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
     pub token: Option<String>,
+    /// Which dataset of the daemon; empty = its only one.
+    pub dataset: String,
     /// Extra dtypes of x to map (the daemon's uint8 mirrors).
     pub x_dtypes: Vec<DType>,
     /// For the exchange (connect, request, reply).
@@ -43,6 +45,7 @@ impl Default for AttachOptions {
     fn default() -> Self {
         Self {
             token: None,
+            dataset: String::new(),
             x_dtypes: Vec::new(),
             timeout: Duration::from_secs(60),
         }
@@ -134,6 +137,8 @@ pub struct Gathered {
 
 /// The daemon's dataset, mapped (see the module docs).
 pub struct Attachment {
+    /// The dataset's name on the daemon.
+    pub dataset: String,
     pub fingerprint: String,
     pub generation: u64,
     pub server_version: String,
@@ -159,6 +164,7 @@ impl Attachment {
             token: opts.token.clone().unwrap_or_default(),
             x_dtypes: opts.x_dtypes.iter().map(|d| d.to_proto() as i32).collect(),
             client: format!("rust {} pid {}", hostname(), std::process::id()),
+            dataset: opts.dataset.clone(),
         };
         let mut out = header(req.encoded_len()).to_vec();
         req.encode(&mut out).expect("a Vec grows");
@@ -179,7 +185,14 @@ impl Attachment {
         };
         let maps = map_files(&reply, fds)?;
         let regions = check_regions(&reply, &maps)?;
+        if !opts.dataset.is_empty() && reply.dataset != opts.dataset {
+            return Err(AttachError::Protocol(format!(
+                "asked for dataset {:?}, the daemon described {:?}",
+                opts.dataset, reply.dataset
+            )));
+        }
         Ok(Self {
+            dataset: reply.dataset,
             fingerprint: reply.fingerprint,
             generation: reply.generation,
             server_version: reply.server_version,

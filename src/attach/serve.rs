@@ -24,9 +24,10 @@ use super::{fds, header, parse_header, HeaderError, HEADER_BYTES, MAGIC, MAX_CLI
 use super::{MAX_FILES, MAX_REQUEST_BYTES};
 use crate::access::BearerAuth;
 use crate::batch::convert;
-use crate::batch::prepared::Prepared;
+use crate::catalog::Catalog;
 use crate::error::ServeError;
 use crate::memory::Resident;
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::store::DType;
 
@@ -37,7 +38,7 @@ pub const DEFAULT_MAX_ATTACHED: usize = 512;
 
 /// The attach side of one daemon.
 pub struct Attacher {
-    prepared: Arc<Prepared>,
+    catalog: Arc<Catalog>,
     auth: Option<BearerAuth>,
     /// This start of the daemon (see [`generation`]).
     generation: u64,
@@ -60,14 +61,13 @@ pub fn generation() -> u64 {
 /// A place among the attached, released when the attachment ends.
 struct AttachSlot {
     attached: Arc<AtomicUsize>,
-    prepared: Arc<Prepared>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for AttachSlot {
     fn drop(&mut self) {
         let now = self.attached.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.prepared
-            .metrics
+        self.metrics
             .attach
             .attached
             .store(now as u64, Ordering::Relaxed);
@@ -76,13 +76,13 @@ impl Drop for AttachSlot {
 
 impl Attacher {
     pub fn new(
-        prepared: Arc<Prepared>,
+        catalog: Arc<Catalog>,
         auth: Option<BearerAuth>,
         max_attached: usize,
         timeout: Duration,
     ) -> Self {
         Self {
-            prepared,
+            catalog,
             auth,
             generation: generation(),
             max_attached,
@@ -144,7 +144,7 @@ impl Attacher {
             tracing::info!(pid, uid, error = %e, "attach reply not delivered");
             return;
         }
-        let m = &self.prepared.metrics.attach;
+        let m = &self.catalog.metrics.attach;
         m.accepted.fetch_add(1, Ordering::Relaxed);
         let client: String = req
             .client
@@ -162,11 +162,9 @@ impl Attacher {
             "attached"
         );
         // The attachment: until the client closes (or sends anything).
-        let mut shown = self
-            .prepared
-            .metrics
-            .status
-            .attached(&self.prepared, pid, &client);
+        let dataset = self.catalog.get(&req.dataset).map(|p| p.name.as_str());
+        let board = &self.catalog.metrics.status;
+        let mut shown = board.attached(dataset.unwrap_or(&req.dataset), pid, &client);
         let mut b = [0u8; 64];
         let why = match sock.read(&mut b).await {
             Ok(0) => "closed by the client",
@@ -253,14 +251,14 @@ impl Attacher {
                 (n < max).then_some(n + 1)
             })
             .map_err(|attached| ServeError::AttachLimit { attached, max })?;
-        self.prepared
+        self.catalog
             .metrics
             .attach
             .attached
             .store(self.attached() as u64, Ordering::Relaxed);
         Ok(AttachSlot {
             attached: self.attached.clone(),
-            prepared: self.prepared.clone(),
+            metrics: self.catalog.metrics.clone(),
         })
     }
 
@@ -269,7 +267,7 @@ impl Attacher {
         &self,
         req: &proto::AttachRequest,
     ) -> Result<(proto::AttachReply, Vec<Resident>), ServeError> {
-        let p = &self.prepared;
+        let p = self.catalog.get(&req.dataset)?;
         let ds = &p.dataset;
         let stats = p.stats().await.map_err(ServeError::Stats)?;
         let mut files: Vec<Resident> = Vec::new();
@@ -346,6 +344,7 @@ impl Attacher {
                 })
                 .collect(),
             regions,
+            dataset: p.name.clone(),
         };
         Ok((reply, files))
     }
@@ -353,7 +352,7 @@ impl Attacher {
     /// Sends `e` as the reply (best effort: the client may be gone) and
     /// counts the refusal.
     async fn refuse(&self, io: &mut (impl AsyncWrite + Unpin), e: ServeError) {
-        self.prepared
+        self.catalog
             .metrics
             .attach
             .refused

@@ -2,7 +2,6 @@
 //! resident tensor once (per-row CRCs, narrow-dtype mirrors) and from the
 //! whole dataset (statistics, shuffles), plus the limits and the memory
 //! budget every request is held to. One per server; requests share it.
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -222,6 +221,8 @@ impl PreparedSet {
 
 /// The whole prepared dataset (see the module docs).
 pub struct Prepared {
+    /// Its name on this daemon (see [`crate::catalog`]).
+    pub name: String,
     pub dataset: Arc<Dataset>,
     pub sets: Vec<PreparedSet>,
     /// Computed once, in the background from start-up (see `analyze`).
@@ -233,18 +234,20 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn new(dataset: Arc<Dataset>, limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
-        metrics
-            .dataset_bytes
-            .store(dataset.memory_bytes as u64, Ordering::Relaxed);
-        let pinned = if dataset.pin == PinState::Pinned {
-            dataset.memory_bytes as u64
-        } else {
-            0
-        };
-        metrics.pinned_bytes.store(pinned, Ordering::Relaxed);
-        let budget = Budget::new(limits.budget_bytes, limits.budget_wait, limits.budget_stall);
-        metrics.set_budget(budget.clone());
+    /// Prepares `dataset` as `name`, held to `limits` and sharing the
+    /// daemon's `budget` with every other dataset.
+    pub fn new(
+        name: String,
+        dataset: Arc<Dataset>,
+        limits: Limits,
+        budget: Budget,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        metrics.dataset(
+            &name,
+            dataset.memory_bytes as u64,
+            dataset.pin == PinState::Pinned,
+        );
         let sets = dataset
             .sets
             .iter()
@@ -255,6 +258,7 @@ impl Prepared {
             })
             .collect();
         Arc::new(Self {
+            name,
             dataset,
             sets,
             stats: OnceCell::new(),

@@ -202,7 +202,7 @@ impl BatchStream {
     /// until it ends.
     pub fn shown(mut self, req: crate::status::StreamRequest) -> Self {
         let board = &self.prepared.metrics.status;
-        self.shown = Some(board.open(req, &self.prepared, self.next..self.end));
+        self.shown = Some(board.open(req, &self.prepared.name, self.next..self.end));
         self
     }
 
@@ -301,7 +301,9 @@ impl BatchStream {
             cur.off = 0;
         } else {
             let bytes = cur.parts[..2].iter().map(|p| p.total as u64).sum();
-            self.prepared.metrics.minibatch(self.method, bytes);
+            self.prepared
+                .metrics
+                .minibatch(self.method, &self.prepared.name, bytes);
             if let Some(s) = &self.shown {
                 s.sent(bytes);
             }

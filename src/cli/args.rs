@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::catalog::{self, Datasets};
 use crate::cli::loadgen::{LoadSpec, Method};
 use crate::client::Client;
 use crate::load::{self, LoadOptions, PinPolicy};
 use crate::memory::Backing;
 use crate::service::{Limits, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES};
-use crate::store::{DType, Dataset};
+use crate::store::DType;
 
 #[derive(Parser)]
 #[command(
@@ -48,8 +49,8 @@ pub enum Cmd {
     Serve(Box<ServeArgs>),
     /// Load a dataset and describe it: sets, shapes, dtypes, ranges, sha256s.
     Inspect(InspectArgs),
-    /// Ask a server for its dataset description (GetInfo).
-    Info(ClientArgs),
+    /// Ask a server for its dataset descriptions (GetInfo).
+    Info(InfoArgs),
     /// Fetch one minibatch; print a summary or write .npy files.
     Get(GetArgs),
     /// Check a server's gRPC health; exit 0 when SERVING (for container probes).
@@ -67,11 +68,19 @@ pub enum Cmd {
 
 #[derive(Args)]
 pub struct LoadArgs {
-    /// Dataset: a gzip'd or plain pickle in mnist.pkl.gz's layout, or a
-    /// directory of MNIST IDX files. Default: the bundled sample of 5,000 real
-    /// MNIST digits (3,000 / 1,000 / 1,000).
-    #[arg(long, env = "MINIBATCHD_DATA")]
-    pub data: Option<PathBuf>,
+    /// Dataset to serve, as PATH or NAME=PATH; repeat it (or, in the
+    /// environment variable, separate them with commas) to serve several.
+    /// PATH: a file or directory in any format README "Loader" lists. NAME
+    /// (letters, digits, '_', '-') is what requests put in their `dataset`
+    /// field; without one, the file name up to its first dot. Default: the
+    /// bundled sample of 5,000 real MNIST digits, named mnist-sample.
+    #[arg(
+        long = "data",
+        value_name = "[NAME=]PATH",
+        env = "MINIBATCHD_DATA",
+        value_delimiter = ','
+    )]
+    pub data: Vec<String>,
     /// IDX directories only: how many of the official training images (the
     /// last ones) become the validation set (10,000 = the tutorial's split).
     #[arg(long, env = "MINIBATCHD_VALID_SPLIT", default_value_t = 10_000)]
@@ -81,35 +90,133 @@ pub struct LoadArgs {
     pub max_dataset_bytes: Option<usize>,
 }
 
+/// One `--data` value: `NAME=PATH` when it holds a `=` with no `/`
+/// before it (`./a=b.npz` and `/data/a=b` are paths), else a path whose
+/// dataset is named after it ([`catalog::name_from_path`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl DataSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, path)) if !name.contains('/') => {
+                catalog::check_name(name).map_err(|e| format!("--data {s:?}: {e}"))?;
+                if path.is_empty() {
+                    return Err(format!("--data {s:?}: no path after {name}="));
+                }
+                Ok(Self {
+                    name: name.into(),
+                    path: path.into(),
+                })
+            }
+            _ => Ok(Self {
+                name: catalog::name_from_path(Path::new(s)),
+                path: s.into(),
+            }),
+        }
+    }
+}
+
 impl LoadArgs {
-    /// Loads the dataset into `backing`: shared memory only where a client
-    /// can attach to it (`serve --uds`).
-    pub fn load(&self, pin: PinPolicy, backing: Backing) -> anyhow::Result<Dataset> {
+    /// The datasets asked for; empty values (compose files often pass an
+    /// empty MINIBATCHD_DATA) mean "unset".
+    pub fn specs(&self) -> Result<Vec<DataSpec>, String> {
+        self.data
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(DataSpec::parse)
+            .collect()
+    }
+
+    /// Loads every dataset into `backing` (shared memory only where a
+    /// client can attach to it: `serve --uds`), several at once on threads
+    /// of their own: a gzip'd file inflates on one core, so two files load
+    /// in about the time of the larger. Any failure stops it all, naming
+    /// the dataset and its file: no daemon serves half of what it was
+    /// asked to. `--max-dataset-bytes` bounds each file as it loads and
+    /// then their total.
+    pub fn load_all(&self, pin: PinPolicy, backing: Backing) -> anyhow::Result<Datasets> {
+        let specs = self.specs().map_err(anyhow::Error::msg)?;
+        if specs.is_empty() {
+            let ds = self.load(None, pin, backing)?;
+            return Ok(Datasets::one(std::sync::Arc::new(ds)));
+        }
+        // Names first: a typo must not cost a 10-second load.
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        catalog::check_names(&names).map_err(anyhow::Error::msg)?;
+        let loaded: Vec<anyhow::Result<crate::store::Dataset>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = specs
+                .iter()
+                .map(|s| {
+                    std::thread::Builder::new()
+                        .name(format!("load-{}", s.name))
+                        .spawn_scoped(scope, move || {
+                            self.load(Some(&s.path), pin, backing).map_err(|e| {
+                                e.context(format!("dataset {:?} ({})", s.name, s.path.display()))
+                            })
+                        })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a loading thread panicked"))),
+                    Err(e) => Err(anyhow::Error::from(e).context("cannot start a loading thread")),
+                })
+                .collect()
+        });
+        let mut named = Vec::with_capacity(specs.len());
+        for (s, ds) in specs.iter().zip(loaded) {
+            named.push((s.name.clone(), std::sync::Arc::new(ds?)));
+        }
+        let max = self.max_bytes();
+        let total: usize = named.iter().map(|(_, d)| d.memory_bytes).sum();
+        if total > max {
+            anyhow::bail!(
+                "the datasets hold {total} bytes together, more than --max-dataset-bytes {max}"
+            );
+        }
+        Datasets::new(named).map_err(anyhow::Error::msg)
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.max_dataset_bytes
+            .unwrap_or_else(load::default_max_bytes)
+    }
+
+    /// Loads the dataset at `path` (None: the bundled sample).
+    pub fn load(
+        &self,
+        path: Option<&Path>,
+        pin: PinPolicy,
+        backing: Backing,
+    ) -> anyhow::Result<crate::store::Dataset> {
         let opts = LoadOptions {
-            max_bytes: self
-                .max_dataset_bytes
-                .unwrap_or_else(load::default_max_bytes),
+            max_bytes: self.max_bytes(),
             valid_split: self.valid_split,
             pin,
             backing,
         };
-        // An empty MINIBATCHD_DATA (compose files often pass one) means "unset".
-        Ok(
-            match self.data.as_ref().filter(|p| !p.as_os_str().is_empty()) {
-                Some(p) => load::load(p, &opts)?,
-                None => {
-                    tracing::info!(
-                        "no --data given: using the bundled sample ({})",
-                        crate::BUNDLED_SAMPLE_NAME
-                    );
-                    load::load_bytes(
-                        Path::new(crate::BUNDLED_SAMPLE_NAME),
-                        crate::BUNDLED_SAMPLE,
-                        &opts,
-                    )?
-                }
-            },
-        )
+        Ok(match path {
+            Some(p) => load::load(p, &opts)?,
+            None => {
+                tracing::info!(
+                    "no --data given: using the bundled sample ({})",
+                    crate::BUNDLED_SAMPLE_NAME
+                );
+                load::load_bytes(
+                    Path::new(crate::BUNDLED_SAMPLE_NAME),
+                    crate::BUNDLED_SAMPLE,
+                    &opts,
+                )?
+            }
+        })
     }
 }
 
@@ -292,9 +399,21 @@ impl ClientArgs {
 }
 
 #[derive(Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Describe only this dataset (default: all of them).
+    #[arg(long, default_value = "")]
+    pub dataset: String,
+}
+
+#[derive(Args)]
 pub struct GetArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Which dataset of the server (default: its only one).
+    #[arg(long, default_value = "")]
+    pub dataset: String,
     #[arg(long, default_value = "train")]
     pub set: String,
     #[arg(long, default_value_t = 0)]
@@ -340,6 +459,9 @@ pub enum BenchMethod {
 pub struct BenchArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Which dataset of the server (default: its only one).
+    #[arg(long, default_value = "")]
+    pub dataset: String,
     #[arg(long, value_enum, default_value = "get-batch")]
     pub method: BenchMethod,
     #[arg(long, default_value = "train")]
@@ -436,6 +558,7 @@ impl BenchArgs {
                 BenchMethod::GetBatch => Method::GetBatch,
                 BenchMethod::StreamBatches => Method::StreamBatches,
             },
+            dataset: self.dataset.clone(),
             set: self.set.clone(),
             size: self.size,
             x_dtype: self.x_dtype,
@@ -502,6 +625,57 @@ mod tests {
         assert_eq!((u.mode, u.group.as_deref()), (0o600, Some("train")));
         for bad in ["888", "1777", "", "rw"] {
             assert!(serve(&["--uds", "/x", "--uds-mode", bad]).is_err(), "{bad}");
+        }
+    }
+
+    /// `--data` specs: repeatable, NAME=PATH or PATH, empty values ignored.
+    #[test]
+    fn data_specs() {
+        let specs = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["minibatchd", "serve"], args].concat()).unwrap();
+            let Cmd::Serve(a) = cli.cmd else {
+                unreachable!()
+            };
+            a.load.specs()
+        };
+        let spec = |name: &str, path: &str| DataSpec {
+            name: name.into(),
+            path: path.into(),
+        };
+        assert_eq!(specs(&[]).unwrap(), vec![]);
+        assert_eq!(specs(&["--data", ""]).unwrap(), vec![]);
+        assert_eq!(
+            specs(&[
+                "--data",
+                "/d/mnist.pkl.gz",
+                "--data",
+                "fashion=/d/fashion",
+                "--data",
+                "./a=b.npz",
+                "--data",
+                "/d/x=y",
+            ])
+            .unwrap(),
+            vec![
+                spec("mnist", "/d/mnist.pkl.gz"),
+                spec("fashion", "/d/fashion"),
+                spec("a-b", "./a=b.npz"),
+                spec("x-y", "/d/x=y"),
+            ]
+        );
+        // The environment's form: comma-separated.
+        assert_eq!(
+            specs(&["--data", "a=/x.npz,b=/y.npz"]).unwrap(),
+            vec![spec("a", "/x.npz"), spec("b", "/y.npz")]
+        );
+        for (bad, why) in [
+            ("my data=/x.npz", "not valid"),
+            ("-x=/x.npz", "not valid"),
+            ("a=", "no path"),
+            ("=/x.npz", "empty"),
+        ] {
+            let e = specs(&[&format!("--data={bad}")]).unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
         }
     }
 

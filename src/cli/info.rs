@@ -11,26 +11,40 @@ fn dtype_name(v: i32) -> &'static str {
         .map_or("", |d| d.name())
 }
 
-/// The table `info` prints.
-pub fn table(i: &DatasetInfo) -> String {
+/// The table `info` prints: the server, then every dataset of the answer
+/// (or only the one asked for, `named`).
+pub fn table(i: &DatasetInfo, named: bool) -> String {
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "source {} ({}), fingerprint {}",
-        i.source, i.format, i.fingerprint
-    );
-    let _ = writeln!(
-        o,
-        "memory {} bytes, pinned: {}, server {}",
-        i.memory_bytes, i.pinned, i.server_version
-    );
+    let _ = write!(o, "server {}", i.server_version);
     if let Some(l) = &i.limits {
-        let _ = writeln!(
+        let _ = write!(
             o,
-            "limits: max batch {}, max message {} bytes, chunk {} bytes",
+            "; limits: max batch {}, max message {} bytes, chunk {} bytes",
             l.max_batch_size, l.max_message_bytes, l.chunk_bytes
         );
     }
+    o.push('\n');
+    // Servers before named datasets send no list: the answer is the one.
+    let all: Vec<&DatasetInfo> = if named || i.datasets.is_empty() {
+        vec![i]
+    } else {
+        i.datasets.iter().collect()
+    };
+    for d in all {
+        dataset(&mut o, d);
+    }
+    o
+}
+
+/// One dataset's lines of the table.
+fn dataset(o: &mut String, i: &DatasetInfo) {
+    let name = if i.name.is_empty() { "-" } else { &i.name };
+    let _ = writeln!(
+        o,
+        "dataset {name}: source {} ({}), fingerprint {}",
+        i.source, i.format, i.fingerprint
+    );
+    let _ = writeln!(o, "  memory {} bytes, pinned: {}", i.memory_bytes, i.pinned);
     for s in &i.sets {
         let (x, y) = (
             s.x.clone().unwrap_or_default(),
@@ -50,5 +64,4 @@ pub fn table(i: &DatasetInfo) -> String {
             s.classes
         );
     }
-    o
 }

@@ -35,6 +35,8 @@ pub struct LoadSpec {
     pub server: String,
     pub client: ClientOptions,
     pub method: Method,
+    /// Which dataset of the server (empty: its only one).
+    pub dataset: String,
     pub set: String,
     pub size: u32,
     pub x_dtype: Option<DType>,
@@ -102,12 +104,9 @@ struct Totals {
 pub async fn run(spec: LoadSpec, progress: bool) -> Result<LoadReport, LoadError> {
     let info = Client::connect_with(&spec.server, &spec.client)
         .await?
-        .info()
+        .info_of(&spec.dataset)
         .await?;
-    let n = info
-        .sets
-        .iter()
-        .find(|s| s.name == spec.set)
+    let n = tensor_chunks::set_info(&info, &spec.dataset, &spec.set)
         .map(|s| s.examples)
         .ok_or_else(|| LoadError::NoSet(spec.set.clone()))?;
     let batches = n.div_ceil(spec.size as u64).max(1);
@@ -191,6 +190,7 @@ async fn one_client(
         totals.bytes.fetch_add(n as u64, Ordering::Relaxed);
     };
     let mut r = BatchRequest::new(&spec.set, 0, spec.size);
+    r.dataset = spec.dataset.clone();
     r.x_dtype = spec.x_dtype;
     r.order.shuffle = spec.shuffle;
     let mut i = first;

@@ -28,11 +28,11 @@ use tonic::transport::Server;
 
 use crate::attach::serve::{Attacher, DEFAULT_MAX_ATTACHED};
 use crate::batch::prepared::{Limits, Prepared};
+use crate::catalog::{Catalog, Datasets};
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::routes::SERVICE;
 use crate::service::BatchService;
-use crate::store::Dataset;
 
 mod conn;
 mod listen;
@@ -270,7 +270,7 @@ fn serving_threads(io_threads: usize) -> usize {
     }
 }
 
-/// Serves `dataset` on `listener` (and on the Unix socket of
+/// Serves `datasets` (one `Arc<Dataset>` converts) on `listener` (and on the Unix socket of
 /// [`ServerOptions::uds`], bound here with [`bind_uds`] and removed when
 /// this returns) until `shutdown` resolves; then reports
 /// NOT_SERVING (so balancers drain), lets in-flight streams finish for up
@@ -291,7 +291,7 @@ fn serving_threads(io_threads: usize) -> usize {
 /// one thread loses nothing, and connections still spread over all cores.
 pub async fn run(
     listener: TcpListener,
-    dataset: Arc<Dataset>,
+    datasets: impl Into<Datasets>,
     opts: ServerOptions,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
@@ -307,8 +307,10 @@ pub async fn run(
         }
         None => (None, None),
     };
-    let prepared = Prepared::new(dataset, opts.limits, metrics.clone());
-    prepare_in_background(&prepared, opts.eager_stats)?;
+    let catalog = Catalog::new(&datasets.into(), opts.limits, metrics.clone());
+    for p in catalog.all() {
+        prepare_in_background(p, opts.eager_stats)?;
+    }
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
@@ -318,16 +320,15 @@ pub async fn run(
         .as_deref()
         .map(crate::access::BearerAuth::new);
     let attacher = Arc::new(Attacher::new(
-        prepared.clone(),
+        catalog.clone(),
         auth.clone(),
         opts.max_attached,
         opts.handshake_timeout,
     ));
-    let datasets = [(crate::status::DEFAULT_DATASET, &prepared)];
     metrics
         .status
-        .serve(&datasets, auth.clone(), opts.uds.is_some());
-    let router = router(prepared, &opts, auth, health_svc)?;
+        .serve(&catalog, auth.clone(), opts.uds.is_some());
+    let router = router(catalog, &opts, auth, health_svc)?;
 
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() && opts.auth_token.is_none() && opts.tls.is_none() {
@@ -479,7 +480,7 @@ fn prepare_in_background(prepared: &Arc<Prepared>, eager: bool) -> std::io::Resu
 /// The services every connection gets: health, reflection (v1 and
 /// v1alpha) and the BatchService behind its token check.
 fn router(
-    prepared: Arc<Prepared>,
+    catalog: Arc<Catalog>,
     opts: &ServerOptions,
     auth: Option<crate::access::BearerAuth>,
     health: tonic_health::pb::health_server::HealthServer<
@@ -492,7 +493,7 @@ fn router(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let (v1, v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
-    let svc = crate::routes::BatchRoutes::new(BatchService::new(prepared), auth);
+    let svc = crate::routes::BatchRoutes::new(BatchService::new(catalog), auth);
     Ok(Server::builder()
         .max_concurrent_streams(opts.max_concurrent_streams)
         .http2_keepalive_interval(Some(opts.keepalive_interval))

@@ -9,10 +9,9 @@
 //! finished ones are kept, and no stream adds a metric label (Prometheus
 //! series stay per method, as before).
 //!
-//! Shaped for several datasets per daemon: every dataset has a name
-//! (today one, [`DEFAULT_DATASET`]), the snapshot lists `datasets`, each
-//! stream names its dataset, and the viewer takes `dataset=` (empty: the
-//! only one).
+//! Several datasets per daemon ([`crate::catalog`]): the snapshot lists
+//! `datasets`, each stream names its dataset, and the viewer takes
+//! `dataset=` (empty: the only one), resolved as requests resolve theirs.
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -22,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::BearerAuth;
 use crate::batch::prepared::Prepared;
+use crate::catalog::Catalog;
 use crate::memory::PinState;
 use crate::metrics::Metrics;
 use crate::proto;
@@ -29,9 +29,6 @@ use crate::proto;
 pub mod page;
 pub mod png;
 pub mod web;
-
-/// Name of the dataset of a daemon that serves one (all of them, today).
-pub const DEFAULT_DATASET: &str = "default";
 
 /// Open streams listed at once. A replica serves a few dozen trainers
 /// (a 64-rank job with two prefetching streams each is 128); 256 entries
@@ -243,9 +240,9 @@ fn unix_now() -> f64 {
 
 /// What the server serves, given to the board once it runs.
 struct Served {
-    /// Name and dataset; weak, so the board (inside `Metrics`, which each
-    /// `Prepared` holds) keeps no dataset alive.
-    datasets: Vec<(String, Weak<Prepared>)>,
+    /// Weak, so the board (inside `Metrics`, which the catalog holds)
+    /// keeps no dataset alive.
+    catalog: Weak<Catalog>,
     /// The daemon's bearer token: `/`, `/status.json` and
     /// `/minibatch.png` require it too.
     auth: Option<BearerAuth>,
@@ -298,17 +295,13 @@ impl std::fmt::Debug for Board {
 }
 
 impl Board {
-    /// What the server serves: `datasets` by name, its token, whether
+    /// What the server serves: its `catalog`, its token, whether
     /// processes can attach. Until this is called the status endpoints
     /// answer 503 (so none is ever served without its token check); later
     /// calls are ignored.
-    pub fn serve(&self, datasets: &[(&str, &Arc<Prepared>)], auth: Option<BearerAuth>, uds: bool) {
-        let datasets = datasets
-            .iter()
-            .map(|(n, p)| (n.to_string(), Arc::downgrade(p)))
-            .collect();
+    pub fn serve(&self, catalog: &Arc<Catalog>, auth: Option<BearerAuth>, uds: bool) {
         let _ = self.served.set(Served {
-            datasets,
+            catalog: Arc::downgrade(catalog),
             auth,
             uds,
         });
@@ -324,42 +317,20 @@ impl Board {
         self.served.get().and_then(|s| s.auth.as_ref())
     }
 
-    /// The name the server gave `prepared` ("" when not served).
-    fn name_of(&self, prepared: &Arc<Prepared>) -> String {
-        self.served
-            .get()
-            .and_then(|s| {
-                s.datasets
-                    .iter()
-                    .find(|(_, w)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(prepared)))
-            })
-            .map_or_else(String::new, |(n, _)| n.clone())
+    /// The served datasets, while the server runs.
+    pub(crate) fn catalog(&self) -> Option<Arc<Catalog>> {
+        self.served.get().and_then(|s| s.catalog.upgrade())
     }
 
-    /// The served datasets that are still alive, by name.
-    pub(crate) fn datasets(&self) -> Vec<(String, Arc<Prepared>)> {
-        self.served.get().map_or_else(Vec::new, |s| {
-            s.datasets
-                .iter()
-                .filter_map(|(n, w)| Some((n.clone(), w.upgrade()?)))
-                .collect()
-        })
-    }
-
-    /// Lists a stream over `prepared`'s minibatches `range` (see
+    /// Lists a stream over minibatches `range` of `dataset` (see
     /// [`crate::batch::stream::BatchStream::shown`]).
-    pub fn open(
-        &self,
-        req: StreamRequest,
-        prepared: &Arc<Prepared>,
-        range: std::ops::Range<u64>,
-    ) -> Shown {
-        self.add(req, self.name_of(prepared), range)
+    pub fn open(&self, req: StreamRequest, dataset: &str, range: std::ops::Range<u64>) -> Shown {
+        self.add(req, dataset.into(), range)
     }
 
-    /// Lists a process attached to `prepared` (pid when known, the name
+    /// Lists a process attached to `dataset` (pid when known, the name
     /// its client gave) until the returned [`Shown`] drops.
-    pub fn attached(&self, prepared: &Arc<Prepared>, pid: Option<i32>, client: &str) -> Shown {
+    pub fn attached(&self, dataset: &str, pid: Option<i32>, client: &str) -> Shown {
         let caller = Caller {
             peer: Peer::unix(pid),
             trainer: short(client),
@@ -371,7 +342,7 @@ impl Board {
             order: Default::default(),
             caller,
         };
-        self.add(req, self.name_of(prepared), 0..0)
+        self.add(req, dataset.into(), 0..0)
     }
 
     fn add(&self, req: StreamRequest, dataset: String, range: std::ops::Range<u64>) -> Shown {
@@ -594,15 +565,11 @@ pub fn snapshot(m: &Metrics) -> Snapshot {
         bytes,
     });
     let uds = b.served.get().is_some_and(|s| s.uds);
-    let mut max_batch_size = 0;
-    let datasets = b
-        .datasets()
-        .into_iter()
-        .map(|(name, p)| {
-            max_batch_size = max_batch_size.max(p.limits.max_batch_size);
-            dataset_view(name, &p, uds)
-        })
-        .collect();
+    let catalog = b.catalog();
+    let datasets = catalog.as_ref().map_or_else(Vec::new, |c| {
+        c.all().iter().map(|p| dataset_view(p, uds)).collect()
+    });
+    let max_batch_size = catalog.map_or(0, |c| c.limits.max_batch_size);
     let (streams, unlisted, finished) = {
         let r = lock(&b.reg);
         let open = r
@@ -645,7 +612,7 @@ pub fn snapshot(m: &Metrics) -> Snapshot {
     }
 }
 
-fn dataset_view(name: String, p: &Prepared, uds: bool) -> DatasetView {
+fn dataset_view(p: &Prepared, uds: bool) -> DatasetView {
     let stats = p.stats_now();
     let ds = &p.dataset;
     let sets = p
@@ -673,7 +640,7 @@ fn dataset_view(name: String, p: &Prepared, uds: bool) -> DatasetView {
         tiers.push("attach".into());
     }
     DatasetView {
-        name,
+        name: p.name.clone(),
         source: std::path::Path::new(&ds.source)
             .file_name()
             .map_or_else(|| ds.source.clone(), |f| f.to_string_lossy().into_owned()),

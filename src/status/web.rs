@@ -340,38 +340,12 @@ impl Selected {
 /// size and index exactly as GetBatch checks them (same messages), then
 /// whether x is drawable and fits the PNG's bounds.
 pub fn select(m: &Metrics, v: &View) -> Result<Selected, Refusal> {
-    let served = m.status.datasets();
-    let names = || {
-        served
-            .iter()
-            .map(|(n, _)| format!("{n:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let found = if v.dataset.is_empty() {
-        match served.as_slice() {
-            [one] => Some(one),
-            _ => {
-                return Err(Refusal::new(
-                    400,
-                    format!(
-                        "this daemon serves {} datasets: name one with dataset= ({})",
-                        served.len(),
-                        names()
-                    ),
-                ))
-            }
-        }
-    } else {
-        served.iter().find(|(n, _)| *n == v.dataset)
-    };
-    let Some((dataset, p)) = found else {
-        let shown: String = v.dataset.chars().take(MAX_ECHOED_NAME).collect();
-        return Err(Refusal::new(
-            404,
-            format!("unknown dataset {shown:?}; this daemon serves {}", names()),
-        ));
-    };
+    let catalog = m
+        .status
+        .catalog()
+        .ok_or_else(|| Refusal::new(503, "the daemon is shutting down"))?;
+    let p = catalog.get(&v.dataset)?;
+    let dataset = &p.name;
     let set = if v.set.is_empty() && !p.sets.is_empty() {
         0
     } else {

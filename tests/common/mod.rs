@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use minibatchd::catalog::Datasets;
 use minibatchd::client::{Batch, Client, ClientError};
 use minibatchd::load::{self, LoadOptions, PinPolicy};
 use minibatchd::memory::PinState;
@@ -34,14 +35,19 @@ impl TestServer {
     }
 
     pub async fn start_with(dataset: Dataset, opts: ServerOptions) -> Self {
+        Self::start_datasets(Datasets::one(Arc::new(dataset)), opts).await
+    }
+
+    /// A server of several named datasets; `dataset` is the first.
+    pub async fn start_datasets(datasets: Datasets, opts: ServerOptions) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let dataset = Arc::new(dataset);
+        let dataset = datasets.iter().next().expect("a dataset").1.clone();
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(minibatchd::server::run(
             listener,
-            dataset.clone(),
+            datasets,
             opts,
             metrics.clone(),
             async {

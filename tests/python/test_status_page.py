@@ -170,7 +170,7 @@ def test_the_page_in_a_real_browser(daemon, tmp_path):
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert '<table id="datasets">' in dom, dom[:3000]
     assert "<td>train</td>" in dom and "3000" in dom
-    assert ('<img class="grid" id="minibatch" src="/minibatch.png?dataset=default&amp;set=train&amp;index=2'
+    assert ('<img class="grid" id="minibatch" src="/minibatch.png?dataset=mnist-sample&amp;set=train&amp;index=2'
             '&amp;size=64&amp;scale=2&amp;token=page-token"') in dom, dom
     assert '<pre class="labels" id="labels">' in dom
     assert "live: updated" in dom, "the script refreshed the page from /status.json"

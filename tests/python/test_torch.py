@@ -30,6 +30,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -548,6 +549,50 @@ def test_tensors_zero_copy_and_dtypes(daemon):
     with pytest.warns(UserWarning, match="no CUDA"):
         x, _ = next(iter(MinibatchDataset(daemon.address, "train", 64, pin_memory=True)))
     assert x.device.type == "cpu"
+
+
+# --- wait accounting (issue 16) -----------------------------------------------------------------
+
+def _nbytes(batches) -> int:
+    return sum(x.numel() * x.element_size() + y.numel() * y.element_size() for x, y in batches)
+
+
+@pytest.mark.parametrize("target", ["address", "target"])
+def test_stats_of_the_dataset_itself(daemon, target):
+    """Iterated directly (what a DataLoader without workers does), the dataset
+    times its own next(): one count per minibatch, their bytes, wait + busy
+    its wall time; a 20 ms step waits for a small share of it."""
+    ds = MinibatchDataset(getattr(daemon, target), "train", 100, shuffle=True, seed=1)
+    got = []
+    for x, y in ds:  # the first next() connects too: 30 steps of 20 ms outweigh it by far
+        got.append((x, y))
+        time.sleep(0.02)
+    s = ds.stats(reset=True)
+    assert (s.minibatches, s.bytes) == (len(ds), _nbytes(got)) == (30, _nbytes(got))
+    assert s.wait_seconds + s.busy_seconds == pytest.approx(s.wall_seconds, rel=1e-6, abs=1e-6)
+    assert s.busy_seconds >= 29 * 0.02 * 0.9 and s.wait_fraction < 0.5, s
+    if target == "address":  # the TCP epoch stream prefetches, and the dataset watches its queue
+        assert s.prefetch_depth == 2 and s.prefetch_ready_mean is not None
+    else:
+        assert s.prefetch_ready_mean is None
+    assert ds.stats().minibatches == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stats_at_the_dataloader_boundary(daemon, workers):
+    """ds.timed(loader) times next() on the DataLoader in the trainer's
+    process: every minibatch counted once (not again by the dataset when it
+    iterates in this process), with workers too, whose own counts stay in
+    their processes."""
+    ds = MinibatchDataset(daemon.address, "train", 250, shuffle=True, seed=1)
+    dl = loader(ds, workers) if workers else DataLoader(ds, batch_size=None)
+    got = [(x, y) for x, y in ds.timed(dl)]
+    s = ds.stats()
+    assert (s.minibatches, s.bytes) == (len(got), _nbytes(got)) == (12, _nbytes(got))
+    assert 0.0 <= s.wait_fraction <= 1.0 and s.wait_p50 <= s.wait_p99 <= s.wait_max
+    # the same dataset iterated again without timed(): counted by the dataset itself, once
+    ds.reset_stats()
+    assert sum(1 for _ in ds) == 12 and ds.stats().minibatches == 12
 
 
 # --- the trainer -----------------------------------------------------------------------------

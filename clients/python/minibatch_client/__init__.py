@@ -5,6 +5,7 @@
         x, y = c.get_batch("train", 2, 500)            # float32 [500, 784], int64 [500]
         for x, y in c.epoch("train", 600, shuffle=True, seed=1, epoch=0):
             ...
+        print(c.stats())                               # how long this process waited for data (stats.py)
     with Client("unix:///run/minibatchd.sock").attach() as a:   # same host: map the daemon's memory
         x, y = a.batch("train", 2, 500)                # read-only views, no copy
 
@@ -31,13 +32,14 @@ from .errors import (
 )
 from .info import DatasetInfo, Limits, SetInfo, TensorInfo
 from .order import SplitMix64, batch_indices, epoch_order, num_batches, permutation, resume_offset
+from .stats import WaitMeter, WaitStats
 from .transport import DEFAULT_OPTIONS, MAX_RECEIVE_MESSAGE_BYTES, SINGLE_THREADED
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "Attachment", "AttachedSet", "Region", "DatasetInfo", "SetInfo", "TensorInfo", "Limits", "EpochIterator", "Failover", "DEFAULT_OPTIONS", "SINGLE_THREADED",
-    "MAX_RECEIVE_MESSAGE_BYTES",
+    "MAX_RECEIVE_MESSAGE_BYTES", "WaitStats", "WaitMeter",
     "MinibatchError", "NotFound", "OutOfRange", "InvalidArgument", "FailedPrecondition", "Unavailable",
     "DeadlineExceeded", "Unauthenticated", "PermissionDenied", "ResourceExhausted", "ChecksumError", "ProtocolError", "InsecureTokenWarning",
     "permutation", "batch_indices", "epoch_order", "num_batches", "resume_offset", "SplitMix64", "decode_x",

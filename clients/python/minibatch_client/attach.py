@@ -49,6 +49,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from . import order as _order
+from . import stats as _stats
 from ._proto import minibatch_pb2 as pb
 from .dtypes import DTYPES, decode_x, dtype_code, dtype_name
 from .errors import (
@@ -226,12 +227,14 @@ def _connect(path: str, timeout: Optional[float], address: str) -> socket.socket
 
 
 def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: Optional[float] = 60.0,
-            name: Optional[str] = None) -> "Attachment":
+            name: Optional[str] = None, stats: Optional[bool] = None) -> "Attachment":
     """Attaches to the daemon at `target` (`unix:///path/to.sock`, or the
     path itself): see Attachment. `token`: the daemon's bearer token, if it
     has one. `x_dtype`: None, or "uint8" for the daemon's uint8 mirror of
     x (an error where a set's x is not exactly uint8). `timeout` bounds the
-    exchange (seconds; None: no limit). `name` goes to the daemon's log."""
+    exchange (seconds; None: no limit). `name` goes to the daemon's log.
+    `stats`: wait accounting (Attachment.stats(); None: on unless
+    MINIBATCH_CLIENT_STATS=0)."""
     path = socket_path(target)
     if path is None:
         if "://" in target or not target.startswith(("/", ".")):
@@ -258,7 +261,7 @@ def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: 
         if kind != "attached":
             raise ProtocolError("the attach reply holds neither `attached` nor `error`", address=target)
         sock.settimeout(None)
-        a = Attachment(resp.attached, fds, sock, target, code)
+        a = Attachment(resp.attached, fds, sock, target, code, stats=stats)
         fds = []  # the Attachment closed them
         return a
     except BaseException:
@@ -280,6 +283,10 @@ class Attachment:
     - `fingerprint`, `generation` (differs for every daemon start),
       `server_version`, `sets` (name -> AttachedSet: examples, x and y
       Regions with dtype and full shape), `regions`, `verify()`.
+    - `stats()`: what the caller waited for batch() and epoch() minibatches
+      against the time between them (stats.WaitStats). Attached, the wait
+      is a view's few microseconds or an epoch's gather (a memcpy of the
+      minibatch): a fraction near 0 says the data is not the bottleneck.
 
     The socket stays open while attached; `close()` (or leaving a `with`
     block) detaches and unmaps the files once no array from them is left
@@ -287,10 +294,12 @@ class Attachment:
     Arrays stay valid after close() and after the daemon exits.
     """
 
-    def __init__(self, reply: pb.AttachReply, fds: list[int], sock: socket.socket, address: str, x_code: int):
+    def __init__(self, reply: pb.AttachReply, fds: list[int], sock: socket.socket, address: str, x_code: int, *,
+                 stats: Optional[bool] = None):
         """Checks `reply` and the descriptors, maps them and closes the
         descriptors (on every path). Use connect() or Client.attach()."""
         self.address = address
+        self._meter = _stats.meter(stats)
         self._sock: Optional[socket.socket] = sock
         self._maps: list[Union[mmap.mmap, bytes]] = []
         # whole-set views (arrays()) and byte rows (_rows()), made on first use
@@ -473,6 +482,16 @@ class Attachment:
 
     # -- data --
 
+    def stats(self, reset: bool = False) -> "_stats.WaitStats":
+        """What callers waited for this attachment's minibatches (batch()
+        and epoch() iterators) since it was made or last reset; reset=True
+        starts a new period. See stats.WaitStats."""
+        return self._meter.snapshot(reset)
+
+    def reset_stats(self) -> None:
+        """Starts the wait accounting afresh (stats())."""
+        self._meter.reset()
+
     def _set(self, set: str) -> AttachedSet:
         if self._sock is None:
             raise ValueError("the attachment is closed")
@@ -517,18 +536,26 @@ class Attachment:
         of `set`, as (x, y) read-only numpy views of the shared memory (no
         copy). decode=True turns uint8 x (x_dtype="uint8") into float32
         x / scale_divisor, exactly the stored values (a new array)."""
-        s = self._set(set)
-        index, size = int(index), int(size)
-        _check_size(size, self.address)
-        nb = -(-s.examples // size)
-        if not 0 <= index < nb:
-            raise OutOfRange(f"minibatch {index} is past the end: this order has {nb} minibatches of size {size} "
-                             f"(indices 0..{nb})", address=self.address)
-        start, stop = index * size, min((index + 1) * size, s.examples)
-        x = self._view(s.x, start, stop)
-        if decode:
-            x = _decode(x, s.x)
-        return x, self._view(s.y, start, stop)
+        meter = self._meter
+        t0 = meter.start()
+        try:
+            s = self._set(set)
+            index, size = int(index), int(size)
+            _check_size(size, self.address)
+            nb = -(-s.examples // size)
+            if not 0 <= index < nb:
+                raise OutOfRange(f"minibatch {index} is past the end: this order has {nb} minibatches of size "
+                                 f"{size} (indices 0..{nb})", address=self.address)
+            start, stop = index * size, min((index + 1) * size, s.examples)
+            x = self._view(s.x, start, stop)
+            if decode:
+                x = _decode(x, s.x)
+            y = self._view(s.y, start, stop)
+        except BaseException:
+            meter.stop(t0)
+            raise
+        meter.stop(t0, x.nbytes + y.nbytes, minibatch=True)
+        return x, y
 
     def num_batches(self, set: str, size: int, *, world_size: int = 0, drop_last: bool = False,
                     offset: int = 0) -> int:
@@ -558,7 +585,8 @@ class Attachment:
         stop = nb if count == 0 else min(nb, start + count)
         order = _order.epoch_order(s.examples, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
                                    world_size=world_size, offset=offset)
-        return _gather(self._rows(s.x), self._rows(s.y), order, size, start, stop, s.x if decode else None)
+        return self._meter.iterate(_gather(self._rows(s.x), self._rows(s.y), order, size, start, stop,
+                                           s.x if decode else None), _stats.nbytes)
 
     def verify(self) -> bool:
         """Recomputes the sha256 of every region's bytes and compares it with

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from . import addresses as _addresses
 from . import order as _order
+from . import stats as _stats
 from ._proto import minibatch_pb2 as pb
 from .dtypes import dtype_code
 from .epoch import EpochIterator
@@ -30,6 +31,7 @@ from .errors import (
 )
 from .expect import Expected
 from .info import DatasetInfo
+from .stats import WaitStats
 from .transport import (
     DEFAULT_OPTIONS,
     SERVICE,
@@ -141,6 +143,13 @@ class Client:
     tls_cert, tls_key: PEM client certificate and key, for mutual TLS.
     tls_domain:     the name to verify in the server certificate (default: the
                     host of the address).
+
+    stats:          wait accounting (stats.py): how long callers waited for
+                    each minibatch of get_batch() and epoch() iterators
+                    against the time between their calls; read it with
+                    `stats()`. None (default): on unless the environment
+                    says MINIBATCH_CLIENT_STATS=0; False: off (no clock
+                    read at all).
     """
 
     def __init__(self, address: Union[str, Sequence[str]], *, timeout: Optional[float] = 60.0,
@@ -148,7 +157,7 @@ class Client:
                  options: Sequence[tuple[str, object]] = (), token: Optional[str] = None,
                  tls_ca=None, tls_cert=None, tls_key=None, tls_domain: Optional[str] = None,
                  single_threaded_get_batch: bool = True, single_threaded_stream: bool = False,
-                 native: Optional[bool] = None):
+                 native: Optional[bool] = None, stats: Optional[bool] = None):
         targets = _addresses.targets(address)
         self.addresses = [t for t, _ in targets]
         if (tls_cert is None) != (tls_key is None):
@@ -197,6 +206,8 @@ class Client:
         self._info: Optional[DatasetInfo] = None
         #: address of the server that answered the latest call
         self.last_address: Optional[str] = None
+        # What callers waited for minibatches (get_batch and epoch iterators).
+        self._meter = _stats.meter(stats)
 
     # -- plumbing --
 
@@ -274,6 +285,20 @@ class Client:
 
     # -- API --
 
+    def stats(self, reset: bool = False) -> WaitStats:
+        """What this client's callers waited for their minibatches, over
+        get_batch() and every epoch() iterator, since the client was made or
+        last reset: minibatches, bytes, wait and busy (between-calls)
+        seconds, wait_fraction, per-minibatch wait p50/p99, and the
+        prefetch queue's use (see stats.WaitStats). reset=True starts a new
+        period at the same time (e.g. one per epoch). All zeros when
+        accounting is off (stats=False, MINIBATCH_CLIENT_STATS=0)."""
+        return self._meter.snapshot(reset)
+
+    def reset_stats(self) -> None:
+        """Starts the wait accounting afresh (stats())."""
+        self._meter.reset()
+
     def info(self) -> DatasetInfo:
         """GetInfo: the dataset (sets, shapes, dtypes, fingerprint) and the server's limits."""
         info = self._failover(self._read_info)
@@ -326,9 +351,17 @@ class Client:
                                  order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last, offset),
                                  x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
                                  with_indices=bool(with_indices), max_chunk_bytes=self._chunk_bytes)
-        b = self._failover(
-            lambda r: r.transport.get_batch(req, Expected.get_batch(req, self._described(r)), self.timeout))
-        return b.arrays(decode, with_indices)
+        meter = self._meter
+        t0 = meter.start()
+        try:
+            b = self._failover(
+                lambda r: r.transport.get_batch(req, Expected.get_batch(req, self._described(r)), self.timeout))
+            out = b.arrays(decode, with_indices)
+        except BaseException:
+            meter.stop(t0)  # the caller waited for the failure too
+            raise
+        meter.stop(t0, _stats.nbytes(out), minibatch=True)
+        return out
 
     def epoch(self, set: str, size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
               world_size: int = 0, drop_last: bool = False, offset: int = 0, start: int = 0, count: int = 0,
@@ -354,7 +387,8 @@ class Client:
                                                        offset),
                                       x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
                                       with_indices=bool(with_indices), max_chunk_bytes=self._chunk_bytes)
-        return EpochIterator(self, req, int(start), int(count), int(prefetch), bool(decode), bool(with_indices))
+        return EpochIterator(self, req, int(start), int(count), int(prefetch), bool(decode), bool(with_indices),
+                             self._meter)
 
     def attach(self, x_dtype=None, *, name: Optional[str] = None) -> "Attachment":
         """Maps the daemon's resident dataset into this process (same host,
@@ -376,7 +410,8 @@ class Client:
         errors: list[MinibatchError] = []
         for target in sockets:
             try:
-                return _attach.connect(target, token=self._token, x_dtype=x_dtype, timeout=self.timeout, name=name)
+                return _attach.connect(target, token=self._token, x_dtype=x_dtype, timeout=self.timeout, name=name,
+                                       stats=self._meter.enabled)
             except Unavailable as e:
                 errors.append(e)
         if len(errors) == 1:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 from ._proto import minibatch_pb2 as pb
 from .errors import FAILOVER_CODES, MinibatchError, OutOfRange, Unavailable
 from .expect import Expected
+from .stats import NULL_METER, WaitMeter, nbytes
 from .wire import Batch
 
 if TYPE_CHECKING:  # the Client that starts epochs; imported by it
@@ -150,12 +151,20 @@ class EpochIterator:
     position:  index of the next minibatch to receive from the server
     failovers: each switch to another server (address, resumed index, error)
     address:   the server now streaming
+    ready:     minibatches fetched and waiting for next() (None without prefetch)
+
+    Each next() is timed into `meter` (the Client's: Client.stats()): the
+    time the caller is blocked in it is what it waited for data, with the
+    prefetch queue's fill when it asked.
     """
 
     def __init__(self, client: "Client", req: pb.StreamBatchesRequest, start: int, count: int, prefetch: int,
-                 decode: bool, with_indices: bool):
+                 decode: bool, with_indices: bool, meter: WaitMeter = NULL_METER):
         self.prefetch = max(prefetch, 0)
         self._s = _Stream(client, req, start, count, decode, with_indices, self.prefetch)
+        self._meter = meter
+        if self.prefetch:
+            meter.prefetching(self.prefetch)
         self._closed = False
         self._gen: Optional[Iterator[Batch]] = None
         self._thread: Optional[threading.Thread] = None
@@ -172,10 +181,28 @@ class EpochIterator:
     def address(self) -> Optional[str]:
         return self._s.address
 
+    @property
+    def ready(self) -> Optional[int]:
+        if self.prefetch == 0:
+            return None
+        return self._s.queue.qsize()
+
     def __iter__(self) -> "EpochIterator":
         return self
 
     def __next__(self):
+        meter = self._meter
+        ready = self._s.queue.qsize() if self.prefetch and not self._closed else None
+        t0 = meter.start()
+        try:
+            out = self._next()
+        except BaseException:  # StopIteration too: the caller waited for the end
+            meter.stop(t0)
+            raise
+        meter.stop(t0, nbytes(out), minibatch=True, ready=ready)
+        return out
+
+    def _next(self):
         if self._closed:
             raise StopIteration
         if self.prefetch == 0:

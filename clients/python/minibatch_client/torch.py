@@ -5,8 +5,9 @@
     loader = torch.utils.data.DataLoader(ds, batch_size=None)   # the server batches
     for epoch in range(start_epoch, epochs):
         ds.set_epoch(epoch)
-        for x, y in loader:                # float32 [500, 784], int64 [500] torch tensors
+        for x, y in ds.timed(loader):      # x float32 [500, *example shape], y int64 [500] torch tensors
             ...
+        print(ds.stats(reset=True).wait_fraction)   # the share of the epoch spent waiting for data
     ckpt["data"] = ds.state_dict()          # with num_workers=k: ds.state_dict(consumed=steps)
     ...
     ds.load_state_dict(ckpt["data"])        # same epoch, next minibatch; any world size
@@ -57,6 +58,21 @@ the new world size, which leaves out at most new_world_size - 1 positions at
 its end (and, with drop_last, each rank's final partial minibatch). A state
 saved at the end of an epoch resumes with nothing left in it; `set_epoch(e +
 1)` then starts the next epoch at offset 0.
+
+Wait accounting (stats.py). What a trainer waits on is `next()` on its
+DataLoader, in its own process: `ds.timed(loader)` iterates the loader
+timing exactly that, and `ds.stats()` reports it (minibatches, bytes,
+seconds waiting and between steps, wait_fraction, p50/p99). That is the
+honest figure with any num_workers: with workers, the dataset's own
+iteration runs in the worker processes, each with its own copy of the
+dataset and so its own stats, which the trainer never sees; the workers'
+prefetching (DataLoader's prefetch_factor) then hides their waits, and only
+what is left of them shows at the loader. Iterated without timed() (the
+dataset directly, or a DataLoader with num_workers=0), the dataset times
+its own next() in the process iterating it, which then is the trainer's
+(the same figure but for the DataLoader's own few microseconds). Over TCP
+without workers the epoch stream's prefetch queue is watched too
+(prefetch_depth, prefetch_ready_mean, prefetch_empty).
 """
 from __future__ import annotations
 
@@ -72,6 +88,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from . import attach as _attach
 from . import order as _order
+from . import stats as _stats
 from .attach import socket_path
 from .client import Client
 from .dtypes import decode_x, dtype_code, dtype_name
@@ -156,6 +173,8 @@ class MinibatchDataset(IterableDataset):
     epoch:       the first epoch (set_epoch changes it).
     prefetch:    minibatches the TCP stream keeps ready (Client.epoch).
     token:       the daemon's bearer token.
+    stats:       wait accounting (stats(), timed()); None: on unless
+                 MINIBATCH_CLIENT_STATS=0.
     client_options: more keyword arguments for Client (timeout, tls_ca, native, ...).
 
     Minibatches arrive as fresh numpy arrays, which become tensors without
@@ -166,7 +185,7 @@ class MinibatchDataset(IterableDataset):
                  shuffle: bool = False, seed: int = 0, drop_last: bool = False, x_dtype=None, y_dtype=None,
                  decode: bool = True, device: Union[None, str, torch.device] = None, pin_memory: bool = False,
                  rank: Optional[int] = None, world_size: Optional[int] = None, epoch: int = 0, prefetch: int = 2,
-                 token: Optional[str] = None, **client_options: Any):
+                 token: Optional[str] = None, stats: Optional[bool] = None, **client_options: Any):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -191,8 +210,9 @@ class MinibatchDataset(IterableDataset):
         if self._attach and self.y_dtype is not None:
             raise ValueError(f"y_dtype={self.y_dtype!r} with {address}: an attached daemon shares y as stored "
                              "(convert the tensor instead, e.g. y.int())")
-        # (fingerprint, examples of the set), read once
+        # (fingerprint, examples of the set), read once, with x's shape of one example
         self._meta: Optional[tuple[str, int]] = None
+        self._x_shape: Optional[tuple[int, ...]] = None
         # the connection of the process that made it: (pid, Client or Attachment)
         self._conn: Optional[tuple[int, Any]] = None
         # Where the next pass starts: epoch, offset of the epoch's order,
@@ -207,6 +227,15 @@ class MinibatchDataset(IterableDataset):
         self._warned_pin = False
         #: every switch of this process's epoch streams to another server (Client.epoch's Failover records)
         self.failovers: list = []
+        # Wait accounting: one meter per process (see __getstate__), the
+        # stream whose prefetch queue it watches, and how many timed()
+        # loops are running over this dataset in this process (then they
+        # time, and the dataset's own iteration does not count twice).
+        self._stats_on = _stats.enabled_by_default() if stats is None else bool(stats)
+        self._meter = _stats.meter(self._stats_on)
+        self._meter_pid = os.getpid()
+        self._stream: Any = None
+        self._timed = 0
 
     # -- rank, world, metadata, connection --
 
@@ -224,7 +253,60 @@ class MinibatchDataset(IterableDataset):
         state = dict(self.__dict__)
         state["_rank_world"] = self.rank_world()
         state["_conn"] = None
+        # A worker counts for itself (a lock does not pickle anyway).
+        del state["_meter"]
+        state["_stream"] = None
+        state["_timed"] = 0
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._meter = _stats.meter(self._stats_on)
+        self._meter_pid = os.getpid()
+
+    # -- wait accounting --
+
+    def _own_meter(self) -> "_stats.WaitMeter":
+        """This process's meter: a forked worker inherits its parent's
+        counts, and starts afresh instead."""
+        pid = os.getpid()
+        if self._meter_pid != pid:
+            self._meter = _stats.meter(self._stats_on)
+            self._meter_pid = pid
+            self._timed = 0
+            self._stream = None
+        return self._meter
+
+    def stats(self, reset: bool = False) -> "_stats.WaitStats":
+        """What the trainer waited for this dataset's minibatches, measured
+        in this process (see the module's docstring: iterate
+        `ds.timed(loader)` for the DataLoader's boundary, which is what the
+        trainer waits on with any number of workers). reset=True starts a new
+        period, e.g. at each epoch."""
+        return self._own_meter().snapshot(reset)
+
+    def reset_stats(self) -> None:
+        """Starts the wait accounting afresh (stats())."""
+        self._own_meter().reset()
+
+    def timed(self, loader) -> Iterator:
+        """Iterates `loader` (a DataLoader over this dataset, or any
+        iterable of (x, y) minibatches), timing each next() in this process
+        into stats(): the time the trainer is blocked waiting for data, and
+        the time between (its step). While it runs, the dataset's own
+        iteration in this process (num_workers=0) does not count again."""
+        meter = self._own_meter()
+        self._timed += 1
+        try:
+            yield from meter.iterate(loader, _stats.nbytes, ready=self._ready)
+        finally:
+            self._timed -= 1
+
+    def _ready(self) -> Optional[int]:
+        """Minibatches the running TCP epoch stream of this process holds
+        ready (None: no such stream, e.g. attached or in workers)."""
+        it = self._stream
+        return it.ready if it is not None else None
 
     def _attach_now(self, x_dtype=None):
         # No gRPC at all (attach.connect, not Client.attach): forked workers are safe.
@@ -265,12 +347,25 @@ class MinibatchDataset(IterableDataset):
             sets, fp = conn.sets, conn.fingerprint
         if self.set not in sets:
             raise KeyError(f"the dataset at {self.address} has no set {self.set!r}; it has {', '.join(sets)}")
+        x = sets[self.set].x
+        # GetInfo's TensorInfo.shape is one example's; an attached Region's is the whole tensor's
+        self._x_shape = tuple(x.shape) if isinstance(conn, Client) else tuple(x.shape[1:])
         return fp, sets[self.set].examples
 
     @property
     def fingerprint(self) -> str:
         """The dataset's fingerprint (GetInfo's, or the attachment's)."""
         return self._fetch_meta()[0]
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one example of x as the daemon serves it, e.g. (784,)
+        for MNIST, (3, 32, 32) or (3072,) for CIFAR-10 (whichever the daemon
+        keeps): x minibatches are (rows, *example_shape)."""
+        if getattr(self, "_x_shape", None) is None:
+            self._meta = None
+            self._fetch_meta()
+        return self._x_shape
 
     @property
     def examples(self) -> int:
@@ -341,9 +436,14 @@ class MinibatchDataset(IterableDataset):
     def _iterate(self, rank, world, epoch, offset, start, nb, k, j):
         mine = range(start + j, nb, k)
         if len(mine):
-            for x, y in self._batches(rank, world, epoch, offset, mine, k):
+            tensors = ((self._tensor(x), self._tensor(y))
+                       for x, y in self._batches(rank, world, epoch, offset, mine, k))
+            meter = self._own_meter()
+            if not self._timed:  # timed() is timing this very iteration from outside
+                tensors = meter.iterate(tensors, _stats.nbytes, ready=self._ready)
+            for t in tensors:
                 self._yielded += 1
-                yield self._tensor(x), self._tensor(y)
+                yield t
         self._finished = True
 
     def _order_kw(self, rank, world, epoch, offset) -> dict:
@@ -357,9 +457,13 @@ class MinibatchDataset(IterableDataset):
             if k == 1:  # one prefetched, failing-over stream
                 with conn.epoch(self.set, self.batch_size, start=mine.start, x_dtype=self.x_dtype,
                                 y_dtype=self.y_dtype, decode=self.decode, prefetch=self.prefetch, **kw) as it:
+                    self._stream = it
+                    if self.prefetch:
+                        self._own_meter().prefetching(self.prefetch)
                     try:
                         yield from it
                     finally:
+                        self._stream = None
                         self.failovers.extend(it.failovers)
             else:  # every k-th minibatch: one GetBatch each (failing over too)
                 for i in mine:

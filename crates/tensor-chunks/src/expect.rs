@@ -114,6 +114,7 @@ impl Default for Known<'_> {
 
 /// The fields GetBatch and StreamBatches requests share.
 struct Asked<'a> {
+    dataset: &'a str,
     set: &'a str,
     size: u32,
     order: Option<&'a proto::Order>,
@@ -126,6 +127,7 @@ struct Asked<'a> {
 macro_rules! asked {
     ($r:expr) => {
         Asked {
+            dataset: &$r.dataset,
             set: &$r.set,
             size: $r.size,
             order: $r.order.as_ref(),
@@ -134,6 +136,24 @@ macro_rules! asked {
             with_indices: $r.with_indices,
         }
     };
+}
+
+/// Set `set` of dataset `dataset` as `info` (a GetInfo answer) describes
+/// it. An empty `dataset` is the one GetInfo described (a daemon's only
+/// one: with several the server refuses such requests); a named one is
+/// looked up in the answer's list (servers before named datasets send no
+/// list and no name: nothing is known of it then).
+pub fn set_info<'a>(
+    info: &'a proto::DatasetInfo,
+    dataset: &str,
+    set: &str,
+) -> Option<&'a proto::SetInfo> {
+    let ds = if dataset.is_empty() || info.name == dataset {
+        info
+    } else {
+        info.datasets.iter().find(|d| d.name == dataset)?
+    };
+    ds.sets.iter().find(|s| s.name == set)
 }
 
 impl Expect {
@@ -182,9 +202,7 @@ impl Expect {
     }
 
     fn new(r: Asked<'_>, known: Known<'_>) -> Self {
-        let set = known
-            .info
-            .and_then(|i| i.sets.iter().find(|s| s.name == r.set));
+        let set = known.info.and_then(|i| set_info(i, r.dataset, r.set));
         let max = known.max_example_bytes;
         let shard_len = set.map(|s| {
             let world = r.order.map_or(1, |o| o.world_size.max(1)) as u64;
