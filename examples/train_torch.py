@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     src.add_argument("--server", help="minibatchd address(es): host:port, comma-separated replicas, or "
                                       "unix:///path.sock (attach: same host)")
     src.add_argument("--data-file", metavar="PATH", help="train on mnist.pkl.gz-style arrays loaded here")
+    ap.add_argument("--dataset", default="", help="which of the daemon's datasets (serve --data NAME=PATH; "
+                                                  "default: its only one)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=500, help="examples per minibatch per rank (tutorial: 500)")
     ap.add_argument("--learning-rate", type=float, default=0.1)
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
         if a.data_file:
             return LocalDataset(a.data_file, name, a.batch_size, **kw)
         return MinibatchDataset(a.server.split(",") if "," in a.server else a.server, name, a.batch_size,
-                                x_dtype=a.x_dtype, token=a.token, **kw)
+                                x_dtype=a.x_dtype, token=a.token, dataset=a.dataset, **kw)
 
     train_ds = dataset("train", a.shuffle)
     # forkserver workers: grpcio is not fork-safe (minibatch_client.torch.worker_context)

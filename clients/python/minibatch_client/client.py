@@ -144,6 +144,12 @@ class Client:
     tls_domain:     the name to verify in the server certificate (default: the
                     host of the address).
 
+    dataset:        which of the daemon's datasets this client reads (its
+                    name, `serve --data NAME=PATH`; `info().datasets` lists
+                    them). "" (default): the daemon's only one; a daemon
+                    serving several refuses requests naming none
+                    (InvalidArgument, listing the names). One Client reads
+                    one dataset: make one per dataset.
     stats:          wait accounting (stats.py): how long callers waited for
                     each minibatch of get_batch() and epoch() iterators
                     against the time between their calls; read it with
@@ -157,8 +163,10 @@ class Client:
                  options: Sequence[tuple[str, object]] = (), token: Optional[str] = None,
                  tls_ca=None, tls_cert=None, tls_key=None, tls_domain: Optional[str] = None,
                  single_threaded_get_batch: bool = True, single_threaded_stream: bool = False,
-                 native: Optional[bool] = None, stats: Optional[bool] = None):
+                 native: Optional[bool] = None, stats: Optional[bool] = None, dataset: str = ""):
         targets = _addresses.targets(address)
+        #: the daemon's dataset this client reads ("" = its only one)
+        self.dataset = str(dataset)
         self.addresses = [t for t, _ in targets]
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together (mutual TLS)")
@@ -236,7 +244,8 @@ class Client:
         too); with several servers, first checked to describe the same
         dataset as the others, so that a failover cannot change the data."""
         with minibatch_errors(r.address):
-            raw = r.get_info(pb.GetInfoRequest(), timeout=self.timeout, metadata=self._metadata)
+            raw = r.get_info(pb.GetInfoRequest(dataset=self.dataset), timeout=self.timeout,
+                             metadata=self._metadata)
         try:
             m = pb.DatasetInfo.FromString(raw)
         except DecodeError as e:
@@ -300,7 +309,8 @@ class Client:
         self._meter.reset()
 
     def info(self) -> DatasetInfo:
-        """GetInfo: the dataset (sets, shapes, dtypes, fingerprint) and the server's limits."""
+        """GetInfo: the dataset (sets, shapes, dtypes, fingerprint), the
+        server's limits, and (`datasets`) every dataset the daemon serves."""
         info = self._failover(self._read_info)
         self._info = info
         return info
@@ -347,7 +357,7 @@ class Client:
         divided by the server's scale divisor). y is as stored (int64) or int32.
         Arrays are writable, C-contiguous and little-endian.
         """
-        req = pb.GetBatchRequest(set=set, index=int(index), size=int(size),
+        req = pb.GetBatchRequest(dataset=self.dataset, set=set, index=int(index), size=int(size),
                                  order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last, offset),
                                  x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
                                  with_indices=bool(with_indices), max_chunk_bytes=self._chunk_bytes)
@@ -382,7 +392,7 @@ class Client:
         stream resumes on the next address from the next minibatch.
         Use it as a context manager, or call close(), to stop early.
         """
-        req = pb.StreamBatchesRequest(set=set, size=int(size),
+        req = pb.StreamBatchesRequest(dataset=self.dataset, set=set, size=int(size),
                                       order=_order_msg(shuffle, seed, epoch, rank, world_size, drop_last,
                                                        offset),
                                       x_dtype=dtype_code(x_dtype), y_dtype=dtype_code(y_dtype),
@@ -411,7 +421,7 @@ class Client:
         for target in sockets:
             try:
                 return _attach.connect(target, token=self._token, x_dtype=x_dtype, timeout=self.timeout, name=name,
-                                       stats=self._meter.enabled)
+                                       stats=self._meter.enabled, dataset=self.dataset)
             except Unavailable as e:
                 errors.append(e)
         if len(errors) == 1:

@@ -7,7 +7,7 @@ example and the stored dtype of each tensor, and how many examples a set has.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._proto import minibatch_pb2 as pb
 from .dtypes import dtype_name
@@ -54,6 +54,12 @@ class DatasetInfo:
     limits: Limits
     #: the server that answered
     address: str = ""
+    #: the dataset's name on the daemon (what `Client(dataset=...)` names);
+    #: empty when the daemon serves several and the client named none
+    name: str = ""
+    #: every dataset the daemon serves, by name, in its order (each described
+    #: as above, without server_version and limits)
+    datasets: dict[str, "DatasetInfo"] = field(default_factory=dict)
 
     @staticmethod
     def from_proto(m: pb.DatasetInfo, address: str = "") -> "DatasetInfo":
@@ -63,5 +69,6 @@ class DatasetInfo:
 
         sets = {s.name: SetInfo(s.name, s.examples, tensor(s.x), tensor(s.y), tuple(s.classes)) for s in m.sets}
         lim = Limits(m.limits.max_batch_size, m.limits.max_message_bytes, m.limits.chunk_bytes)
+        datasets = {d.name: DatasetInfo.from_proto(d, address) for d in m.datasets}
         return DatasetInfo(m.source, m.format, m.fingerprint, sets, m.memory_bytes, m.pinned, m.server_version,
-                           lim, address)
+                           lim, address, m.name, datasets)

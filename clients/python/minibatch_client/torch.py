@@ -156,6 +156,8 @@ class MinibatchDataset(IterableDataset):
                  "unix:///path/to.sock": the daemon's Unix socket on this
                  host, where the dataset ATTACHES (Client.attach(): the
                  daemon's memory mapped, no network, no copy but the gather).
+    dataset:     which of the daemon's datasets (its name, `serve --data
+                 NAME=PATH`; "" = the daemon's only one).
     set, batch_size, shuffle, seed, drop_last: the order (README "Order").
     x_dtype:     the wire dtype of x (None: as stored; "uint8" carries a
                  quarter of float32's bytes). decode=True (default) turns
@@ -185,13 +187,15 @@ class MinibatchDataset(IterableDataset):
                  shuffle: bool = False, seed: int = 0, drop_last: bool = False, x_dtype=None, y_dtype=None,
                  decode: bool = True, device: Union[None, str, torch.device] = None, pin_memory: bool = False,
                  rank: Optional[int] = None, world_size: Optional[int] = None, epoch: int = 0, prefetch: int = 2,
-                 token: Optional[str] = None, stats: Optional[bool] = None, **client_options: Any):
+                 token: Optional[str] = None, stats: Optional[bool] = None, dataset: str = "",
+                 **client_options: Any):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         if (rank is None) != (world_size is None):
             raise ValueError("give rank and world_size together (or neither: from torch.distributed / env)")
         self.address = address
+        self.dataset = str(dataset)
         self.set = set
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -311,12 +315,12 @@ class MinibatchDataset(IterableDataset):
     def _attach_now(self, x_dtype=None):
         # No gRPC at all (attach.connect, not Client.attach): forked workers are safe.
         return _attach.connect(self.address, token=self.token, x_dtype=x_dtype,
-                               timeout=self.client_options.get("timeout", 60.0))
+                               timeout=self.client_options.get("timeout", 60.0), dataset=self.dataset)
 
     def _client(self) -> Client:
         global _GRPC_PID
         _GRPC_PID = os.getpid()
-        return Client(self.address, token=self.token, **self.client_options)
+        return Client(self.address, token=self.token, dataset=self.dataset, **self.client_options)
 
     def _connection(self):
         pid = os.getpid()

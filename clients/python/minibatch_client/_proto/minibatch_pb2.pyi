@@ -39,11 +39,13 @@ DTYPE_UINT64: Dtype
 DTYPE_BOOL: Dtype
 
 class GetInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("source", "format", "fingerprint", "sets", "memory_bytes", "pinned", "server_version", "limits")
+    __slots__ = ("source", "format", "fingerprint", "sets", "memory_bytes", "pinned", "server_version", "limits", "name", "datasets")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +54,8 @@ class DatasetInfo(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
     source: str
     format: str
     fingerprint: str
@@ -60,7 +64,9 @@ class DatasetInfo(_message.Message):
     pinned: bool
     server_version: str
     limits: Limits
-    def __init__(self, source: _Optional[str] = ..., format: _Optional[str] = ..., fingerprint: _Optional[str] = ..., sets: _Optional[_Iterable[_Union[SetInfo, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    name: str
+    datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
+    def __init__(self, source: _Optional[str] = ..., format: _Optional[str] = ..., fingerprint: _Optional[str] = ..., sets: _Optional[_Iterable[_Union[SetInfo, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., name: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
 
 class SetInfo(_message.Message):
     __slots__ = ("name", "examples", "x", "y", "classes")
@@ -119,7 +125,7 @@ class Order(_message.Message):
     def __init__(self, shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
-    __slots__ = ("set", "index", "size", "order", "x_dtype", "y_dtype", "with_indices", "max_chunk_bytes")
+    __slots__ = ("set", "index", "size", "order", "x_dtype", "y_dtype", "with_indices", "max_chunk_bytes", "dataset")
     SET_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +134,7 @@ class GetBatchRequest(_message.Message):
     Y_DTYPE_FIELD_NUMBER: _ClassVar[int]
     WITH_INDICES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     set: str
     index: int
     size: int
@@ -136,10 +143,11 @@ class GetBatchRequest(_message.Message):
     y_dtype: Dtype
     with_indices: bool
     max_chunk_bytes: int
-    def __init__(self, set: _Optional[str] = ..., index: _Optional[int] = ..., size: _Optional[int] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., x_dtype: _Optional[_Union[Dtype, str]] = ..., y_dtype: _Optional[_Union[Dtype, str]] = ..., with_indices: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    dataset: str
+    def __init__(self, set: _Optional[str] = ..., index: _Optional[int] = ..., size: _Optional[int] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., x_dtype: _Optional[_Union[Dtype, str]] = ..., y_dtype: _Optional[_Union[Dtype, str]] = ..., with_indices: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("set", "size", "order", "start", "count", "x_dtype", "y_dtype", "with_indices", "max_chunk_bytes")
+    __slots__ = ("set", "size", "order", "start", "count", "x_dtype", "y_dtype", "with_indices", "max_chunk_bytes", "dataset")
     SET_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +157,7 @@ class StreamBatchesRequest(_message.Message):
     Y_DTYPE_FIELD_NUMBER: _ClassVar[int]
     WITH_INDICES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     set: str
     size: int
     order: Order
@@ -158,7 +167,8 @@ class StreamBatchesRequest(_message.Message):
     y_dtype: Dtype
     with_indices: bool
     max_chunk_bytes: int
-    def __init__(self, set: _Optional[str] = ..., size: _Optional[int] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., x_dtype: _Optional[_Union[Dtype, str]] = ..., y_dtype: _Optional[_Union[Dtype, str]] = ..., with_indices: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    dataset: str
+    def __init__(self, set: _Optional[str] = ..., size: _Optional[int] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., x_dtype: _Optional[_Union[Dtype, str]] = ..., y_dtype: _Optional[_Union[Dtype, str]] = ..., with_indices: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("index", "name", "dtype", "shape", "offset", "data", "crc32c", "total_bytes", "scale_divisor", "last")
@@ -185,14 +195,16 @@ class TensorChunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., total_bytes: _Optional[int] = ..., scale_divisor: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("token", "x_dtypes", "client")
+    __slots__ = ("token", "x_dtypes", "client", "dataset")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     X_DTYPES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     token: str
     x_dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
     client: str
-    def __init__(self, token: _Optional[str] = ..., x_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., client: _Optional[str] = ...) -> None: ...
+    dataset: str
+    def __init__(self, token: _Optional[str] = ..., x_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., client: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("attached", "error")
@@ -211,18 +223,20 @@ class AttachError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AttachReply(_message.Message):
-    __slots__ = ("fingerprint", "generation", "server_version", "files", "regions")
+    __slots__ = ("fingerprint", "generation", "server_version", "files", "regions", "dataset")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     generation: int
     server_version: str
     files: _containers.RepeatedCompositeFieldContainer[SharedFile]
     regions: _containers.RepeatedCompositeFieldContainer[Region]
-    def __init__(self, fingerprint: _Optional[str] = ..., generation: _Optional[int] = ..., server_version: _Optional[str] = ..., files: _Optional[_Iterable[_Union[SharedFile, _Mapping]]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
+    dataset: str
+    def __init__(self, fingerprint: _Optional[str] = ..., generation: _Optional[int] = ..., server_version: _Optional[str] = ..., files: _Optional[_Iterable[_Union[SharedFile, _Mapping]]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class SharedFile(_message.Message):
     __slots__ = ("bytes",)
