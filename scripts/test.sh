@@ -5,7 +5,8 @@
 # Rust unit, integration and fuzz tests, then the Python tests (loader against
 # numpy's own unpickler, the Python client on both its transports and
 # against hostile servers, the trainers, the PyTorch dataset with real torch,
-# the JAX recipe, the grpcurl smoke test) against the
+# the JAX recipe, the grpcurl smoke test, the status page in headless
+# Chromium, installed with apt-get when missing) against the
 # real daemon, a 20 s soak of abusive clients (scripts/soak.py), and the
 # docker compose deployment test. The Python client's native transport
 # (clients/python/native) is built here with maturin, from PyPI and crates.io.
@@ -49,6 +50,18 @@ PYO3_PYTHON="$PWD/.venv/bin/python" cargo clippy --locked --manifest-path "$nati
 
 step "Benchmark harness, --quick (proves it runs; asserts no speed)"
 MINIBATCHD="$PWD/target/debug/minibatchd" bash bench/run.sh --quick
+
+step "Chromium for the status page's browser test (tests/python/test_status_page.py)"
+# The test fails under CI without a browser; Debian's chromium installs in
+# ~16 s (no browser download from elsewhere is possible here).
+if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then
+  echo "chromium present: $(command -v chromium || command -v chromium-browser)"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium: apt-get update && apt-get install -y chromium"
+  apt-get update -q && apt-get install -y -q chromium
+else
+  echo "chromium missing and cannot be installed here (needs apt-get and root): the browser test fails under CI, is skipped otherwise"
+fi
 
 step "Python tests against the daemon (GetBatch/StreamBatches on the native transport; test_torch.py ~1 min)"
 export MINIBATCHD="$PWD/target/debug/minibatchd"

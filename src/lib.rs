@@ -37,6 +37,10 @@
 //!   graceful shutdown; its accept loop and connection slots, handshake
 //!   deadlines and budget holders; [`access`] holds the token and
 //!   TLS settings, [`metrics`] the Prometheus endpoint.
+//! - [`status`]: what the daemon is doing, for people: the bounded registry
+//!   of open streams and attached processes, `/status.json`, the status
+//!   page and the minibatch viewer (`/minibatch.png`) on the metrics
+//!   address.
 //! - [`client`]: the Rust client other programs (and the CLI) use; it reads
 //!   responses with the `grpc-frames` crate (messages straight from HTTP/2
 //!   frames) and reassembles them with `tensor-chunks` (crates/), both shared
@@ -63,6 +67,7 @@ pub mod order;
 pub mod routes;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod store;
 
 /// Generated from `proto/minibatch/v1/minibatch.proto` at build time.

@@ -42,6 +42,11 @@ fn main() -> std::process::ExitCode {
         Cmd::Info(a) => rt().and_then(|rt| rt.block_on(info(a))),
         Cmd::Get(a) => rt().and_then(|rt| rt.block_on(get(a))),
         Cmd::Bench(a) => rt().and_then(|rt| rt.block_on(bench(a))),
+        Cmd::Status(a) => rt().and_then(|rt| {
+            rt.block_on(minibatchd::cli::status::run(&a, |s| {
+                minibatchd::cli::say(format_args!("{s}"))
+            }))
+        }),
         Cmd::Inflate { path } => inflate(&path),
     };
     match r {
@@ -228,6 +233,13 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
         );
     }
     say!("minibatch {} of set {} in {ms:.2} ms", b.index, a.set);
+    if let Some(p) = &a.png {
+        let png = minibatchd::status::png::of_batch(&b).map_err(|e| {
+            anyhow::anyhow!("cannot draw minibatch {} of set {}: {e}", b.index, a.set)
+        })?;
+        std::fs::write(p, png).with_context(|| format!("writing {}", p.display()))?;
+        say!("wrote {}", p.display());
+    }
     if let Some(dir) = a.out {
         std::fs::create_dir_all(&dir)?;
         for t in [&b.x, &b.y] {

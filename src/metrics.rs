@@ -20,6 +20,12 @@ pub const BUCKETS: [f64; 14] = [
 
 /// Longest request head the endpoint reads before answering 431.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// How long a request head may take to arrive.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the answer may take to be written: a status page PNG is up to
+/// a few MB, which a reader that stops reading must not hold a
+/// connection slot for (a scrape is written in microseconds).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct Histogram {
@@ -53,6 +59,9 @@ pub struct Metrics {
     /// Connection slots and handshakes (see `server`).
     pub conns: ConnMetrics,
     pub attach: AttachMetrics,
+    /// Open streams and attachments, and what the status endpoints serve
+    /// (`crate::status`).
+    pub status: crate::status::Board,
 }
 
 impl Metrics {
@@ -102,6 +111,13 @@ impl Metrics {
         let key = || (method.to_string(), dataset.to_string());
         *self.minibatches.lock().unwrap().entry(key()).or_default() += 1;
         *self.bytes.lock().unwrap().entry(key()).or_default() += bytes;
+    }
+
+    /// Minibatches and tensor bytes sent, all methods and datasets together (the
+    /// status page's throughput).
+    pub fn totals(&self) -> (u64, u64) {
+        let sum = |m: &Mutex<BTreeMap<(String, String), u64>>| m.lock().unwrap().values().sum();
+        (sum(&self.minibatches), sum(&self.bytes))
     }
 
     /// Renders the exposition text.
@@ -323,7 +339,9 @@ pub const DEFAULT_METRICS_MAX_CONNECTIONS: usize = 32;
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves, at most
 /// `max_connections` at once: further connections wait in the listen
 /// backlog (they hold no descriptor of ours there) until one ends, which
-/// each does within the 5 s request timeout.
+/// each does within [`READ_TIMEOUT`] for its request, a render slot's
+/// wait (`status::web::RENDER_WAIT`) and [`WRITE_TIMEOUT`] for its answer.
+/// Besides `/metrics` it answers the status endpoints (`crate::status::web`).
 pub async fn serve(
     listener: TcpListener,
     metrics: std::sync::Arc<Metrics>,
@@ -359,7 +377,7 @@ pub async fn serve(
             let _permit = permit;
             let mut head = Vec::with_capacity(512);
             let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let read = tokio::time::timeout(READ_TIMEOUT, async {
                 while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
                     match sock.read(&mut buf).await {
                         Ok(0) | Err(_) => return false,
@@ -373,24 +391,21 @@ pub async fn serve(
                 return;
             }
             let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-            let (status, ctype, body) =
-                if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-                    ("200 OK", "text/plain; version=0.0.4", m.render())
-                } else if head.len() >= MAX_REQUEST_HEAD {
-                    (
-                        "431 Request Header Fields Too Large",
-                        "text/plain",
-                        String::new(),
-                    )
-                } else {
-                    ("404 Not Found", "text/plain", "try /metrics\n".to_string())
-                };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            use crate::status::web::{self, Response};
+            let resp = if line.starts_with(b"GET /metrics ") {
+                Response::new(200, "text/plain; version=0.0.4", m.render())
+            } else if head.len() >= MAX_REQUEST_HEAD {
+                Response::new(431, "text/plain", "")
+            } else {
+                // `/`, /status.json, /minibatch.png; 404 for the rest.
+                web::answer(&m, &head).await
+            };
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+                sock.write_all(&resp.head()).await?;
+                sock.write_all(&resp.body).await?;
+                sock.shutdown().await
+            })
+            .await;
         });
     }
 }

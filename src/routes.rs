@@ -90,7 +90,9 @@ impl BatchRoutes {
             )));
         }
         // The connection, as the server registered it (see `server`).
-        let holder = req.extensions().get::<Arc<Holder>>().cloned();
+        let conn = req.extensions().get::<crate::server::ConnInfo>().cloned();
+        let holder = conn.as_ref().map(|c| c.holder.clone());
+        let caller = crate::status::Caller::of(conn.as_ref().map(|c| &c.peer), req.headers());
         let t0 = Instant::now();
         let limit = self.svc.catalog().limits.request_timeout;
         let msg = tokio::time::timeout(limit, read_request(req.into_body(), holder.as_ref()))
@@ -113,11 +115,14 @@ impl BatchRoutes {
             }
             GET_BATCH => {
                 let r = proto::GetBatchRequest::decode(msg).map_err(bad)?;
-                Body::new(ChunkBody::stream(self.svc.get_batch(r, holder).await?))
+                let shown = caller.stream("GetBatch", &r.set, r.size, r.order.as_ref());
+                let s = self.svc.get_batch(r, holder).await?.shown(shown);
+                Body::new(ChunkBody::stream(s))
             }
             _ => {
                 let r = proto::StreamBatchesRequest::decode(msg).map_err(bad)?;
-                let s = self.svc.stream_batches(r, holder).await?;
+                let shown = caller.stream("StreamBatches", &r.set, r.size, r.order.as_ref());
+                let s = self.svc.stream_batches(r, holder).await?.shown(shown);
                 Body::new(ChunkBody::stream(s))
             }
         };

@@ -197,6 +197,9 @@ impl Attacher {
             "attached"
         );
         // The attachment: until the client closes (or sends anything).
+        let dataset = self.catalog.get(&req.dataset).map(|p| p.name.as_str());
+        let board = &self.catalog.metrics.status;
+        let mut shown = board.attached(dataset.unwrap_or(&req.dataset), pid, &client);
         let mut b = [0u8; 64];
         let why = match sock.read(&mut b).await {
             Ok(0) => "closed by the client",
@@ -204,6 +207,7 @@ impl Attacher {
             Err(_) => "connection error",
         };
         tracing::debug!(pid, uid, why, "detached");
+        shown.finish("detached");
     }
 
     /// Answers an attach request that came over TCP (or TLS): refused,

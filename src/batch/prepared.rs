@@ -288,6 +288,12 @@ impl Prepared {
         tracing::info!(ms = t0.elapsed().as_millis() as u64, "row CRCs ready");
     }
 
+    /// The statistics if they are computed already (the status page
+    /// shows what is known and never waits).
+    pub fn stats_now(&self) -> Option<Arc<DatasetStats>> {
+        self.stats.get().cloned()
+    }
+
     /// The dataset's statistics, computing them (off the async threads) if
     /// no one has yet.
     pub async fn stats(&self) -> Result<Arc<DatasetStats>, String> {

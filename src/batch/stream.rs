@@ -159,6 +159,8 @@ pub struct BatchStream {
     started: Instant,
     /// How the stream ended, once it has (for metrics).
     outcome: Option<tonic::Code>,
+    /// Its entry on the status page, when listed ([`BatchStream::shown`]).
+    shown: Option<crate::status::Shown>,
 }
 
 impl BatchStream {
@@ -192,7 +194,16 @@ impl BatchStream {
             waiting: None,
             started,
             outcome: None,
+            shown: None,
         }
+    }
+
+    /// Lists this stream on the status page (`crate::status`) as `req`'s
+    /// until it ends.
+    pub fn shown(mut self, req: crate::status::StreamRequest) -> Self {
+        let board = &self.prepared.metrics.status;
+        self.shown = Some(board.open(req, &self.prepared.name, self.next..self.end));
+        self
     }
 
     /// Starts minibatch `index`: its selection and its parts.
@@ -293,6 +304,9 @@ impl BatchStream {
             self.prepared
                 .metrics
                 .minibatch(self.method, &self.prepared.name, bytes);
+            if let Some(s) = &self.shown {
+                s.sent(bytes);
+            }
             self.cur = None;
         }
         Step::Frame(frame::encode(chunk))
@@ -363,5 +377,8 @@ impl Drop for BatchStream {
         // server shut down past its grace period).
         let code = self.outcome.unwrap_or(tonic::Code::Cancelled);
         m.request(self.method, code, self.started.elapsed());
+        if let Some(s) = &mut self.shown {
+            s.finish(&format!("{code:?}"));
+        }
     }
 }

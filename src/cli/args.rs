@@ -57,6 +57,9 @@ pub enum Cmd {
     Health(ClientArgs),
     /// Load generator: fetch minibatches and report throughput and latency.
     Bench(BenchArgs),
+    /// What a daemon is doing: datasets, throughput, open streams (its
+    /// /status.json on the metrics address).
+    Status(crate::cli::status::StatusArgs),
     /// Benchmark helper: only inflate a gzip file with the loader's
     /// decompressor (the floor a load is compared with).
     #[command(hide = true)]
@@ -446,6 +449,10 @@ pub struct GetArgs {
     /// Write x.npy and y.npy into this directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Write the minibatch as a PNG grid with labels (as the daemon's
+    /// /minibatch.png draws it).
+    #[arg(long, value_name = "FILE")]
+    pub png: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]

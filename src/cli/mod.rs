@@ -1,11 +1,13 @@
 //! The command line as library code the binary (`src/main.rs`) only
 //! dispatches to: its flags ([`args`]), `inspect`'s typed report, `info`'s
-//! table, `get`'s .npy files and `bench`'s load generator.
+//! table, `get`'s .npy files, `bench`'s load generator and `status`'s
+//! tables.
 pub mod args;
 pub mod info;
 pub mod inspect;
 pub mod loadgen;
 pub mod npy;
+pub mod status;
 
 /// Writes one line to stdout for the client commands. When the reader of
 /// their stdout leaves (`info | head -1`), they end as a Unix tool does, by

@@ -273,10 +273,14 @@ impl Handshake {
         if !slot.slot.establish() {
             return Err(HandshakeError::Evicted);
         }
+        let info = ConnInfo {
+            holder: Arc::new(Holder::new(self.conn_share)),
+            peer: io.peer(),
+        };
         Ok(Established::Http2(LimitedConn {
             io,
             replayed: 0,
-            holder: Arc::new(Holder::new(self.conn_share)),
+            info,
             _slot: slot,
         }))
     }
@@ -310,6 +314,28 @@ pub(super) enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Unix(UnixStream),
+}
+
+impl Io {
+    /// Who is connected, for the status page: the TCP address, or the
+    /// Unix socket peer's pid (SO_PEERCRED).
+    fn peer(&self) -> crate::status::Peer {
+        use crate::status::Peer;
+        match self {
+            Io::Plain(s) => Peer::tcp(s.peer_addr().ok()),
+            Io::Tls(s) => Peer::tcp(s.get_ref().0.peer_addr().ok()),
+            Io::Unix(s) => Peer::unix(s.peer_cred().ok().and_then(|c| c.pid())),
+        }
+    }
+}
+
+/// What every request of a connection carries in its extensions (tonic
+/// puts the connect info there): the budget [`Holder`] its streams lease
+/// on behalf of, and its peer for the status page.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub holder: Arc<Holder>,
+    pub peer: crate::status::Peer,
 }
 
 macro_rules! io_delegate {
@@ -388,14 +414,14 @@ pub struct LimitedConn {
     pub(super) replayed: usize,
     /// Every request of the connection carries it (tonic puts the connect
     /// info in request extensions), so its streams lease on its behalf.
-    pub(super) holder: Arc<Holder>,
+    pub(super) info: ConnInfo,
     pub(super) _slot: ConnSlot,
 }
 
 impl Connected for LimitedConn {
-    type ConnectInfo = Arc<Holder>;
-    fn connect_info(&self) -> Arc<Holder> {
-        self.holder.clone()
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
     }
 }
 
@@ -405,7 +431,7 @@ impl AsyncRead for LimitedConn {
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if self.holder.closed(cx.waker()) {
+        if self.info.holder.closed(cx.waker()) {
             return std::task::Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "evicted: its streams held memory budget unread while others waited",

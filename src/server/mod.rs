@@ -37,6 +37,7 @@ use crate::service::BatchService;
 mod conn;
 mod listen;
 
+pub use conn::ConnInfo;
 use conn::{Accepted, ConnSlot, Established, Handshake, LimitedConn, Slots};
 pub(crate) use listen::AcceptErrors;
 use listen::{accept, LOG_EVERY};
@@ -324,6 +325,9 @@ pub async fn run(
         opts.max_attached,
         opts.handshake_timeout,
     ));
+    metrics
+        .status
+        .serve(&catalog, auth.clone(), opts.uds.is_some());
     let router = router(catalog, &opts, auth, health_svc)?;
 
     let addr = listener.local_addr()?;
