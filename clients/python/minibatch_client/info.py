@@ -42,6 +42,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class DeviceInfo:
+    """A dataset's copy in one GPU's memory (`serve --device`)."""
+
+    #: "GPU-..." as nvidia-smi -L prints it: what attach(device=) matches
+    uuid: str
+    name: str
+    bytes: int
+    #: "cuda", or "emulated" (host memory standing in, in tests)
+    backend: str
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     source: str
     format: str
@@ -60,6 +72,8 @@ class DatasetInfo:
     #: every dataset the daemon serves, by name, in its order (each described
     #: as above, without server_version and limits)
     datasets: dict[str, "DatasetInfo"] = field(default_factory=dict)
+    #: its copies in device memory, one per GPU
+    devices: tuple[DeviceInfo, ...] = ()
 
     @staticmethod
     def from_proto(m: pb.DatasetInfo, address: str = "") -> "DatasetInfo":
@@ -70,5 +84,6 @@ class DatasetInfo:
         sets = {s.name: SetInfo(s.name, s.examples, tensor(s.x), tensor(s.y), tuple(s.classes)) for s in m.sets}
         lim = Limits(m.limits.max_batch_size, m.limits.max_message_bytes, m.limits.chunk_bytes)
         datasets = {d.name: DatasetInfo.from_proto(d, address) for d in m.datasets}
+        devices = tuple(DeviceInfo(d.uuid, d.name, d.bytes, d.backend) for d in m.devices)
         return DatasetInfo(m.source, m.format, m.fingerprint, sets, m.memory_bytes, m.pinned, m.server_version,
-                           lim, address, m.name, datasets)
+                           lim, address, m.name, datasets, devices)
