@@ -254,10 +254,12 @@ pub(super) fn find_dir(dir: &Path) -> Option<(PathBuf, Kind)> {
     found.next().is_none().then_some(first)
 }
 
-/// Loads CIFAR from an extracted batches folder of `kind`: the batch files
-/// are read back to back into one buffer, their total size counted against
+/// Loads CIFAR from an extracted batches folder `dir` of `kind` (found at
+/// or under `source`, the path as given): the batch files are read back to
+/// back into one buffer, their total size counted against
 /// `--max-dataset-bytes` before it is allocated.
 pub(super) fn load_dir(
+    source: &Path,
     dir: &Path,
     kind: Kind,
     opts: &LoadOptions,
@@ -306,7 +308,7 @@ pub(super) fn load_dir(
         at += len;
     }
     tracing::info!(path = %dir.display(), format = kind.format().name(), bytes = total, ms = t0.elapsed().as_millis() as u64, "read");
-    build(dir, kind, buf, parts, opts, t0)
+    build(source, kind, buf, parts, opts, t0)
 }
 
 /// Fills `dst` from the file, which must hold exactly that many bytes (it

@@ -221,7 +221,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
             return load_npy_dir(path, opts);
         }
         if let Some((dir, kind)) = cifar::find_dir(path) {
-            return cifar::load_dir(&dir, kind, opts, Instant::now());
+            return cifar::load_dir(path, &dir, kind, opts, Instant::now());
         }
         return load_idx_dir(path, opts);
     }
