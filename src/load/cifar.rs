@@ -44,8 +44,8 @@ pub const IMAGE_SHAPE: [usize; 3] = [3, 32, 32];
 /// torchvision's `ToTensor` gives for CIFAR (MNIST's pickle uses k/256, see
 /// [`crate::load::idx::PIXEL_DIVISOR`]).
 pub const PIXEL_DIVISOR: u32 = 255;
-/// Most subfolders looked at for a batches folder (the extracted top
-/// folder holds one).
+/// Most directory entries looked at for a batches folder in a folder given
+/// as `--data` (an extracted top folder holds one, beside the archive).
 const MAX_SUBDIRS: usize = 64;
 
 /// Which of the two datasets.
@@ -231,27 +231,38 @@ pub(super) fn load_tar(
     build(path, kind, buf, parts, opts, t0)
 }
 
-/// The batches folder at `dir` or in one of its subfolders (the folder an
-/// archive was extracted into), and its kind; None if there is none.
-pub(super) fn find_dir(dir: &Path) -> Option<(PathBuf, Kind)> {
-    let kind_of = |d: &Path| {
-        [Kind::Cifar10, Kind::Cifar100]
-            .into_iter()
-            .find(|k| k.required().iter().all(|n| d.join(n).is_file()))
+/// The kind of CIFAR batches folder `dir` is, if it is one.
+pub(super) fn kind_of(dir: &Path) -> Option<Kind> {
+    [Kind::Cifar10, Kind::Cifar100]
+        .into_iter()
+        .find(|k| k.required().iter().all(|n| dir.join(n).is_file()))
+}
+
+/// The one batches folder among `dir`'s subfolders (the folder an archive
+/// was extracted into, torchvision's `root`), and its kind. Two of them
+/// side by side are an error: which one was meant is not ours to guess.
+pub(super) fn find_subdir(dir: &Path) -> Result<Option<(PathBuf, Kind)>, LoadError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
     };
-    if let Some(k) = kind_of(dir) {
-        return Some((dir.into(), k));
-    }
-    let mut found = std::fs::read_dir(dir)
-        .ok()?
+    let found: Vec<(PathBuf, Kind)> = entries
         .take(MAX_SUBDIRS)
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
-        .filter_map(|p| kind_of(&p).map(|k| (p, k)));
-    let first = found.next()?;
-    // Two batches folders side by side: which one was meant is not ours to
-    // guess.
-    found.next().is_none().then_some(first)
+        .filter_map(|p| kind_of(&p).map(|k| (p, k)))
+        .collect();
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        [a, b, ..] => Err(LoadError::Format {
+            path: dir.into(),
+            what: format!(
+                "holds more than one CIFAR batches folder ({} and {}): pass the one to serve",
+                a.0.display(),
+                b.0.display()
+            ),
+        }),
+    }
 }
 
 /// Loads CIFAR from an extracted batches folder `dir` of `kind` (found at
@@ -782,6 +793,16 @@ pub(crate) mod tests {
             msg.contains("data_batch_3: pickle: byte 2: refusing global os.system"),
             "{msg}"
         );
+        // Two batches folders side by side: which one is not guessed.
+        std::fs::create_dir(top.path().join("second")).unwrap();
+        for (name, data) in &files {
+            let base = name.rsplit_once('/').unwrap().1;
+            std::fs::write(top.path().join("second").join(base), data).unwrap();
+        }
+        let msg = crate::load::load(top.path(), &opts())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("more than one CIFAR batches folder"), "{msg}");
     }
 
     #[test]

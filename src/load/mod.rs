@@ -220,8 +220,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
         if path.join("x_train.npy").is_file() {
             return load_npy_dir(path, opts);
         }
-        if let Some((dir, kind)) = cifar::find_dir(path) {
-            return cifar::load_dir(path, &dir, kind, opts, Instant::now());
+        if let Some(kind) = cifar::kind_of(path) {
+            return cifar::load_dir(path, path, kind, opts, Instant::now());
+        }
+        // IDX files in the folder itself come before a CIFAR subfolder.
+        if idx::find(path, &idx::TRAIN_IMAGES).is_none() {
+            if let Some((dir, kind)) = cifar::find_subdir(path)? {
+                return cifar::load_dir(path, &dir, kind, opts, Instant::now());
+            }
         }
         return load_idx_dir(path, opts);
     }
