@@ -887,7 +887,10 @@ fn mutated_npz_gz_never_panic() {
         let input = mutate(&seed, &mut r);
         if let Err(e) = load::load_bytes(Path::new("fuzz.npz.gz"), &input, &opts()) {
             let msg = e.to_string();
-            assert!(msg.starts_with("fuzz.npz.gz"), "error names the file: {msg}");
+            assert!(
+                msg.starts_with("fuzz.npz.gz"),
+                "error names the file: {msg}"
+            );
         }
     }
 }

@@ -359,7 +359,13 @@ fn build(
         .zip(&parts)
         .map(|(b, p)| p.range.start + b.data.start..p.range.start + b.data.end)
         .collect();
+    let parsed_ms = t0.elapsed().as_millis() as u64;
     gather_in_place(buf.as_mut_slice(), &spans);
+    tracing::debug!(
+        parsed_ms,
+        gathered_ms = t0.elapsed().as_millis() as u64,
+        "batches read and images gathered"
+    );
     let n_test = batches.last().expect("a test batch").rows;
     let n_train: usize = batches[..batches.len() - 1].iter().map(|b| b.rows).sum();
     let x_bytes = (n_train + n_test) * ROW_BYTES;
