@@ -48,11 +48,17 @@ pub struct Entry {
     pub data: Range<usize>,
 }
 
-/// Whether `b` starts with a tar header: the `ustar` magic (POSIX `ustar\0`
-/// or GNU `ustar  \0`) and a valid header checksum. Content, not the file's
-/// name, tells a tar from the other formats.
+/// Whether `b` starts with a tar header: a valid header checksum and the
+/// `ustar` magic (POSIX `ustar\0` or GNU `ustar  \0`), or no magic at all
+/// (the old V7 format, whose magic bytes are zero). Content, not the file's
+/// name, tells a tar from the other formats: a pickle, zip or IDX file
+/// whose first 512 bytes happen to sum to the octal number at bytes
+/// 148-155 is not a risk worth guessing around.
 pub fn is_tar(b: &[u8]) -> bool {
-    b.len() >= BLOCK && &b[257..262] == b"ustar" && checksum_ok(&b[..BLOCK])
+    b.len() >= BLOCK
+        && b[..BLOCK].iter().any(|&c| c != 0)
+        && (&b[257..262] == b"ustar" || b[257..265].iter().all(|&c| c == 0))
+        && checksum_ok(&b[..BLOCK])
 }
 
 /// What a pax extended header or a GNU long-name member says about the next
@@ -396,6 +402,17 @@ pub(crate) mod tests {
         assert_eq!(&a[e[0].data.clone()], b"hello");
         assert_eq!(e[1].header, 3 * BLOCK);
         assert_eq!(e[1].data.len(), 600);
+        // The V7 format (no magic) reads the same.
+        let mut v7 = a.clone();
+        for h in [0, BLOCK, 3 * BLOCK] {
+            v7[h + 257..h + 265].fill(0);
+            v7[h + 148..h + 156].copy_from_slice(b"        ");
+            let sum: u32 = v7[h..h + BLOCK].iter().map(|&c| c as u32).sum();
+            v7[h + 148..h + 156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        }
+        assert!(is_tar(&v7));
+        assert_eq!(entries(&v7).unwrap(), e);
+        assert!(!is_tar(&[0u8; 1024]));
         // No end blocks at all is the end too.
         let cut = &a[..a.len() - 2 * BLOCK];
         assert_eq!(entries(cut).unwrap(), e);
