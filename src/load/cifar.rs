@@ -181,8 +181,12 @@ pub(super) fn load_tar(
         stream,
         at,
     })?;
-    // Extraction keeps the last of two members of one name: so does this.
-    let find = |name: &str| entries.iter().rev().find(|e| e.name == name);
+    // By name, the last of two members of one name winning (as extraction
+    // would keep it): one pass, so a hostile archive of thousands of
+    // look-alike names costs no more than it takes to list them.
+    let by_name: std::collections::HashMap<&str, &tar::Entry> =
+        entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    let find = |name: &str| by_name.get(name).copied();
     let found = entries.iter().find_map(|e| {
         let (dir, base) = match e.name.rsplit_once('/') {
             Some((d, b)) => (format!("{d}/"), b),
@@ -739,6 +743,18 @@ pub(crate) mod tests {
         assert_eq!(ds.sets[1].x.row(2)[0], 92);
         // The images are all that is left of the archive.
         assert_eq!(ds.tensor_bytes(), 18 * ROW_BYTES + 18 * 8);
+    }
+
+    #[test]
+    fn a_member_given_twice_is_read_from_its_last_copy() {
+        let mut raw = cifar10_tar(1);
+        raw.truncate(raw.len() - 2 * tar::BLOCK);
+        let again = batch(1, 200, &[("labels", &[7])]);
+        raw.extend(archive(&[("cifar-10-batches-py/data_batch_1", &again)]));
+        let ds = crate::load::load_bytes(Path::new("d.tar"), &raw, &opts()).unwrap();
+        assert_eq!(ds.sets[0].x.row(0)[0], 200);
+        assert_eq!(&ds.sets[0].y.data[..8], &7i64.to_le_bytes());
+        assert_eq!(ds.sets[0].x.row(1)[0], 20, "data_batch_2 follows");
     }
 
     #[test]
