@@ -856,6 +856,11 @@ def cifar(out: Out):
                   "a CIFAR-10 label of 10", "outside the 10 classes")
     batch_variant("label-huge.tar.gz", lambda d: d["test_batch"][b"labels"].__setitem__(0, -(2**31)),
                   "a label of -2**31", "outside the 10 classes")
+    batch_variant("label-2e70.tar.gz", lambda d: d["data_batch_1"][b"labels"].__setitem__(0, 2**70),
+                  "a label of 2**70 (beyond 64 bits)", "is not a 64-bit integer")
+    batch_variant("payload-short.tar.gz",
+                  lambda d: d["data_batch_2"].__setitem__(b"data", py2pickle.RawArray((2, 3072), np.uint8, bytes(3072))),
+                  "data's shape says 2 rows, its BINSTRING holds 1", "needs 6144 bytes, the payload holds 3072")
     batch_variant("label-str.tar.gz", lambda d: d["test_batch"][b"labels"].__setitem__(0, b"cat"),
                   "a label that is a str", "expected an int")
     batch_variant("data-shape.tar.gz",
