@@ -37,6 +37,26 @@ x flattened to ``[n, values per example]`` (the same bytes), uint8 / int8 y
 widened to int64, train split into its first ``n - valid_split`` examples
 ("train") and the rest ("valid"). Hostile ``.npz`` files join ``"hostile"``.
 
+The ``"npz"`` list also holds gzip'd ``.npz`` files, archives and ``.npy``
+directories with a given ``x_valid`` / ``y_valid`` pair (then "valid" is that
+pair and nothing is split), and IDX directories in the exact layout of
+Fashion-MNIST (gzip'd) and KMNIST (unzipped) and of [n, 32, 32, 3] images,
+each with its ``format`` ("npz", "npy", "idx").
+
+``"cifar"`` lists CIFAR-10 / CIFAR-100 python-version archives and folders:
+the ``.tar.gz`` as downloaded (Python 2 cPickle batches written by hand,
+``CPickleDictWriter``, GNU tar in the real archive's member order), Python 3
+re-pickles (protocols 2-5, str or bytes keys, numpy 1.x or 2.x names) in
+GNU, ustar and pax tars, a plain tar, and extracted folders (the top folder
+and the batches folder). Their expected sets are what torchvision's loading
+gives: ``pickle.load(f, encoding='latin1')`` per batch, ``np.vstack``,
+``reshape(-1, 3, 32, 32)``, labels as int64 ("train", "test"; CIFAR-100 adds
+"train_coarse", "test_coarse" with the coarse labels). Hostile archives
+(links, devices, fifos, ``..`` and absolute members, lying size fields,
+truncation) and batches (labels and rows disagreeing, labels out of range or
+not ints, data of another dtype or shape, a forbidden global) join
+``"hostile"``.
+
 Writers:
 * ``np2``: Python 3's own pickler with the installed numpy 2.x, whose
   streams name ``numpy._core.multiarray._reconstruct`` (protocols 0-4),
