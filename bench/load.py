@@ -17,6 +17,21 @@ repeated to 50,000 / 10,000 / 10,000 x 784 float32 in the original file's
 pickle form (Python 2 protocol 2, gzip level 9 as Python's gzip module writes).
 
     python3 bench/load.py [--file mnist.pkl.gz] [--runs 7] [--json out.json]
+
+With --cifar, CIFAR-10's start-up instead (issue 15), on a full-size
+cifar-10-python.tar.gz (50,000 + 10,000 images of 3,072 bytes, Python 2
+cPickle batches in the real archive's member order, made once with numpy and
+cached under target/bench/) and its extracted folder, alternated run by run:
+  ready-tar   `minibatchd serve --data cifar-10-python.tar.gz` until "serving gRPC"
+  ready-dir   the same from the extracted folder (cifar-10-batches-py/)
+  python-tar  torchvision's CIFAR10 logic on the archive: tarfile read in member
+              order, pickle.load(f, encoding='latin1') per batch, np.vstack,
+              reshape(-1, 3, 32, 32) (and the same for test_batch)
+  python-dir  the same from the extracted folder (what torchvision does after
+              its one-time extraction)
+and reports medians, the spread over runs, and per-run ratios.
+
+    python3 bench/load.py --cifar [--runs 5] [--json out.json]
 """
 from __future__ import annotations
 
@@ -90,6 +105,126 @@ def run(cmd: list[str], until: bytes | None = None) -> tuple[float, int]:
         return wall, int(t.read().split()[-1]) * 1024
 
 
+CIFAR10_ORDER = ("data_batch_4", "readme.html", "test_batch", "data_batch_3",
+                 "batches.meta", "data_batch_2", "data_batch_5", "data_batch_1")
+
+
+def make_cifar(tar_gz: Path, folder: Path) -> None:
+    """A full-size cifar-10-python.tar.gz and its extracted folder: 5 + 1
+    batches of 10,000 images, each a Python 2 cPickle dict (batch_label,
+    labels, data, filenames) as the originals, written by the fixtures'
+    hand-written cPickle writer. The images are smooth 8 x 8 noise blown up
+    4x plus 3 bits of fine noise, so gzip finds about as little to squeeze
+    as in the real photos (163 MB for 184 MB of pixels)."""
+    import io
+    import tarfile
+    import numpy as np
+    import make_fixtures
+
+    rng = np.random.default_rng(2009)
+    members = {}
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        small = rng.integers(0, 224, (10_000, 3, 8, 8), dtype=np.uint8)
+        data = small.repeat(4, axis=2).repeat(4, axis=3) + rng.integers(0, 8, (10_000, 3, 32, 32), dtype=np.uint8)
+        members[name] = make_fixtures.py2_dict({
+            b"batch_label": f"{name} of 5".encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, 10_000)],
+            b"data": np.ascontiguousarray(data.reshape(10_000, 3072)),
+            b"filenames": [b"image_%05d.png" % i for i in range(10_000)],
+        })
+    members["readme.html"] = b"<html>synthetic CIFAR-10 for bench/load.py</html>\n"
+    members["batches.meta"] = make_fixtures.py2_dict({b"label_names": [b"airplane"], b"num_cases_per_batch": 10_000,
+                                                       b"num_vis": 3072})
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in members.items():
+        (folder / name).write_bytes(data)
+    raw = make_fixtures.tar_bytes("cifar-10-batches-py", members, order=CIFAR10_ORDER, compress=False)
+    tmp = tar_gz.with_suffix(".tmp")
+    with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as g:
+        g.write(raw)
+    tmp.rename(tar_gz)
+
+
+PY_CIFAR_TAR = """
+import pickle, tarfile, numpy as np
+want = ['data_batch_%d' % i for i in range(1, 6)] + ['test_batch']
+got = {{}}
+with tarfile.open({f!r}, 'r:gz') as t:
+    for m in t:
+        base = m.name.rsplit('/', 1)[-1]
+        if base in want:
+            got[base] = pickle.load(t.extractfile(m), encoding='latin1')
+x = np.vstack([got[n]['data'] for n in want[:5]]).reshape(-1, 3, 32, 32)
+y = [l for n in want[:5] for l in got[n]['labels']]
+xt = got['test_batch']['data'].reshape(-1, 3, 32, 32)
+"""
+
+PY_CIFAR_DIR = """
+import pickle, numpy as np
+data, targets = [], []
+for n in ['data_batch_%d' % i for i in range(1, 6)]:
+    with open({f!r} + '/' + n, 'rb') as f:
+        entry = pickle.load(f, encoding='latin1')
+    data.append(entry['data'])
+    targets.extend(entry['labels'])
+x = np.vstack(data).reshape(-1, 3, 32, 32)
+with open({f!r} + '/test_batch', 'rb') as f:
+    xt = pickle.load(f, encoding='latin1')['data'].reshape(-1, 3, 32, 32)
+"""
+
+
+def cifar_main(a) -> None:
+    out = ROOT / "target" / "bench"
+    tar_gz, folder = out / "cifar-10-python.tar.gz", out / "cifar-10-batches-py"
+    if not tar_gz.exists() or not (folder / "test_batch").exists():
+        print(f"writing {tar_gz} and {folder} ...", file=sys.stderr)
+        make_cifar(tar_gz, folder)
+    py = sys.executable
+    serve = [a.bin, "--log", "info", "serve", "--addr", "127.0.0.1:0", "--metrics-addr", "off", "--data"]
+    cmds = {
+        "ready-tar": (serve + [str(tar_gz)], b"serving gRPC"),
+        "ready-dir": (serve + [str(folder)], b"serving gRPC"),
+        "python-tar": ([py, "-c", PY_CIFAR_TAR.format(f=str(tar_gz))], None),
+        "python-dir": ([py, "-c", PY_CIFAR_DIR.format(f=str(folder))], None),
+    }
+    res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
+    warm = [py, "-c", "b = b'\\x01' * (512 << 20)"]
+    names = list(cmds)
+    for r in range(a.runs):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            cmd, until = cmds[k]
+            subprocess.run(warm, check=True)
+            res[k].append(run(cmd, until))
+        print(f"run {r + 1}/{a.runs} done", file=sys.stderr)
+    tensor_bytes = 60_000 * (3072 + 8)
+    lines = [
+        f"file {tar_gz.name}: {tar_gz.stat().st_size:,} bytes, tensors {tensor_bytes:,} bytes; "
+        f"median of {a.runs} runs, alternated",
+        f"{'process':<12}{'wall ms':>10}{'peak RSS MiB':>14}",
+    ]
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for k, v in res.items()}
+    for k, (w, m) in med.items():
+        walls = [w for w, _ in res[k]]
+        rss = [m for _, m in res[k]]
+        lines.append(f"{k:<12}{w * 1e3:>10.0f}{m / 2**20:>14.0f}   wall {min(walls) * 1e3:.0f}..{max(walls) * 1e3:.0f} ms,"
+                     f" RSS {min(rss) / 2**20:.0f}..{max(rss) / 2**20:.0f} MiB")
+    lines.append("")
+    lines.append(f"{'ratio (per run: same run index)':<44}{'median':>8}{'min':>8}{'max':>8}")
+    ratios = {}
+    for py_k, mb_k in (("python-tar", "ready-tar"), ("python-dir", "ready-dir")):
+        for what, i in (("wall", 0), ("peak RSS", 1)):
+            rs = [p[i] / m[i] for p, m in zip(res[py_k], res[mb_k])]
+            key = f"{py_k} / {mb_k}, {what}"
+            ratios[key] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
+            lines.append(f"{key:<44}{statistics.median(rs):>8.2f}{min(rs):>8.2f}{max(rs):>8.2f}")
+    lines.append(f"ready-tar peak RSS / tensors: {med['ready-tar'][1] / tensor_bytes:.2f}")
+    lines.append(f"\ncommand: python3 bench/load.py --cifar --runs {a.runs}")
+    print("\n".join(lines))
+    if a.json:
+        a.json.write_text(json.dumps({"median": {k: {"wall_s": w, "peak_rss_bytes": m} for k, (w, m) in med.items()},
+                                      "ratios": ratios, "runs": res}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--file", type=Path)
@@ -99,7 +234,10 @@ def main() -> None:
     ap.add_argument("--compare", metavar="OLD_BIN",
                     help="also run `serve` of this other binary (row ready-old), alternated with the rest: "
                          "a server change's start-up and peak RSS side by side")
+    ap.add_argument("--cifar", action="store_true", help="CIFAR-10's start-up rows instead (see the module doc)")
     a = ap.parse_args()
+    if a.cifar:
+        return cifar_main(a)
     f = a.file or ROOT / "bench" / "out" / "mnist-full.pkl.gz"
     if not f.exists():
         print(f"writing {f} ...", file=sys.stderr)

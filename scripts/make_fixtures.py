@@ -37,6 +37,26 @@ x flattened to ``[n, values per example]`` (the same bytes), uint8 / int8 y
 widened to int64, train split into its first ``n - valid_split`` examples
 ("train") and the rest ("valid"). Hostile ``.npz`` files join ``"hostile"``.
 
+The ``"npz"`` list also holds gzip'd ``.npz`` files, archives and ``.npy``
+directories with a given ``x_valid`` / ``y_valid`` pair (then "valid" is that
+pair and nothing is split), and IDX directories in the exact layout of
+Fashion-MNIST (gzip'd) and KMNIST (unzipped) and of [n, 32, 32, 3] images,
+each with its ``format`` ("npz", "npy", "idx").
+
+``"cifar"`` lists CIFAR-10 / CIFAR-100 python-version archives and folders:
+the ``.tar.gz`` as downloaded (Python 2 cPickle batches written by hand,
+``CPickleDictWriter``, GNU tar in the real archive's member order), Python 3
+re-pickles (protocols 2-5, str or bytes keys, numpy 1.x or 2.x names) in
+GNU, ustar and pax tars, a plain tar, and extracted folders (the top folder
+and the batches folder). Their expected sets are what torchvision's loading
+gives: ``pickle.load(f, encoding='latin1')`` per batch, ``np.vstack``,
+``reshape(-1, 3, 32, 32)``, labels as int64 ("train", "test"; CIFAR-100 adds
+"train_coarse", "test_coarse" with the coarse labels). Hostile archives
+(links, devices, fifos, ``..`` and absolute members, lying size fields,
+truncation) and batches (labels and rows disagreeing, labels out of range or
+not ints, data of another dtype or shape, a forbidden global) join
+``"hostile"``.
+
 Writers:
 * ``np2``: Python 3's own pickler with the installed numpy 2.x, whose
   streams name ``numpy._core.multiarray._reconstruct`` (protocols 0-4),
@@ -205,6 +225,7 @@ class Out:
         self.files = []
         self.hostile = []
         self.npz = []
+        self.cifar = []
         self.names = set()
 
     def _write(self, rel: str, data: bytes):
@@ -608,6 +629,344 @@ def npz(out: Out):
     out.reject(h + "other-keys.npz", f.getvalue(), "keys other than Keras's", "no member x_train.npy")
 
 
+# ---------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100, python version (tar.gz as downloaded, extracted folders)
+# ---------------------------------------------------------------------------
+
+# The member order of the real cifar-10-python.tar.gz (not sorted: data_batch_4
+# first, data_batch_1 last), and of cifar-100-python.tar.gz.
+CIFAR10_MEMBERS = ("data_batch_4", "readme.html", "test_batch", "data_batch_3",
+                   "batches.meta", "data_batch_2", "data_batch_5", "data_batch_1")
+CIFAR100_MEMBERS = ("file.txt~", "train", "test", "meta")
+
+
+class CPickleDictWriter(py2pickle._Writer):
+    """py2pickle's cPickle (protocol 2) writer plus dicts, as Python 2's
+    cPickle wrote CIFAR's batches: EMPTY_DICT and BINPUT (the dict handed to
+    dump has a second reference), then MARK, key/value pairs, SETITEMS
+    (batches of 1,000); keys are interned str, so SHORT_BINSTRING + BINPUT;
+    the values as py2pickle writes them (labels: EMPTY_LIST, BINPUT, MARK,
+    BININT1/BININT2..., APPENDS; data: _reconstruct + BINSTRING)."""
+
+    def save(self, obj):
+        if isinstance(obj, dict):
+            self.out += b"}"
+            self.put(("obj", id(obj)))
+            self._keep.append(obj)
+            items = list(obj.items())
+            for start in range(0, len(items), 1000):
+                chunk = items[start:start + 1000]
+                if len(chunk) > 1:
+                    self.out += b"("
+                for k, v in chunk:
+                    assert isinstance(k, bytes) and len(k) < 256
+                    self.out += b"U" + bytes([len(k)]) + k
+                    self.put(None)
+                    self.save(v)
+                self.out += b"u" if len(chunk) > 1 else b"s"
+        else:
+            super().save(obj)
+
+
+def py2_dict(d: dict) -> bytes:
+    w = CPickleDictWriter(2)
+    w.out += b"\x80\x02"
+    w.save(d)
+    w.out += b"."
+    return bytes(w.out)
+
+
+def cifar_images(rng, n: int) -> np.ndarray:
+    """n images [n, 3072] uint8 (CHW rows): coarse 8 x 8 noise blown up 4x,
+    so gzip has something to find, as in real photos."""
+    small = rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8)
+    return np.ascontiguousarray(small.repeat(4, axis=2).repeat(4, axis=3).reshape(n, 3072))
+
+
+def cifar_batches(seed: int, kind: str, rows: dict) -> dict:
+    """The batches of CIFAR-10 (`kind` "10") or CIFAR-100 ("100") as Python
+    2 dicts with str (bytes) keys in the originals' key order, `rows` per
+    batch name."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, n in rows.items():
+        data = cifar_images(rng, n)
+        files = [b"img_%s_%05d.png" % (name.encode(), i) for i in range(n)]
+        label = b"%s batch" % name.encode()
+        if kind == "10":
+            out[name] = {b"batch_label": label, b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                         b"data": data, b"filenames": files}
+        else:
+            out[name] = {b"filenames": files, b"batch_label": label,
+                         b"fine_labels": [int(v) for v in rng.integers(0, 100, n)],
+                         b"coarse_labels": [int(v) for v in rng.integers(0, 20, n)], b"data": data}
+    return out
+
+
+def repickle(d: dict, protocol: int, *, keys: str, names: str = "np2") -> bytes:
+    """A Python 2 batch as a Python 3 user re-pickles it: read back with
+    pickle.load(encoding='latin1') (str keys) or encoding='bytes' (bytes
+    keys), dumped at `protocol` with numpy 2 or numpy 1.x module names."""
+    obj = pickle.loads(py2_dict(d), encoding="latin1" if keys == "str" else "bytes")
+    return (np2 if names == "np2" else np1)(obj, protocol)
+
+
+def tar_bytes(folder: str, members: dict, fmt=None, compress: bool = True, order=None, pax: bool = False) -> bytes:
+    """A tar (gzip'd) of `folder`/ and its members, in `order`, written by
+    Python's tarfile in format `fmt`; `pax`: per-member pax headers and a
+    global one, as re-packing tools write."""
+    import tarfile
+    fmt = tarfile.GNU_FORMAT if fmt is None else fmt
+    f = io.BytesIO()
+    kw = {"pax_headers": {"comment": "minibatchd fixture"}} if pax else {}
+    with tarfile.open(fileobj=f, mode="w", format=fmt, **kw) as t:
+        d = tarfile.TarInfo(folder)
+        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1234567890
+        t.addfile(d)
+        for name in order or members:
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size, info.mode, info.mtime = len(members[name]), 0o644, 1234567890
+            if pax:
+                info.pax_headers = {"path": info.name}
+            t.addfile(info, io.BytesIO(members[name]))
+    return gz(f.getvalue()) if compress else f.getvalue()
+
+
+def expected_cifar(members: dict, kind: str):
+    """The sets, from Python's own unpickler (torchvision's way:
+    pickle.load(f, encoding='latin1') per batch, np.vstack, reshape to
+    [n, 3, 32, 32]); labels as int64."""
+    def load(name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d = pickle.loads(members[name], encoding="latin1")
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    if kind == "10":
+        train = [load(f"data_batch_{i}") for i in range(1, 6)]
+        test = [load("test_batch")]
+        keys = [("", "labels")]
+    else:
+        train, test = [load("train")], [load("test")]
+        keys = [("", "fine_labels"), ("_coarse", "coarse_labels")]
+    sets = []
+    for suffix, key in keys:
+        for name, batches in (("train", train), ("test", test)):
+            x = np.vstack([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+            y = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
+            sets.append({"name": name + suffix, "examples": len(y), "x": expected_tensor(x), "y": expected_tensor(y)})
+    return sets
+
+
+def cifar(out: Out):
+    import tarfile
+
+    def accept(rel, data, description, members, kind):
+        if data is not None:
+            out._write(rel, data)
+        out.cifar.append({"file": rel, "format": f"cifar-{kind}", "description": description,
+                          "sets": expected_cifar(members, kind)})
+
+    def folder(rel, members):
+        for name, data in members.items():
+            out._write(f"{rel}/{name}", data)
+
+    rows10 = {f"data_batch_{i}": 100 for i in range(1, 6)} | {"test_batch": 100}
+    b10 = cifar_batches(SEED + 10, "10", rows10)
+    extra10 = {"readme.html": b"<html>CIFAR-10 fixture</html>\n",
+               "batches.meta": py2_dict({b"label_names": [b"airplane", b"automobile"], b"num_cases_per_batch": 100,
+                                         b"num_vis": 3072})}
+    py2m = {k: py2_dict(v) for k, v in b10.items()} | extra10
+    first = py2m["data_batch_1"]
+    assert first.startswith(b"\x80\x02}q\x01(U\x0bbatch_labelq\x02U\x12data_batch_1 batchU\x06labelsq\x03]q\x04(K")
+    accept("cifar/cifar-10-python.tar.gz", tar_bytes("cifar-10-batches-py", py2m, order=CIFAR10_MEMBERS),
+           "CIFAR-10 as downloaded: Python 2 cPickle batches (100 rows each), GNU tar in the real member order, gzip'd",
+           py2m, "10")
+    folder("cifar/extracted-10/cifar-10-batches-py", py2m)
+    accept("cifar/extracted-10", None, "the same, extracted: the top folder", py2m, "10")
+    accept("cifar/extracted-10/cifar-10-batches-py", None, "the same, extracted: the batches folder", py2m, "10")
+
+    small = {f"data_batch_{i}": 7 + i for i in range(1, 6)} | {"test_batch": 5}
+    s10 = cifar_batches(SEED + 11, "10", small)
+    for proto, keys, names, fmt, pax in ((2, "str", "np2", tarfile.PAX_FORMAT, True),
+                                         (3, "bytes", "np2", tarfile.USTAR_FORMAT, False),
+                                         (4, "str", "np1", tarfile.GNU_FORMAT, False),
+                                         (5, "str", "np2", tarfile.PAX_FORMAT, False),
+                                         (2, "bytes", "np1", tarfile.GNU_FORMAT, False)):
+        m = {k: repickle(v, proto, keys=keys, names=names) for k, v in s10.items()} | extra10
+        fname = {tarfile.PAX_FORMAT: "pax", tarfile.USTAR_FORMAT: "ustar", tarfile.GNU_FORMAT: "gnu"}[fmt]
+        accept(f"cifar/py3-p{proto}-{keys}-{names}-{fname}.tar.gz",
+               tar_bytes("cifar-10-batches-py", m, fmt=fmt, pax=pax),
+               f"CIFAR-10 re-pickled by Python 3 (protocol {proto}, {keys} keys, {names} names), {fname} tar"
+               + (" with pax headers" if pax else ""), m, "10")
+    m = {k: py2_dict(v) for k, v in s10.items()} | extra10
+    accept("cifar/plain.tar", tar_bytes("cifar-10-batches-py", m, compress=False),
+           "CIFAR-10, Python 2 batches, tar not gzip'd", m, "10")
+
+    rows100 = {"train": 120, "test": 40}
+    b100 = cifar_batches(SEED + 12, "100", rows100)
+    m100 = {k: py2_dict(v) for k, v in b100.items()} | {
+        "meta": py2_dict({b"fine_label_names": [b"apple"], b"coarse_label_names": [b"fruit"]}),
+        "file.txt~": b"fixture\n"}
+    accept("cifar/cifar-100-python.tar.gz", tar_bytes("cifar-100-python", m100, order=CIFAR100_MEMBERS),
+           "CIFAR-100 as downloaded: Python 2 cPickle train/test (fine and coarse labels), GNU tar, gzip'd", m100, "100")
+    folder("cifar/extracted-100/cifar-100-python", m100)
+    accept("cifar/extracted-100", None, "the same, extracted: the top folder", m100, "100")
+    m = {k: repickle(v, 4, keys="bytes") for k, v in b100.items()} | {"meta": m100["meta"]}
+    accept("cifar/cifar-100-py3-p4.tar.gz", tar_bytes("cifar-100-python", m, fmt=tarfile.PAX_FORMAT, pax=True),
+           "CIFAR-100 re-pickled by Python 3 (protocol 4, bytes keys), pax tar", m, "100")
+
+    # hostile archives and batches
+    h = "hostile/cifar-"
+    good = {k: py2_dict(v) for k, v in cifar_batches(SEED + 13, "10", {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 2}).items()}
+
+    def with_member(info_kw: dict) -> bytes:
+        f = io.BytesIO()
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as t:
+            for name in good:
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+                info.size = len(good[name])
+                t.addfile(info, io.BytesIO(good[name]))
+            info = tarfile.TarInfo(info_kw.pop("name", "cifar-10-batches-py/evil"))
+            for k, v in info_kw.items():
+                setattr(info, k, v)
+            t.addfile(info)
+        return gz(f.getvalue())
+
+    out.reject(h + "symlink.tar.gz", with_member({"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}),
+               "a symlink member to /etc/passwd", "is a symbolic link to /etc/passwd")
+    out.reject(h + "hardlink.tar.gz", with_member({"type": tarfile.LNKTYPE, "linkname": "/etc/shadow"}),
+               "a hard link member", "is a hard link to /etc/shadow")
+    out.reject(h + "device.tar.gz", with_member({"type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3}),
+               "a character device member (/dev/null's numbers)", "is a character device")
+    out.reject(h + "fifo.tar.gz", with_member({"type": tarfile.FIFOTYPE}), "a fifo member", "is a fifo")
+    out.reject(h + "dotdot.tar.gz", with_member({"name": "cifar-10-batches-py/../../../etc/cron.d/x"}),
+               "a member path with '..' components", "'..' component")
+    out.reject(h + "absolute.tar.gz", with_member({"name": "/etc/cron.d/x"}), "an absolute member path", "absolute path")
+
+    whole = tar_bytes("cifar-10-batches-py", good, compress=False)
+    hdr = whole.find(b"cifar-10-batches-py/data_batch_2")
+    assert hdr % 512 == 0
+
+    def set_size(t: bytes, at: int, size: int) -> bytes:
+        b = bytearray(t)
+        b[at + 124:at + 136] = b"%011o\0" % size
+        b[at + 148:at + 156] = b" " * 8
+        b[at + 148:at + 156] = b"%06o\0 " % sum(b[at:at + 512])
+        return bytes(b)
+
+    out.reject(h + "size-past-end.tar.gz", gz(set_size(whole, hdr, 10**9)),
+               "data_batch_2's size field says 1e9 bytes", "a size field that lies")
+    out.reject(h + "size-short.tar.gz", gz(set_size(whole, hdr, 1000)),
+               "data_batch_2's size field says 1000 bytes: the next header is not where it says",
+               "checksum mismatch after member cifar-10-batches-py/data_batch_2")
+    out.reject(h + "truncated-tar.tar.gz", gz(whole[:hdr + 512 + 3000]),
+               "a tar cut inside data_batch_2 (complete gzip)", "truncated, or a size field that lies")
+    cut = tar_bytes("cifar-10-batches-py", good)
+    out.reject(h + "truncated-gzip.tar.gz", cut[:len(cut) // 2], "a tar.gz cut in half", "ends early", "truncated")
+
+    def batch_variant(name, change, description, *errors):
+        d = cifar_batches(SEED + 13, "10", {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 2})
+        change(d)
+        m = {k: py2_dict(v) for k, v in d.items()}
+        out.reject(h + name, tar_bytes("cifar-10-batches-py", m), description, *errors)
+
+    batch_variant("rows-mismatch.tar.gz", lambda d: d["data_batch_3"][b"labels"].append(1),
+                  "data_batch_3: 3 labels for 2 images", "labels: 3 labels for 2 images")
+    batch_variant("label-range.tar.gz", lambda d: d["data_batch_2"][b"labels"].__setitem__(1, 10),
+                  "a CIFAR-10 label of 10", "outside the 10 classes")
+    batch_variant("label-huge.tar.gz", lambda d: d["test_batch"][b"labels"].__setitem__(0, -(2**31)),
+                  "a label of -2**31", "outside the 10 classes")
+    batch_variant("label-2e70.tar.gz", lambda d: d["data_batch_1"][b"labels"].__setitem__(0, 2**70),
+                  "a label of 2**70 (beyond 64 bits)", "is not a 64-bit integer")
+    batch_variant("payload-short.tar.gz",
+                  lambda d: d["data_batch_2"].__setitem__(b"data", py2pickle.RawArray((2, 3072), np.uint8, bytes(3072))),
+                  "data's shape says 2 rows, its BINSTRING holds 1", "needs 6144 bytes, the payload holds 3072")
+    batch_variant("label-str.tar.gz", lambda d: d["test_batch"][b"labels"].__setitem__(0, b"cat"),
+                  "a label that is a str", "expected an int")
+    batch_variant("data-shape.tar.gz",
+                  lambda d: d["data_batch_1"].__setitem__(b"data", d["data_batch_1"][b"data"].reshape(2, 32, 32, 3)),
+                  "data in HWC shape [n, 32, 32, 3]", "expected (n, 3072)")
+    batch_variant("data-float.tar.gz",
+                  lambda d: d["data_batch_1"].__setitem__(b"data", d["data_batch_1"][b"data"].astype(np.float32)),
+                  "data as float32", "expected uint8 pixels")
+    batch_variant("no-labels.tar.gz", lambda d: d["data_batch_5"].pop(b"labels"),
+                  "a batch without labels", 'no key "labels"')
+    evil = {k: py2_dict(v) for k, v in cifar_batches(SEED + 13, "10", {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 2}).items()}
+    # a batch dict whose batch_label is os.system('echo pwned'), cPickle style
+    evil["data_batch_4"] = evil["data_batch_4"].replace(
+        b"U\x0bbatch_labelq\x02U\x12data_batch_4 batch",
+        b"U\x0bbatch_labelq\x02cos\nsystem\nU\x0aecho pwned\x85R", 1)
+    assert b"cos\nsystem" in evil["data_batch_4"]
+    out.reject(h + "os-system.tar.gz", tar_bytes("cifar-10-batches-py", evil),
+               "data_batch_4's batch_label is os.system('echo pwned')", "refusing global os.system")
+    out.reject(h + "not-cifar.tar.gz", tar_bytes("stuff", {"a.txt": b"hello"}), "a tar.gz of something else",
+               "not CIFAR's python version")
+
+
+def npz_gz_and_idx(out: Out):
+    """Gzip'd .npz, .npz / .npy directories with a given validation pair,
+    and IDX directories of other datasets in their exact file layout."""
+    def accept(rel, data, fmt, description, valid_split, sets):
+        if data is not None:
+            out._write(rel, data)
+        out.npz.append({"file": rel, "format": fmt, "description": description, "valid_split": valid_split,
+                        "sets": sets})
+    mnist = npz_bytes(npz_arrays(SEED + 20), True)
+    accept("npz/mnist.npz.gz", gz(mnist), "npz", "an np.savez_compressed archive, gzip'd", 3,
+           expected_npz_sets(mnist, 3))
+    stored = npz_bytes(npz_arrays(SEED + 21), False)
+    accept("npz/stored.npz.gz", gz(stored), "npz", "an np.savez archive (stored members), gzip'd", 0,
+           expected_npz_sets(stored, 0))
+    arrays = npz_arrays(SEED + 22) | {"x_valid": npz_arrays(SEED + 23, n_train=5)["x_train"],
+                                       "y_valid": np.arange(5, dtype=np.uint8)}
+    with_valid = npz_bytes(arrays, True)
+    want = expected_npz_sets(npz_bytes({k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")}, False), 0)
+    valid = {"name": "valid", "examples": 5, "x": expected_tensor(arrays["x_valid"].reshape(5, -1)),
+             "y": expected_tensor(arrays["y_valid"].astype(np.int64))}
+    want = [want[0], valid, want[1]]
+    accept("npz/with-valid.npz", with_valid, "npz", "x_valid / y_valid given: the valid set, no split", 3, want)
+    for k, v in arrays.items():
+        out._write(f"npz/with-valid-dir/{k}.npy", _npy(v))
+    accept("npz/with-valid-dir", None, "npy", "a .npy directory with x_valid / y_valid", 3, want)
+
+    def idx_file(a: np.ndarray) -> bytes:
+        code = {np.uint8: 8, np.int8: 9, np.int16: 0x0b, np.int32: 0x0c, np.float32: 0x0d, np.float64: 0x0e}[a.dtype.type]
+        hdr = bytes([0, 0, code, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+        return hdr + a.astype(a.dtype.newbyteorder(">")).tobytes()
+
+    def idx_dir(rel, x_train, y_train, x_test, y_test, names, zipped, description, valid_split):
+        for name, a in zip(names, (x_train, y_train, x_test, y_test)):
+            data = idx_file(a)
+            out._write(f"{rel}/{name}" + (".gz" if zipped else ""), gz(data) if zipped else data)
+        cut = len(x_train) - valid_split
+        flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
+        parts = [("train", x_train[:cut], y_train[:cut])]
+        if valid_split:
+            parts.append(("valid", x_train[cut:], y_train[cut:]))
+        parts.append(("test", x_test, y_test))
+        sets = [{"name": n, "examples": len(y), "x": expected_tensor(flat(x)), "y": expected_tensor(y.astype(np.int64))}
+                for n, x, y in parts]
+        accept(rel, None, "idx", description, valid_split, sets)
+
+    mnist_names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    rng = np.random.default_rng(SEED + 24)
+    a = [rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), rng.integers(0, 10, 12, dtype=np.uint8),
+         rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), rng.integers(0, 10, 4, dtype=np.uint8)]
+    idx_dir("idx/fashion-mnist", *a, mnist_names, True,
+            "Fashion-MNIST as downloaded: the four -idx?-ubyte.gz files (MNIST's names)", 2)
+    idx_dir("idx/kmnist", *[rng.permutation(v) for v in a], mnist_names, False,
+            "KMNIST, extracted: the four IDX files unzipped", 0)
+    c = [rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 6, dtype=np.uint8),
+         rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 3, dtype=np.uint8)]
+    idx_dir("idx/hwc-32x32x3", *c, mnist_names, True,
+            "IDX images of shape [n, 32, 32, 3] (flattened to [n, 3072]), gzip'd", 1)
+    h = "hostile/"
+    bomb = npz_bytes(dict(npz_arrays(SEED + 3), x_train=np.zeros((2000, 28, 28), np.uint8)), True)
+    out.reject(h + "bomb.npz.gz", gz(patch_central_size(bomb, "x_train.npy", 4096)),
+               "a gzip'd npz whose x_train declares 4096 bytes and inflates to 1.5 MB",
+               "inflates to more than the 4096 bytes")
+
+
 def _zip(members: dict) -> bytes:
     f = io.BytesIO()
     with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
@@ -629,13 +988,15 @@ def main():
     if os.path.isdir(root):
         for name in os.listdir(root):
             p = os.path.join(root, name)
-            if name in ("manifest.json", "hostile", "npz", "npy-dir") or name.endswith((".pkl", ".pkl.gz")):
+            if name in ("manifest.json", "hostile", "npz", "npy-dir", "cifar", "idx") or name.endswith((".pkl", ".pkl.gz")):
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     os.makedirs(root, exist_ok=True)
     out = Out(root)
     accepted(out)
     hostile(out)
     npz(out)
+    npz_gz_and_idx(out)
+    cifar(out)
     manifest = {
         "generator": "scripts/make_fixtures.py",
         "numpy": np.__version__,
@@ -643,12 +1004,15 @@ def main():
         "files": out.files,
         "hostile": out.hostile,
         "npz": out.npz,
+        "cifar": out.cifar,
     }
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-    total = sum(os.path.getsize(os.path.join(root, e["file"])) for e in out.files + out.hostile + out.npz)
-    print(f"{root}: {len(out.files)} accepted, {len(out.npz)} npz, {len(out.hostile)} hostile files, {total} bytes")
+    total = sum(os.path.getsize(os.path.join(root, e["file"])) for e in out.files + out.hostile + out.npz + out.cifar
+                if os.path.isfile(os.path.join(root, e["file"])))
+    print(f"{root}: {len(out.files)} accepted, {len(out.npz)} npz/npy/idx, {len(out.cifar)} cifar, "
+          f"{len(out.hostile)} hostile files, {total} bytes")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,10 @@ pub enum Format {
     Idx,
     Npz,
     Npy,
+    /// CIFAR-10, python version: the downloaded `.tar.gz` or its folder.
+    Cifar10,
+    /// CIFAR-100, python version: the downloaded `.tar.gz` or its folder.
+    Cifar100,
 }
 
 impl Format {
@@ -111,6 +115,8 @@ impl Format {
             Format::Idx => "idx",
             Format::Npz => "npz",
             Format::Npy => "npy",
+            Format::Cifar10 => "cifar-10",
+            Format::Cifar100 => "cifar-100",
         }
     }
 }

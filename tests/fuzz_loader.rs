@@ -742,3 +742,155 @@ fn mutated_npz_never_panic() {
         "most mutations must be caught ({ok} ok, {err} errors)"
     );
 }
+
+// --- CIFAR: the tar reader and the batch reader -----------------------------
+
+/// A CIFAR-10 batch as Python 2's cPickle wrote it: a dict of
+/// `batch_label`, `labels` (list of ints) and `data` (uint8 [n, 3072] via
+/// `_reconstruct`, BINSTRING payload).
+fn cifar_batch(n: usize, first: u8) -> Vec<u8> {
+    let mut p = b"\x80\x02}q\x01(U\x0bbatch_labelq\x02U\x05batchU\x06labelsq\x03](".to_vec();
+    for i in 0..n {
+        p.extend([b'K', (i % 10) as u8]);
+    }
+    p.extend(b"eU\x04dataq\x04cnumpy.core.multiarray\n_reconstruct\nq\x05cnumpy\nndarray\nq\x06K\x00\x85U\x01b\x87Rq\x07");
+    p.extend(b"(K\x01K");
+    p.push(n as u8);
+    p.extend(b"M\x00\x0c\x86cnumpy\ndtype\nq\x08U\x02u1K\x00K\x01\x87Rq\x09");
+    p.extend(b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T");
+    p.extend(((n * 3072) as i32).to_le_bytes());
+    p.extend((0..n * 3072).map(|i| first.wrapping_add(i as u8)));
+    p.extend(b"tbu.");
+    p
+}
+
+/// A GNU tar of `files` (ustar headers with the GNU magic), ended by two
+/// zero blocks.
+fn tar(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (name, data) in files {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = b'0';
+        h[257..265].copy_from_slice(b"ustar  \0");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&c| c as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        v.extend(h);
+        v.extend(data);
+        v.resize(v.len().next_multiple_of(512), 0);
+    }
+    v.extend([0u8; 1024]);
+    v
+}
+
+/// CIFAR-10's members (2 images a batch), in the real archive's order.
+fn cifar_members() -> Vec<(String, Vec<u8>)> {
+    [4, 0, 3, 2, 5, 1]
+        .iter()
+        .map(|&k| {
+            let name = if k == 0 {
+                "test_batch".to_string()
+            } else {
+                format!("data_batch_{k}")
+            };
+            (
+                format!("cifar-10-batches-py/{name}"),
+                cifar_batch(2, 40 * k as u8),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn mutated_cifar_archives_never_panic() {
+    let mut r = rng(0xc1fa);
+    let members = cifar_members();
+    let seed = tar(&members);
+    for input in [seed.clone(), gzip_stored(&seed)] {
+        let ds = load::load_bytes(Path::new("seed.tar"), &input, &opts()).unwrap();
+        assert_eq!(ds.format, Format::Cifar10);
+        assert_eq!(ds.sets[0].x.shape, vec![10, 3, 32, 32]);
+        assert_eq!(ds.sets[0].x.data[0], 40, "data_batch_1 first");
+    }
+    let (mut ok, mut err) = (0, 0);
+    for i in 0..iters() {
+        // Half mutate the archive (headers, sizes, padding, data), half
+        // one batch's pickle inside a well-formed archive.
+        let input = if i % 2 == 0 {
+            mutate(&seed, &mut r)
+        } else {
+            let mut m = members.clone();
+            let k = (r() as usize) % m.len();
+            m[k].1 = mutate(&m[k].1, &mut r);
+            tar(&m)
+        };
+        match load::load_bytes(Path::new("fuzz.tar"), &input, &opts()) {
+            Ok(ds) => {
+                ok += 1;
+                if ds.format != Format::Cifar10 {
+                    continue; // mutated into another format's magic
+                }
+                let names: Vec<&str> = ds.sets.iter().map(|s| s.name.as_str()).collect();
+                assert_eq!(names, ["train", "test"]);
+                for s in &ds.sets {
+                    assert_eq!(&s.x.shape[1..], &[3, 32, 32]);
+                    assert_eq!(s.x.shape[0], s.y.shape[0], "set {}", s.name);
+                    assert_eq!(s.x.data.len(), s.x.shape[0] * 3072);
+                    assert!(s.y.data.chunks(8).all(|c| {
+                        let v = i64::from_le_bytes(c.try_into().unwrap());
+                        (0..10).contains(&v)
+                    }));
+                }
+            }
+            Err(e) => {
+                err += 1;
+                let msg = e.to_string();
+                assert!(msg.starts_with("fuzz.tar: "), "error names the file: {msg}");
+                match &e {
+                    LoadError::Tar { stream, .. } | LoadError::Member { stream, .. } => {
+                        assert_eq!(*stream, Stream::File, "{msg}");
+                        assert!(e.offset().unwrap() <= input.len() as u64, "{msg}");
+                    }
+                    // a mutated magic: no longer a tar, read as a pickle
+                    LoadError::Pickle { .. }
+                    | LoadError::Layout { .. }
+                    | LoadError::WorkBudget { .. }
+                    | LoadError::Gzip { .. }
+                    | LoadError::Zip { .. }
+                    | LoadError::Format { .. }
+                    | LoadError::Dataset { .. } => {}
+                    other => panic!("unexpected error: {other}"),
+                }
+                if let LoadError::Member { member, .. } = &e {
+                    assert!(member.starts_with("cifar-10-batches-py/"), "{msg}");
+                }
+            }
+        }
+    }
+    assert!(
+        err > ok,
+        "most mutations must be caught ({ok} ok, {err} errors)"
+    );
+}
+
+#[test]
+fn mutated_npz_gz_never_panic() {
+    let mut r = rng(0x9a2);
+    let seed = gzip_stored(&zip(&keras_members(), true));
+    let ds = load::load_bytes(Path::new("seed.npz.gz"), &seed, &opts()).unwrap();
+    assert_eq!(ds.format, Format::Npz);
+    for _ in 0..iters() / 4 {
+        let input = mutate(&seed, &mut r);
+        if let Err(e) = load::load_bytes(Path::new("fuzz.npz.gz"), &input, &opts()) {
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("fuzz.npz.gz"),
+                "error names the file: {msg}"
+            );
+        }
+    }
+}

@@ -67,11 +67,13 @@ pub enum LoadError {
         stream: Stream,
         at: At,
     },
-    /// The zip structure of an `.npz` (offsets count bytes of the file).
-    #[error("{path}: zip{}: byte {}: {}", member.as_deref().map(|m| format!(" member {m}")).unwrap_or_default(), at.offset, at.what)]
+    /// The zip structure of an `.npz` (offsets count bytes of the file, or
+    /// of its inflated stream for a gzip'd `.npz`).
+    #[error("{path}: zip{}: {stream} {}: {}", member.as_deref().map(|m| format!(" member {m}")).unwrap_or_default(), at.offset, at.what)]
     Zip {
         path: PathBuf,
         member: Option<String>,
+        stream: Stream,
         at: At,
     },
     /// A `.npy` array: an `.npz` member or a file of its own (offsets count
@@ -80,6 +82,27 @@ pub enum LoadError {
     Npy {
         path: PathBuf,
         member: Option<String>,
+        at: At,
+    },
+    /// The structure of a tar archive (offsets count bytes of the archive:
+    /// of the file, or of its inflated stream when it was gzip'd).
+    #[error("{path}: tar: {stream} {}: {}", at.offset, at.what)]
+    Tar {
+        path: PathBuf,
+        stream: Stream,
+        at: At,
+    },
+    /// The content of one archive member (a CIFAR batch in a tar): the
+    /// offset is given in the archive's stream and in the member.
+    #[error("{path}: member {member}: {stage}: {stream} {} (member byte {}): {}", base.saturating_add(at.offset), at.offset, at.what)]
+    Member {
+        path: PathBuf,
+        member: String,
+        /// "pickle" or "layout": the pass that failed.
+        stage: &'static str,
+        stream: Stream,
+        /// Where the member's bytes start in the archive's stream.
+        base: u64,
         at: At,
     },
     /// Reading the file took more steps than its size allows
@@ -114,7 +137,9 @@ impl LoadError {
             | LoadError::WorkBudget { at, .. }
             | LoadError::Idx { at, .. }
             | LoadError::Zip { at, .. }
-            | LoadError::Npy { at, .. } => Some(at.offset),
+            | LoadError::Npy { at, .. }
+            | LoadError::Tar { at, .. } => Some(at.offset),
+            LoadError::Member { base, at, .. } => Some(base.saturating_add(at.offset)),
             _ => None,
         }
     }

@@ -2,15 +2,20 @@
 //! host buffer, read the pickle in place, normalize arrays in place, pin the
 //! buffer, and hand out zero-copy slices of it.
 //!
-//! Formats are told apart by content, never by name: gzip magic `1f 8b`, then
-//! a pickle (opcode stream); zip magic `PK 03 04`, an `.npz`; a directory
-//! is read as IDX files.
+//! Formats are told apart by content, never by name: gzip magic `1f 8b`,
+//! then what it inflates to is told apart the same way; zip magic
+//! `PK 03 04`, an `.npz`; the `ustar` magic of a tar header, CIFAR's python
+//! version; anything else a pickle (opcode stream). A directory holding
+//! `x_train.npy` is read as `.npy` files, one holding CIFAR's batch files
+//! (or a folder of them) as CIFAR, any other as IDX files.
+pub mod cifar;
 pub mod error;
 pub mod gzip;
 pub mod idx;
 pub mod layout;
 pub mod npz;
 pub mod pickle;
+pub mod tar;
 pub mod work;
 
 use std::ops::Range;
@@ -54,11 +59,15 @@ pub struct LoadOptions {
     pub backing: Backing,
 }
 
+/// `--valid-split`'s default: the last 10,000 of MNIST's 60,000 training
+/// images, deeplearning.net's split.
+pub const DEFAULT_VALID_SPLIT: usize = 10_000;
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             max_bytes: default_max_bytes(),
-            valid_split: 10_000,
+            valid_split: DEFAULT_VALID_SPLIT,
             pin: PinPolicy::Try,
             backing: Backing::Shared,
         }
@@ -203,11 +212,22 @@ mod cgroup {
     }
 }
 
-/// Loads a dataset file (gzip'd or plain pickle) or an IDX directory.
+/// Loads a dataset file (gzip'd or plain pickle, `.npz`, gzip'd `.npz`,
+/// CIFAR's tar archive) or directory (`.npy` files, CIFAR's batches, IDX
+/// files).
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
     if path.is_dir() {
         if path.join("x_train.npy").is_file() {
             return load_npy_dir(path, opts);
+        }
+        if let Some(kind) = cifar::kind_of(path) {
+            return cifar::load_dir(path, path, kind, opts, Instant::now());
+        }
+        // IDX files in the folder itself come before a CIFAR subfolder.
+        if idx::find(path, &idx::TRAIN_IMAGES).is_none() {
+            if let Some((dir, kind)) = cifar::find_subdir(path)? {
+                return cifar::load_dir(path, &dir, kind, opts, Instant::now());
+            }
         }
         return load_idx_dir(path, opts);
     }
@@ -218,14 +238,23 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
     load_bytes(path, &raw, opts)
 }
 
-/// Loads a dataset from the bytes of a gzip'd or plain pickle file; `path`
-/// names it in messages and in GetInfo.
+/// Loads a dataset from the bytes of a file (every format [`load`] reads
+/// from a file); `path` names it in messages and in GetInfo.
 pub fn load_bytes(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, LoadError> {
-    if raw.starts_with(&npz::MAGIC) || raw.starts_with(&npz::EMPTY_MAGIC) {
-        return load_npz(path, raw, opts);
+    if is_npz(raw) {
+        return load_npz(path, raw, opts.max_bytes, Stream::File, opts);
     }
     let t0 = Instant::now();
     let (mut buf, container) = decode_container(path, raw, opts)?;
+    if tar::is_tar(buf.as_slice()) {
+        return cifar::load_tar(path, buf, container.stream(), opts, t0);
+    }
+    if container == Container::Gzip && is_npz(buf.as_slice()) {
+        // A gzip'd .npz: its members are extracted from the inflated
+        // archive, within what the inflated bytes left of the limit.
+        let budget = opts.max_bytes.saturating_sub(buf.len());
+        return load_npz(path, buf.as_slice(), budget, Stream::Decompressed, opts);
+    }
     let format = match container {
         Container::Gzip => Format::PickleGzip,
         Container::Plain => Format::Pickle,
@@ -603,19 +632,49 @@ fn label_part(
 /// `split_sets`' order: Keras's `mnist.npz` / `fashion_mnist` keys.
 pub const NPZ_KEYS: [&str; 4] = ["x_train", "y_train", "x_test", "y_test"];
 
-/// Loads an `.npz` archive holding [`NPZ_KEYS`] as `.npy` members.
-fn load_npz(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, LoadError> {
+/// A validation pair an `.npz` or `.npy` directory may add: with both
+/// present, they are the "valid" set and `--valid-split` does not apply
+/// (the file already says which examples validate).
+pub const NPZ_VALID_KEYS: [&str; 2] = ["x_valid", "y_valid"];
+
+/// Whether `b` starts as a zip archive (an `.npz`) does.
+fn is_npz(b: &[u8]) -> bool {
+    b.starts_with(&npz::MAGIC) || b.starts_with(&npz::EMPTY_MAGIC)
+}
+
+/// The arrays to read, in `split_sets`' order: [`NPZ_KEYS`], then
+/// [`NPZ_VALID_KEYS`] when `has(key)` says both are there.
+fn npz_keys(has: impl Fn(&str) -> bool) -> Vec<&'static str> {
+    let mut keys = NPZ_KEYS.to_vec();
+    if NPZ_VALID_KEYS.iter().all(|k| has(k)) {
+        keys.extend(NPZ_VALID_KEYS);
+    }
+    keys
+}
+
+/// Loads an `.npz` archive holding [`NPZ_KEYS`] as `.npy` members (and
+/// [`NPZ_VALID_KEYS`] when it has them), extracting at most `budget` bytes.
+/// `stream`: what the archive's offsets count (the file, or the inflated
+/// stream of a gzip'd `.npz`).
+fn load_npz(
+    path: &Path,
+    raw: &[u8],
+    mut budget: usize,
+    stream: Stream,
+    opts: &LoadOptions,
+) -> Result<Dataset, LoadError> {
     let t0 = Instant::now();
     let zip_err = |member: Option<&str>, at: At| LoadError::Zip {
         path: path.into(),
         member: member.map(Into::into),
+        stream,
         at,
     };
     let members = npz::members(raw).map_err(|at| zip_err(None, at))?;
-    let mut budget = opts.max_bytes;
+    let keys = npz_keys(|k| members.iter().any(|m| m.name == format!("{k}.npy")));
     let mut parts = Vec::new();
     let mut files: Vec<PathBuf> = Vec::new();
-    for (k, key) in NPZ_KEYS.iter().enumerate() {
+    for (k, key) in keys.iter().enumerate() {
         let name = format!("{key}.npy");
         let Some(m) = members.iter().find(|m| m.name == name) else {
             let mut found: Vec<&str> = members.iter().take(8).map(|m| m.name.as_str()).collect();
@@ -643,18 +702,15 @@ fn load_npz(path: &Path, raw: &[u8], opts: &LoadOptions) -> Result<Dataset, Load
         files.push(PathBuf::from(format!("{}:{}", path.display(), m.name)));
     }
     tracing::info!(path = %path.display(), format = "npz", ms = t0.elapsed().as_millis() as u64, "read");
-    let files: [PathBuf; 4] = files.try_into().expect("four arrays");
     split_sets(path, Format::Npz, &files, parts, opts, t0)
 }
 
-/// Loads a directory holding [`NPZ_KEYS`] as `.npy` files (what
-/// `np.save` writes), by the `.npz` rules.
+/// Loads a directory holding [`NPZ_KEYS`] (and maybe [`NPZ_VALID_KEYS`])
+/// as `.npy` files (what `np.save` writes), by the `.npz` rules.
 fn load_npy_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
     let t0 = Instant::now();
-    if let Some(key) = NPZ_KEYS
-        .iter()
-        .find(|k| !dir.join(format!("{k}.npy")).is_file())
-    {
+    let file = |k: &str| dir.join(format!("{k}.npy"));
+    if let Some(key) = NPZ_KEYS.iter().find(|k| !file(k).is_file()) {
         return Err(LoadError::Format {
             path: dir.into(),
             what: format!(
@@ -662,11 +718,12 @@ fn load_npy_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
             ),
         });
     }
+    let keys = npz_keys(|k| file(k).is_file());
     let mut budget = opts.max_bytes;
     let mut parts = Vec::new();
     let mut files = Vec::new();
-    for (k, key) in NPZ_KEYS.iter().enumerate() {
-        let path = dir.join(format!("{key}.npy"));
+    for (k, key) in keys.iter().enumerate() {
+        let path = file(key);
         let io = |source| LoadError::Io {
             path: path.clone(),
             source,
@@ -697,7 +754,6 @@ fn load_npy_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
         parts.push(npy_part(&path, None, buf, k % 2 == 1, opts.backing)?);
         files.push(path);
     }
-    let files: [PathBuf; 4] = files.try_into().expect("four arrays");
     split_sets(dir, Format::Npy, &files, parts, opts, t0)
 }
 
@@ -769,18 +825,26 @@ fn load_idx_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset, LoadError> {
 }
 
 /// The sets of four arrays (train x, train y, test x, test y, each named by
-/// its `files` entry in errors): train minus the last `--valid-split`
+/// its `paths` entry in errors): train minus the last `--valid-split`
 /// examples, those as valid, and test; uint8 images get the IDX pixel scale.
+/// With six arrays (valid x, valid y last) those are the valid set and
+/// train is not split.
 fn split_sets(
     dir: &Path,
     format: Format,
-    paths: &[PathBuf; 4],
+    paths: &[PathBuf],
     parts: Vec<IdxPart>,
     opts: &LoadOptions,
     t0: Instant,
 ) -> Result<Dataset, LoadError> {
     let n_train = parts[0].shape[0];
-    for (k, want) in [(1usize, n_train), (3, parts[2].shape[0])] {
+    let given_valid = parts.len() == 6;
+    let pairs: &[(usize, usize)] = if given_valid {
+        &[(1, n_train), (3, parts[2].shape[0]), (5, parts[4].shape[0])]
+    } else {
+        &[(1, n_train), (3, parts[2].shape[0])]
+    };
+    for &(k, want) in pairs {
         if parts[k].shape[0] != want {
             return Err(LoadError::Dataset {
                 path: paths[k].clone(),
@@ -788,7 +852,8 @@ fn split_sets(
             });
         }
     }
-    if opts.valid_split >= n_train {
+    let valid_split = if given_valid { 0 } else { opts.valid_split };
+    if valid_split >= n_train {
         return Err(LoadError::Dataset {
             path: dir.into(),
             what: format!(
@@ -818,14 +883,21 @@ fn split_sets(
             file: paths[k].clone(),
         }
     };
-    let cut = n_train - opts.valid_split;
+    let cut = n_train - valid_split;
     let n_test = parts[2].shape[0];
     let mut sets = vec![SetSpec {
         name: "train".into(),
         x: slice(0, 0, cut),
         y: slice(1, 0, cut),
     }];
-    if opts.valid_split > 0 {
+    if given_valid {
+        let n_valid = parts[4].shape[0];
+        sets.push(SetSpec {
+            name: "valid".into(),
+            x: slice(4, 0, n_valid),
+            y: slice(5, 0, n_valid),
+        });
+    } else if valid_split > 0 {
         sets.push(SetSpec {
             name: "valid".into(),
             x: slice(0, cut, n_train),
@@ -1024,6 +1096,101 @@ mod tests {
             "{msg}"
         );
         assert_eq!(e.offset(), Some(128));
+    }
+
+    #[test]
+    fn gzipd_npz_loads_like_the_npz_and_counts_offsets_inflated() {
+        let m = keras_members(&[9, 8, 7, 6, 5]);
+        let refs: Vec<(&str, &[u8])> = m.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+        let zip = npz::tests::zip(&refs);
+        let opts = LoadOptions {
+            pin: PinPolicy::Off,
+            valid_split: 2,
+            ..Default::default()
+        };
+        let plain = load_bytes(Path::new("k.npz"), &zip, &opts).unwrap();
+        let gzd = load_bytes(Path::new("k.npz.gz"), &gz(&zip), &opts).unwrap();
+        assert_eq!(gzd.format, Format::Npz);
+        for (a, b) in plain.sets.iter().zip(&gzd.sets) {
+            assert_eq!(
+                (&a.name, &a.x.data, &a.y.data),
+                (&b.name, &b.x.data, &b.y.data)
+            );
+        }
+        // a cut archive inside an intact gzip: the zip reader's offsets count
+        // the inflated bytes
+        let msg = load_bytes(Path::new("k.npz.gz"), &gz(&zip[..zip.len() - 30]), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("k.npz.gz: zip: decompressed byte "),
+            "{msg}"
+        );
+        // the members share the limit with the inflated archive
+        let tight = LoadOptions {
+            max_bytes: zip.len() + 100,
+            ..opts
+        };
+        let msg = load_bytes(Path::new("k.npz.gz"), &gz(&zip), &tight)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("over what the limit leaves"), "{msg}");
+    }
+
+    #[test]
+    fn a_given_validation_pair_is_the_valid_set_and_nothing_is_split() {
+        let mut m = keras_members(&[9, 8, 7, 6, 5]);
+        m.push((
+            "x_valid.npy",
+            npz::tests::npy(
+                "{'descr': '|u1', 'fortran_order': False, 'shape': (3, 4), }",
+                &[200; 12],
+            ),
+        ));
+        m.push((
+            "y_valid.npy",
+            npz::tests::npy(
+                "{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }",
+                &[3u8; 24],
+            ),
+        ));
+        let opts = LoadOptions {
+            pin: PinPolicy::Off,
+            valid_split: 2,
+            ..Default::default()
+        };
+        let refs: Vec<(&str, &[u8])> = m.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+        let from_npz = load_bytes(Path::new("v.npz"), &npz::tests::zip(&refs), &opts).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (name, data) in &m {
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let from_dir = load(dir.path(), &opts).unwrap();
+        for ds in [from_npz, from_dir] {
+            let got: Vec<(&str, usize)> = ds
+                .sets
+                .iter()
+                .map(|s| (s.name.as_str(), s.examples()))
+                .collect();
+            assert_eq!(got, [("train", 5), ("valid", 3), ("test", 2)]);
+            assert_eq!(ds.sets[1].x.shape, vec![3, 4]);
+            assert_eq!(ds.sets[1].x.scale_divisor, Some(idx::PIXEL_DIVISOR));
+            assert_eq!(&ds.sets[1].x.data[..], &[200; 12]);
+            assert_eq!(&ds.sets[1].y.data[..], &[3u8; 24]);
+        }
+        // a valid pair whose lengths disagree
+        m[5].1 = npz::tests::npy(
+            "{'descr': '<i8', 'fortran_order': False, 'shape': (2,), }",
+            &[3u8; 16],
+        );
+        let refs: Vec<(&str, &[u8])> = m.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+        let msg = load_bytes(Path::new("v.npz"), &npz::tests::zip(&refs), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("v.npz:y_valid.npy: 2 labels for 3 images"),
+            "{msg}"
+        );
     }
 
     #[test]

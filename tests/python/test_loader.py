@@ -65,6 +65,9 @@ def pytest_generate_tests(metafunc):
     if "hostile" in metafunc.fixturenames:
         files = generated()[1]["hostile"]
         metafunc.parametrize("hostile", files, ids=[f["file"].removeprefix("hostile/") for f in files])
+    if "cifar_file" in metafunc.fixturenames:
+        files = generated()[1]["cifar"]
+        metafunc.parametrize("cifar_file", files, ids=[f["file"].removeprefix("cifar/") for f in files])
     if "npz_file" in metafunc.fixturenames:
         files = generated()[1]["npz"]
         metafunc.parametrize("npz_file", files, ids=[f["file"].removeprefix("npz/") for f in files])
@@ -105,6 +108,9 @@ def test_manifest_is_complete(fixtures):
         assert p.is_file(), e["file"]
         total += p.stat().st_size
     assert total < 5 * 2**20
+    assert len(m["cifar"]) >= 10 and {e["format"] for e in m["cifar"]} == {"cifar-10", "cifar-100"}
+    for e in m["cifar"]:
+        assert (fixtures / e["file"]).exists(), e["file"]
     for e in m["files"]:
         assert [s["name"] for s in e["sets"]] == SET_NAMES
         for s in e["sets"]:
@@ -184,6 +190,57 @@ def test_npz_as_keras_writes_it(tmp_path):
         assert got[name]["x"]["sha256"] == sha256_le(x.reshape(len(x), -1))
         assert got[name]["y"]["dtype"] == "int64" and got[name]["y"]["shape"] == [len(y)]
         assert got[name]["y"]["sha256"] == sha256_le(y.astype(np.int64))
+
+
+def test_cifar_accepts(fixtures, cifar_file):
+    """CIFAR-10 / CIFAR-100 python version: the tar.gz as downloaded (Python
+    2 cPickle batches, GNU tar, the real member order), re-pickled by Python
+    3 (protocols 2-5, str or bytes keys, numpy 1.x or 2.x names) in GNU,
+    ustar and pax tars, a plain tar, and extracted folders (top or batches
+    folder). Each must inspect to what pickle.load(f, encoding='latin1') +
+    np.vstack + reshape(-1, 3, 32, 32) give, with int64 labels, whatever
+    --valid-split says."""
+    path = fixtures / cifar_file["file"]
+    what = f"{cifar_file['file']} ({cifar_file['description']})"
+    for extra in ([], ["--valid-split", "3"]):
+        r = run_inspect(*extra, str(path))
+        assert r.returncode == 0, f"{what} was rejected:\n{r.stderr}"
+        got = json.loads(r.stdout)
+        assert got["format"] == cifar_file["format"]
+        assert Path(got["source"]).name == path.name
+        assert_sets_match(got, cifar_file["sets"], what)
+        for s in got["sets"]:
+            assert s["x"]["uint8_divisor"] == 255, s["name"]
+
+
+def test_cifar_py2_batches_are_cpickle_streams(fixtures):
+    """The hand-written Python 2 batches: cPickle's opcodes (protocol 2, str
+    keys as SHORT_BINSTRING, the array through numpy.core.multiarray
+    _reconstruct with a BINSTRING payload) that Python 3 reads with
+    encoding='latin1' (str keys) and encoding='bytes' (bytes keys) alike."""
+    import pickletools
+    import tarfile
+    with tarfile.open(fixtures / "cifar" / "cifar-10-python.tar.gz") as t:
+        names = t.getnames()
+        raw = t.extractfile("cifar-10-batches-py/data_batch_1").read()
+    assert names[1:] == [f"cifar-10-batches-py/{n}" for n in ("data_batch_4", "readme.html", "test_batch",
+                                                              "data_batch_3", "batches.meta", "data_batch_2",
+                                                              "data_batch_5", "data_batch_1")]
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
+    assert ops[:4] == [("PROTO", 2), ("EMPTY_DICT", None), ("BINPUT", 1), ("MARK", None)]
+    assert ("SHORT_BINSTRING", "data") in ops and ("SHORT_BINSTRING", "labels") in ops
+    assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in ops
+    assert any(name == "BINSTRING" and len(arg) == 100 * 3072 for name, arg in ops)
+    assert not any(name in ("BINUNICODE", "BINBYTES", "SHORT_BINBYTES", "STACK_GLOBAL") for name, _ in ops)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = pickle.loads(raw, encoding="latin1")
+        b = pickle.loads(raw, encoding="bytes")
+    assert list(s) == ["batch_label", "labels", "data", "filenames"]
+    assert list(b) == [b"batch_label", b"labels", b"data", b"filenames"]
+    assert s["data"].dtype == np.uint8 and s["data"].shape == (100, 3072)
+    assert np.array_equal(s["data"], b[b"data"]) and s["labels"] == b[b"labels"]
 
 
 def test_rejects(fixtures, hostile):
