@@ -8,8 +8,10 @@
 //! - [`memory`]: page-aligned, lockable host buffers (memfds) the loader
 //!   fills, sealed read-only once loaded.
 //! - [`load`]: file → tensors: gzip ([`load::gzip`]), a restricted pickle
-//!   reader ([`load::pickle`]), the dataset layout ([`load::layout`]) and IDX
-//!   files ([`load::idx`]); one error type with file and byte offsets.
+//!   reader ([`load::pickle`]), the dataset layout ([`load::layout`]), IDX
+//!   files ([`load::idx`]), `.npz` ([`load::npz`]), tar archives
+//!   ([`load::tar`]) and CIFAR's batches ([`load::cifar`]); one error type
+//!   with file and byte offsets.
 //! - [`dtype`]: the one table of element types (size, numpy names, wire enum).
 //! - [`store`]: the resident dataset: sets of typed tensors as zero-copy slices.
 //! - [`analyze`]: per-tensor facts: sha256, value range, label histogram and

@@ -444,7 +444,8 @@ pub struct DatasetView {
     pub fingerprint: Option<String>,
     pub memory_bytes: u64,
     pub pinned: bool,
-    /// Where it can be read from: "host" (gRPC), "attach" (with `--uds`).
+    /// Where it can be read from: "host" (gRPC), "attach" (with `--uds`),
+    /// "device GPU-... (name)" per device copy (with `--device`).
     pub tiers: Vec<String>,
     pub sets: Vec<SetView>,
 }
@@ -639,6 +640,12 @@ fn dataset_view(p: &Prepared, uds: bool) -> DatasetView {
     if uds {
         tiers.push("attach".into());
     }
+    // "device GPU-... (name)" for each device copy (`--device`).
+    tiers.extend(
+        p.devices
+            .iter()
+            .map(|c| format!("device {} ({})", c.device.uuid(), c.device.name())),
+    );
     DatasetView {
         name: p.name.clone(),
         source: std::path::Path::new(&ds.source)

@@ -69,7 +69,8 @@ class Daemon:
             self.log = log_dir / f"minibatchd-{self.address.replace(':', '-')}.log"
             with open(self.log, "wb") as log:
                 self.proc = subprocess.Popen(
-                    [str(binary()), "serve", "--addr", self.address, "--metrics-addr", "off", *args],
+                    [str(binary()), "serve", "--addr", self.address,
+                     *(() if "--metrics-addr" in args else ("--metrics-addr", "off")), *args],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             if self._wait_healthy(env):
                 return

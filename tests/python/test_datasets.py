@@ -148,3 +148,30 @@ def test_grpcurl_smoke_script_per_dataset(served, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "several datasets, none named -> InvalidArgument" in r.stdout
     assert "unknown dataset -> NotFound" in r.stdout
+
+
+def test_status_page_names_each_trainer_and_its_dataset(served, tmp_path):
+    """The client's x-trainer-id (default "<host> pid <pid>") and the
+    dataset it reads appear in the daemon's /status.json streams."""
+    import json
+    import urllib.request
+
+    from test_client import free_port
+
+    metrics = f"127.0.0.1:{free_port()}"
+    d = UdsDaemon(tmp_path, "--data", f"mnist={SAMPLE}", "--data", f"again={SAMPLE}", "--metrics-addr", metrics,
+                  name="status.sock")
+    try:
+        with mc.Client(d.address, dataset="again", trainer_id="trainer-7 rank 1/2") as c, \
+                c.epoch("train", 10, prefetch=0) as it:
+            next(it)  # the stream is open now
+            status = json.load(urllib.request.urlopen(f"http://{metrics}/status.json", timeout=10))
+            streams = [s for s in status["streams"] if s["method"] == "StreamBatches"]
+            assert [(s["trainer"], s["dataset"]) for s in streams] == [("trainer-7 rank 1/2", "again")], streams
+        with mc.Client(d.address, dataset="mnist") as c:
+            c.get_batch("train", 0, 10)
+        status = json.load(urllib.request.urlopen(f"http://{metrics}/status.json", timeout=10))
+        default = [s["trainer"] for s in status["finished"] if s["method"] == "GetBatch"]
+        assert default and default[-1].endswith(f"pid {os.getpid()}"), default
+    finally:
+        d.stop()

@@ -7,6 +7,7 @@ expect.py and wire.py (checking and reassembling minibatches), transport.py
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
@@ -150,6 +151,9 @@ class Client:
                     serving several refuses requests naming none
                     (InvalidArgument, listing the names). One Client reads
                     one dataset: make one per dataset.
+    trainer_id:     how the daemon's status page (GET /status.json) names this
+                    client's streams (the x-trainer-id header); default
+                    "<host> pid <pid>" ("" sends none).
     stats:          wait accounting (stats.py): how long callers waited for
                     each minibatch of get_batch() and epoch() iterators
                     against the time between their calls; read it with
@@ -163,7 +167,8 @@ class Client:
                  options: Sequence[tuple[str, object]] = (), token: Optional[str] = None,
                  tls_ca=None, tls_cert=None, tls_key=None, tls_domain: Optional[str] = None,
                  single_threaded_get_batch: bool = True, single_threaded_stream: bool = False,
-                 native: Optional[bool] = None, stats: Optional[bool] = None, dataset: str = ""):
+                 native: Optional[bool] = None, stats: Optional[bool] = None, dataset: str = "",
+                 trainer_id: Optional[str] = None):
         targets = _addresses.targets(address)
         #: the daemon's dataset this client reads ("" = its only one)
         self.dataset = str(dataset)
@@ -189,7 +194,14 @@ class Client:
                     "TLS is off and the address is not this machine, so anyone on the network path can read "
                     "the token. Serve with --tls-cert/--tls-key and pass tls_ca= (or an https:// address).",
                     InsecureTokenWarning, stacklevel=2)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        # Who this trainer is, for the daemon's status page (status.json's
+        # streams): printable ASCII, cut to what the daemon keeps.
+        trainer = trainer_id if trainer_id is not None else f"{socket.gethostname()} pid {os.getpid()}"
+        trainer = "".join(c for c in str(trainer) if " " <= c <= "~")[:128]
+        meta = [("x-trainer-id", trainer)] if trainer else []
+        if token:
+            meta.append(("authorization", f"Bearer {token}"))
+        self._metadata = tuple(meta) or None
         self._token = token
         self.timeout = timeout
         self.stream_timeout = stream_timeout

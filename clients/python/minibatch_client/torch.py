@@ -77,6 +77,7 @@ without workers the epoch stream's prefetch queue is watched too
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from types import SimpleNamespace
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -320,7 +321,11 @@ class MinibatchDataset(IterableDataset):
     def _client(self) -> Client:
         global _GRPC_PID
         _GRPC_PID = os.getpid()
-        return Client(self.address, token=self.token, dataset=self.dataset, **self.client_options)
+        opts = dict(self.client_options)
+        if "trainer_id" not in opts:
+            r, w = self.rank_world()
+            opts["trainer_id"] = f"{socket.gethostname()} pid {os.getpid()} rank {r}/{w}"
+        return Client(self.address, token=self.token, dataset=self.dataset, **opts)
 
     def _connection(self):
         pid = os.getpid()
