@@ -423,7 +423,10 @@ pub(crate) mod tests {
         let long = "d/".repeat(80) + "file";
         let rec = format!("path={long}\n");
         let mut rec = format!("{} {rec}", rec.len() + 4);
-        assert_eq!(rec.len(), rec.split(' ').next().unwrap().parse::<usize>().unwrap());
+        assert_eq!(
+            rec.len(),
+            rec.split(' ').next().unwrap().parse::<usize>().unwrap()
+        );
         rec.push_str("10 size=3\n");
         let mut a = header("PaxHeaders/x", b'x', rec.len(), "", false);
         a.extend(rec.as_bytes());
