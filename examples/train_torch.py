@@ -13,8 +13,8 @@ torchrun; checkpoint mid-epoch and resume exactly, with any number of ranks.
     # single process, or the same training on tensors loaded here, for comparison:
     python examples/train_torch.py --server 127.0.0.1:50051
     python examples/train_torch.py --data-file data/mnist-sample.pkl.gz
-    # CIFAR-10 in the Keras .npz layout (x_train uint8 [n, 3, 32, 32], y_train, x_test, y_test):
-    target/debug/minibatchd serve --addr 127.0.0.1:50052 --data cifar10.npz --valid-split 5000 &
+    # CIFAR-10 as downloaded (cifar-10-python.tar.gz; or a Keras-layout .npz):
+    target/debug/minibatchd serve --addr 127.0.0.1:50052 --data cifar-10-python.tar.gz --valid-split 5000 &
     python examples/train_torch.py --server 127.0.0.1:50052
 
 The model follows the shape of one example of x (GetInfo): 784, 28x28 or

@@ -732,10 +732,11 @@ def tar_bytes(folder: str, members: dict, fmt=None, compress: bool = True, order
     return gz(f.getvalue()) if compress else f.getvalue()
 
 
-def expected_cifar(members: dict, kind: str):
+def expected_cifar(members: dict, kind: str, valid: int = 0):
     """The sets, from Python's own unpickler (torchvision's way:
     pickle.load(f, encoding='latin1') per batch, np.vstack, reshape to
-    [n, 3, 32, 32]); labels as int64."""
+    [n, 3, 32, 32]); labels as int64. `valid`: the last rows of train
+    become set `valid` (--valid-split)."""
     def load(name):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -750,9 +751,15 @@ def expected_cifar(members: dict, kind: str):
         keys = [("", "fine_labels"), ("_coarse", "coarse_labels")]
     sets = []
     for suffix, key in keys:
+        parts = []
         for name, batches in (("train", train), ("test", test)):
             x = np.vstack([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
             y = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
+            if name == "train" and valid:
+                parts += [("train", x[:-valid], y[:-valid]), ("valid", x[-valid:], y[-valid:])]
+            else:
+                parts.append((name, x, y))
+        for name, x, y in parts:
             sets.append({"name": name + suffix, "examples": len(y), "x": expected_tensor(x), "y": expected_tensor(y)})
     return sets
 
@@ -764,7 +771,8 @@ def cifar(out: Out):
         if data is not None:
             out._write(rel, data)
         out.cifar.append({"file": rel, "format": f"cifar-{kind}", "description": description,
-                          "sets": expected_cifar(members, kind)})
+                          "sets": expected_cifar(members, kind),
+                          "sets_valid_3": expected_cifar(members, kind, valid=3)})
 
     def folder(rel, members):
         for name, data in members.items():

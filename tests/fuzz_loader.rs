@@ -119,7 +119,7 @@ fn iters() -> usize {
 fn opts() -> LoadOptions {
     LoadOptions {
         max_bytes: 1 << 26,
-        valid_split: 1,
+        valid_split: Some(1),
         pin: PinPolicy::Off,
         backing: Backing::Private,
     }
@@ -813,7 +813,9 @@ fn mutated_cifar_archives_never_panic() {
     for input in [seed.clone(), gzip_stored(&seed)] {
         let ds = load::load_bytes(Path::new("seed.tar"), &input, &opts()).unwrap();
         assert_eq!(ds.format, Format::Cifar10);
-        assert_eq!(ds.sets[0].x.shape, vec![10, 3, 32, 32]);
+        // 10 training images, the last one split off by opts()'s --valid-split 1.
+        assert_eq!(ds.sets[0].x.shape, vec![9, 3, 32, 32]);
+        assert_eq!((ds.sets[1].name.as_str(), ds.sets[1].examples()), ("valid", 1));
         assert_eq!(ds.sets[0].x.data[0], 40, "data_batch_1 first");
     }
     let (mut ok, mut err) = (0, 0);
@@ -835,7 +837,7 @@ fn mutated_cifar_archives_never_panic() {
                     continue; // mutated into another format's magic
                 }
                 let names: Vec<&str> = ds.sets.iter().map(|s| s.name.as_str()).collect();
-                assert_eq!(names, ["train", "test"]);
+                assert_eq!(names, ["train", "valid", "test"]);
                 for s in &ds.sets {
                     assert_eq!(&s.x.shape[1..], &[3, 32, 32]);
                     assert_eq!(s.x.shape[0], s.y.shape[0], "set {}", s.name);

@@ -81,10 +81,12 @@ pub struct LoadArgs {
         value_delimiter = ','
     )]
     pub data: Vec<String>,
-    /// IDX directories only: how many of the official training images (the
-    /// last ones) become the validation set (10,000 = the tutorial's split).
-    #[arg(long, env = "MINIBATCHD_VALID_SPLIT", default_value_t = 10_000)]
-    pub valid_split: usize,
+    /// Datasets without a validation set (IDX, .npz, .npy, CIFAR): how many
+    /// of the training examples (the last ones) become one. Default: 10,000
+    /// for IDX, .npz and .npy (the tutorial's split of MNIST), none for
+    /// CIFAR (its official train/test split). Pickles bring their own.
+    #[arg(long, env = "MINIBATCHD_VALID_SPLIT")]
+    pub valid_split: Option<usize>,
     /// Refuse datasets that inflate beyond this many bytes (default: 3/4 of RAM).
     #[arg(long, env = "MINIBATCHD_MAX_DATASET_BYTES")]
     pub max_dataset_bytes: Option<usize>,
@@ -361,8 +363,9 @@ pub struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value_t = 10_000)]
-    pub valid_split: usize,
+    /// As `serve --valid-split`.
+    #[arg(long)]
+    pub valid_split: Option<usize>,
 }
 
 #[derive(Args, Clone)]

@@ -19,10 +19,11 @@
 //! pickles and the stacked copy at once).
 //!
 //! Sets: `train` (every training batch in order: data_batch_1..5, or
-//! `train`) and `test`, the official split; `--valid-split` does not apply
-//! (it is MNIST's convention). x is uint8 [n, 3, 32, 32] with scale 1/255
+//! `train`) and `test`, the official split, and `valid` only when
+//! `--valid-split N` asks for the last N training images. x is uint8 [n, 3, 32, 32] with scale 1/255
 //! (served as floats, byte b is b/255: torchvision's `ToTensor`); y is
-//! int64. CIFAR-100 adds `train_coarse` and `test_coarse`: the same x
+//! int64. CIFAR-100 adds `train_coarse` and `test_coarse` (and
+//! `valid_coarse`): the same x
 //! tensors (the same bytes, not a copy) with the 20 coarse labels.
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -385,17 +386,37 @@ fn build(
         scale_divisor: Some(PIXEL_DIVISOR),
         file: source.into(),
     };
+    // CIFAR has no validation set: none unless --valid-split asks for the
+    // last N training images (in data_batch order).
+    let v = opts.valid_split.unwrap_or(0);
+    if v > 0 && v >= n_train {
+        return Err(LoadError::Dataset {
+            path: source.into(),
+            what: format!(
+                "--valid-split {v} leaves no training examples (the training batches hold {n_train})"
+            ),
+        });
+    }
     let mut bufs = vec![buf];
     let mut sets = Vec::new();
-    let (train_rows, test_rows) = (0..n_train, n_train..n_train + n_test);
+    let mut splits = vec![("train", 0..n_train - v, false)];
+    if v > 0 {
+        splits.push(("valid", n_train - v..n_train, false));
+    }
+    splits.push(("test", n_train..n_train + n_test, true));
     let n_batches = batches.len();
     for (k, (key, _)) in kind.label_keys().iter().enumerate() {
-        for (name, range, test) in [("train", &train_rows, false), ("test", &test_rows, true)] {
+        for (name, range, test) in &splits {
+            // Rows of the training batches (or of the test batch) in order;
+            // `range` counts rows of x, where test rows follow train's.
+            let first = if *test { n_train } else { 0 };
             let picked = batches
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| (*i == n_batches - 1) == test)
-                .flat_map(|(_, b)| b.labels[k].iter().copied());
+                .filter(|(i, _)| (*i == n_batches - 1) == *test)
+                .flat_map(|(_, b)| b.labels[k].iter().copied())
+                .skip(range.start - first)
+                .take(range.len());
             let y = labels_buffer(picked, range.len(), opts)?;
             bufs.push(y);
             let name = if k == 0 {
@@ -416,12 +437,6 @@ fn build(
                 },
             });
         }
-    }
-    if opts.valid_split != LoadOptions::default().valid_split {
-        tracing::info!(
-            valid_split = opts.valid_split,
-            "CIFAR keeps its official train/test split: --valid-split does not apply"
-        );
     }
     assemble(source, kind.format(), bufs, sets, opts, t0)
 }

@@ -46,10 +46,12 @@ pub struct LoadOptions {
     /// Refuse datasets that inflate beyond this (a gzip bomb stops here, not
     /// at the OOM killer). Defaults to 3/4 of physical memory.
     pub max_bytes: usize,
-    /// For IDX directories: how many of the 60,000 official training images
-    /// (the last ones) become the validation set. 10,000 reproduces
-    /// deeplearning.net's 50,000 / 10,000 split.
-    pub valid_split: usize,
+    /// How many of the training examples (the last ones) become the
+    /// validation set, for formats without one (IDX, `.npz`, `.npy`, CIFAR).
+    /// None: the format's default, [`DEFAULT_VALID_SPLIT`] for IDX, `.npz`
+    /// and `.npy` (deeplearning.net's 50,000 / 10,000 split of MNIST), none
+    /// for CIFAR (its official train/test split).
+    pub valid_split: Option<usize>,
     pub pin: PinPolicy,
     /// Where the dataset's memory lives: memfds that same-host clients can
     /// attach to (the default), or the daemon's private memory, cheaper to
@@ -67,7 +69,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             max_bytes: default_max_bytes(),
-            valid_split: DEFAULT_VALID_SPLIT,
+            valid_split: None,
             pin: PinPolicy::Try,
             backing: Backing::Shared,
         }
@@ -852,13 +854,13 @@ fn split_sets(
             });
         }
     }
-    let valid_split = if given_valid { 0 } else { opts.valid_split };
+    let asked = opts.valid_split.unwrap_or(DEFAULT_VALID_SPLIT);
+    let valid_split = if given_valid { 0 } else { asked };
     if valid_split >= n_train {
         return Err(LoadError::Dataset {
             path: dir.into(),
             what: format!(
-                "--valid-split {} leaves no training examples (the training files hold {n_train})",
-                opts.valid_split
+                "--valid-split {asked} leaves no training examples (the training files hold {n_train})"
             ),
         });
     }
@@ -1063,7 +1065,7 @@ mod tests {
         let refs: Vec<(&str, &[u8])> = m.iter().map(|(n, d)| (*n, d.as_slice())).collect();
         let opts = LoadOptions {
             pin: PinPolicy::Off,
-            valid_split: 2,
+            valid_split: Some(2),
             ..Default::default()
         };
         let ds = load_bytes(Path::new("k.npz"), &npz::tests::zip(&refs), &opts).unwrap();
@@ -1105,7 +1107,7 @@ mod tests {
         let zip = npz::tests::zip(&refs);
         let opts = LoadOptions {
             pin: PinPolicy::Off,
-            valid_split: 2,
+            valid_split: Some(2),
             ..Default::default()
         };
         let plain = load_bytes(Path::new("k.npz"), &zip, &opts).unwrap();
@@ -1156,7 +1158,7 @@ mod tests {
         ));
         let opts = LoadOptions {
             pin: PinPolicy::Off,
-            valid_split: 2,
+            valid_split: Some(2),
             ..Default::default()
         };
         let refs: Vec<(&str, &[u8])> = m.iter().map(|(n, d)| (*n, d.as_slice())).collect();
@@ -1201,7 +1203,7 @@ mod tests {
         }
         let opts = LoadOptions {
             pin: PinPolicy::Off,
-            valid_split: 0,
+            valid_split: Some(0),
             ..Default::default()
         };
         let ds = load(dir.path(), &opts).unwrap();

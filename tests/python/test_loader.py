@@ -198,17 +198,18 @@ def test_cifar_accepts(fixtures, cifar_file):
     3 (protocols 2-5, str or bytes keys, numpy 1.x or 2.x names) in GNU,
     ustar and pax tars, a plain tar, and extracted folders (top or batches
     folder). Each must inspect to what pickle.load(f, encoding='latin1') +
-    np.vstack + reshape(-1, 3, 32, 32) give, with int64 labels, whatever
-    --valid-split says."""
+    np.vstack + reshape(-1, 3, 32, 32) give, with int64 labels: no valid
+    set by default, the last 3 training images and labels with
+    --valid-split 3."""
     path = fixtures / cifar_file["file"]
     what = f"{cifar_file['file']} ({cifar_file['description']})"
-    for extra in ([], ["--valid-split", "3"]):
+    for extra, key in (([], "sets"), (["--valid-split", "3"], "sets_valid_3")):
         r = run_inspect(*extra, str(path))
         assert r.returncode == 0, f"{what} was rejected:\n{r.stderr}"
         got = json.loads(r.stdout)
         assert got["format"] == cifar_file["format"]
         assert Path(got["source"]).name == path.name
-        assert_sets_match(got, cifar_file["sets"], what)
+        assert_sets_match(got, cifar_file[key], what)
         for s in got["sets"]:
             assert s["x"]["uint8_divisor"] == 255, s["name"]
 
