@@ -2,13 +2,14 @@
 //! NAME=PATH`, repeatable) and prepared once, all sharing the daemon's
 //! limits, memory budget and metrics. Requests name a dataset in their
 //! `dataset` field; an empty one means "the only one".
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::batch::budget::Budget;
 use crate::batch::prepared::{Limits, Prepared};
 use crate::device;
 use crate::error::ServeError;
+use crate::load::LoadOptions;
 use crate::metrics::Metrics;
 use crate::store::Dataset;
 
@@ -90,6 +91,53 @@ pub fn name_from_path(path: &Path) -> String {
     } else {
         name
     }
+}
+
+/// Loads the datasets `named` (name, path) at the same time, each on a
+/// thread of its own: a gzip'd file inflates on one core, so two files load
+/// in about the time of the larger. Names are checked first (a typo must
+/// not cost a 10-second load); any failure stops it all, naming the dataset
+/// and its file: no daemon serves half of what it was asked to.
+/// `opts.max_bytes` bounds each file as it loads and then their total.
+pub fn load(named: &[(String, PathBuf)], opts: &LoadOptions) -> anyhow::Result<Datasets> {
+    let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+    check_names(&names).map_err(anyhow::Error::msg)?;
+    let loaded: Vec<anyhow::Result<Dataset>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = named
+            .iter()
+            .map(|(name, path)| {
+                std::thread::Builder::new()
+                    .name(format!("load-{name}"))
+                    .spawn_scoped(scope, move || {
+                        crate::load::load(path, opts).map_err(|e| {
+                            anyhow::Error::from(e)
+                                .context(format!("dataset {name:?} ({})", path.display()))
+                        })
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a loading thread panicked"))),
+                Err(e) => Err(anyhow::Error::from(e).context("cannot start a loading thread")),
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(named.len());
+    for ((name, _), ds) in named.iter().zip(loaded) {
+        out.push((name.clone(), Arc::new(ds?)));
+    }
+    let total: usize = out.iter().map(|(_, d)| d.memory_bytes).sum();
+    if total > opts.max_bytes {
+        anyhow::bail!(
+            "the datasets hold {total} bytes together, more than --max-dataset-bytes {}",
+            opts.max_bytes
+        );
+    }
+    Datasets::new(out).map_err(anyhow::Error::msg)
 }
 
 /// Datasets as loaded, with their names (and their device copies, with

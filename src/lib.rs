@@ -25,7 +25,8 @@
 //! - [`device`]: the device tier: each dataset copied once into each
 //!   GPU's memory (`--device`) and exported by CUDA IPC for attach.
 //! - [`catalog`]: the datasets one daemon serves, by name (`--data
-//!   NAME=PATH`), each prepared once, all sharing one budget and metrics.
+//!   NAME=PATH`): loaded side by side, each prepared once, all sharing one
+//!   budget and metrics.
 //! - [`service`]: BatchService's requests validated and answered (GetInfo,
 //!   or a [`batch::stream::BatchStream`]); [`error`] maps every failure to
 //!   one status code.

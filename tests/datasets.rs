@@ -281,6 +281,18 @@ fn the_binary_serves_several_and_refuses_bad_names_and_files() {
             vec!["--data", &a, "--data", "gone=/nonexistent/file.npz"],
             "/nonexistent/file.npz",
         ),
+        // Each sample holds ~15.7 MB: one fits 20 MB, two do not.
+        (
+            vec![
+                "--data",
+                &a,
+                "--data",
+                &format!("b={b}"),
+                "--max-dataset-bytes",
+                "20000000",
+            ],
+            "together, more than --max-dataset-bytes 20000000",
+        ),
     ] {
         let out = std::process::Command::new(BIN)
             .args(["serve", "--addr", "127.0.0.1:0", "--metrics-addr", "off"])

@@ -815,7 +815,10 @@ fn mutated_cifar_archives_never_panic() {
         assert_eq!(ds.format, Format::Cifar10);
         // 10 training images, the last one split off by opts()'s --valid-split 1.
         assert_eq!(ds.sets[0].x.shape, vec![9, 3, 32, 32]);
-        assert_eq!((ds.sets[1].name.as_str(), ds.sets[1].examples()), ("valid", 1));
+        assert_eq!(
+            (ds.sets[1].name.as_str(), ds.sets[1].examples()),
+            ("valid", 1)
+        );
         assert_eq!(ds.sets[0].x.data[0], 40, "data_batch_1 first");
     }
     let (mut ok, mut err) = (0, 0);

@@ -135,61 +135,28 @@ impl LoadArgs {
     }
 
     /// Loads every dataset into `backing` (shared memory only where a
-    /// client can attach to it: `serve --uds`), several at once on threads
-    /// of their own: a gzip'd file inflates on one core, so two files load
-    /// in about the time of the larger. Any failure stops it all, naming
-    /// the dataset and its file: no daemon serves half of what it was
-    /// asked to. `--max-dataset-bytes` bounds each file as it loads and
-    /// then their total.
+    /// client can attach to it: `serve --uds`; see [`catalog::load`]), or
+    /// the bundled sample when none is given.
     pub fn load_all(&self, pin: PinPolicy, backing: Backing) -> anyhow::Result<Datasets> {
         let specs = self.specs().map_err(anyhow::Error::msg)?;
         if specs.is_empty() {
             let ds = self.load(None, pin, backing)?;
             return Ok(Datasets::one(std::sync::Arc::new(ds)));
         }
-        // Names first: a typo must not cost a 10-second load.
-        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        catalog::check_names(&names).map_err(anyhow::Error::msg)?;
-        let loaded: Vec<anyhow::Result<crate::store::Dataset>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = specs
-                .iter()
-                .map(|s| {
-                    std::thread::Builder::new()
-                        .name(format!("load-{}", s.name))
-                        .spawn_scoped(scope, move || {
-                            self.load(Some(&s.path), pin, backing).map_err(|e| {
-                                e.context(format!("dataset {:?} ({})", s.name, s.path.display()))
-                            })
-                        })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| match h {
-                    Ok(h) => h
-                        .join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a loading thread panicked"))),
-                    Err(e) => Err(anyhow::Error::from(e).context("cannot start a loading thread")),
-                })
-                .collect()
-        });
-        let mut named = Vec::with_capacity(specs.len());
-        for (s, ds) in specs.iter().zip(loaded) {
-            named.push((s.name.clone(), std::sync::Arc::new(ds?)));
-        }
-        let max = self.max_bytes();
-        let total: usize = named.iter().map(|(_, d)| d.memory_bytes).sum();
-        if total > max {
-            anyhow::bail!(
-                "the datasets hold {total} bytes together, more than --max-dataset-bytes {max}"
-            );
-        }
-        Datasets::new(named).map_err(anyhow::Error::msg)
+        let named: Vec<(String, PathBuf)> = specs.into_iter().map(|s| (s.name, s.path)).collect();
+        let opts = self.options(pin, backing);
+        catalog::load(&named, &opts)
     }
 
-    fn max_bytes(&self) -> usize {
-        self.max_dataset_bytes
-            .unwrap_or_else(load::default_max_bytes)
+    fn options(&self, pin: PinPolicy, backing: Backing) -> LoadOptions {
+        LoadOptions {
+            max_bytes: self
+                .max_dataset_bytes
+                .unwrap_or_else(load::default_max_bytes),
+            valid_split: self.valid_split,
+            pin,
+            backing,
+        }
     }
 
     /// Loads the dataset at `path` (None: the bundled sample).
@@ -199,12 +166,7 @@ impl LoadArgs {
         pin: PinPolicy,
         backing: Backing,
     ) -> anyhow::Result<crate::store::Dataset> {
-        let opts = LoadOptions {
-            max_bytes: self.max_bytes(),
-            valid_split: self.valid_split,
-            pin,
-            backing,
-        };
+        let opts = self.options(pin, backing);
         Ok(match path {
             Some(p) => load::load(p, &opts)?,
             None => {
