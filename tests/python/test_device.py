@@ -113,3 +113,24 @@ def test_shutdown_waits_for_device_holders_and_a_killed_trainer_releases(tmp_pat
         assert d.proc.returncode == 0
     finally:
         d.stop()
+
+
+def test_cuda_side_structures_without_a_gpu():
+    """What the CUDA opener hands to ctypes and torch, checked where no GPU
+    is: the IPC handle passed by value is 64 bytes, and the
+    __cuda_array_interface__ describes the whole allocation as bytes."""
+    import ctypes
+
+    from minibatch_client import device
+
+    h = device._IpcHandle.from_buffer_copy(bytes(range(64)))
+    assert ctypes.sizeof(h) == 64
+    assert bytes(memoryview(h)) == bytes(range(64))
+    iface = device._CudaArray(0x7F0000001000, 4096).__cuda_array_interface__
+    assert iface == {"shape": (4096,), "typestr": "|u1", "data": (0x7F0000001000, False), "version": 3,
+                     "strides": None, "stream": None}
+    # A UUID passes as is; "cuda:N" needs torch's CUDA (absent here): a clear error, not a hang.
+    assert device.device_uuid(GPU0) == GPU0
+    if not torch.cuda.is_available():
+        with pytest.raises(mc.FailedPrecondition, match="sees no CUDA device"):
+            device.device_uuid("cuda:0")

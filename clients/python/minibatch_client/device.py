@@ -62,6 +62,9 @@ def device_uuid(device) -> str:
     d = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
     if d.type != "cuda":
         raise InvalidArgument(f"device={device!r} is not a CUDA device (cuda:N, or a GPU UUID)")
+    if not torch.cuda.is_available():
+        raise FailedPrecondition(f"device={device!r}: this process sees no CUDA device (torch.cuda.is_available() "
+                                 "is False); name the daemon's device by its UUID, or run where CUDA is")
     index = d.index if d.index is not None else torch.cuda.current_device()
     return "GPU-" + str(torch.cuda.get_device_properties(index).uuid)
 
@@ -76,6 +79,12 @@ def _torch_index(uuid: str) -> int:
             return i
     raise FailedPrecondition(f"the daemon's device {uuid} is not visible to this process "
                              "(CUDA_VISIBLE_DEVICES?)")
+
+
+class _IpcHandle(ctypes.Structure):
+    """CUipcMemHandle: 64 opaque bytes, passed by value."""
+
+    _fields_ = [("reserved", ctypes.c_char * 64)]
 
 
 class _CudaOpener:
@@ -96,7 +105,13 @@ class _CudaOpener:
             self._cupy = True
         except ImportError:
             self._cupy = False
-            self._cuda = ctypes.CDLL("libcuda.so.1")
+            cuda = ctypes.CDLL("libcuda.so.1")
+            # CUresult cuIpcOpenMemHandle_v2(CUdeviceptr*, CUipcMemHandle (64 bytes, by value), unsigned)
+            cuda.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), _IpcHandle, ctypes.c_uint]
+            cuda.cuIpcOpenMemHandle_v2.restype = ctypes.c_int
+            cuda.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
+            cuda.cuIpcCloseMemHandle.restype = ctypes.c_int
+            self._cuda = cuda
 
     def open(self, handle: bytes, nbytes: int):
         """A uint8 torch tensor over the allocation, and a close function."""
@@ -113,9 +128,8 @@ class _CudaOpener:
                         cupy.cuda.runtime.ipcCloseMemHandle(ptr)
             else:
                 dptr = ctypes.c_uint64(0)
-                h = (ctypes.c_char * 64).from_buffer_copy(handle)
-                r = self._cuda.cuIpcOpenMemHandle_v2(ctypes.byref(dptr), h,
-                                                     ctypes.c_uint(_CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS))
+                h = _IpcHandle.from_buffer_copy(handle)
+                r = self._cuda.cuIpcOpenMemHandle_v2(ctypes.byref(dptr), h, _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
                 if r != 0:
                     raise FailedPrecondition(f"cuIpcOpenMemHandle failed with CUDA error {r} (the daemon's "
                                              "device memory must be on a device this process sees, and CUDA "
@@ -123,7 +137,7 @@ class _CudaOpener:
                 ptr = dptr.value
 
                 def close():
-                    self._cuda.cuIpcCloseMemHandle(ctypes.c_uint64(ptr))
+                    self._cuda.cuIpcCloseMemHandle(ptr)
             iface = _CudaArray(ptr, nbytes)
             t = torch.as_tensor(iface, device=self.device)
         return t, close
