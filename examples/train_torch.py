@@ -80,11 +80,20 @@ from minibatch_client.torch import MinibatchDataset, dist_rank_world, worker_con
 SETS = ("train", "valid", "test")
 
 
+def channels_last(example_shape) -> bool:
+    """Whether examples are H x W x C (Keras's CIFAR-10 .npz: [n, 32, 32, 3])
+    rather than C x H x W (CIFAR-10's own files)."""
+    shape = tuple(int(d) for d in example_shape)
+    return len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
+
+
 def image_shape(example_shape) -> tuple[int, int, int]:
     """(channels, height, width) of one example of x as served: MNIST's 784
-    values (or 28x28) are 1x28x28, CIFAR-10's 3072 values 3x32x32 (channels
-    first: CIFAR-10's own order, kept by a daemon that flattens)."""
+    values (or 28x28) are 1x28x28, 3072 values 3x32x32 (channels first,
+    CIFAR-10's own order), H x W x C images C x H x W (see channels_last)."""
     shape = tuple(int(d) for d in example_shape)
+    if channels_last(shape):
+        return (shape[2], shape[0], shape[1])
     if shape in ((784,), (28, 28)):
         return (1, 28, 28)
     if shape == (3072,):
@@ -97,9 +106,10 @@ def image_shape(example_shape) -> tuple[int, int, int]:
                      "values)")
 
 
-def make_model(shape: tuple[int, int, int]) -> nn.Module:
-    """LeNet-5 for MNIST's 1x28x28 (the tutorial), the small CNN otherwise."""
-    return LeNet5() if shape == (1, 28, 28) else SmallCNN(shape)
+def make_model(shape: tuple[int, int, int], last: bool = False) -> nn.Module:
+    """LeNet-5 for MNIST's 1x28x28 (the tutorial), the small CNN otherwise
+    (`last`: examples arrive H x W x C)."""
+    return LeNet5() if shape == (1, 28, 28) and not last else SmallCNN(shape, channels_last=last)
 
 
 class SmallCNN(nn.Module):
@@ -107,17 +117,19 @@ class SmallCNN(nn.Module):
     4): two 3x3 convolutions (32, 64 channels, ReLU, max-pool 2), fully
     connected 256, ReLU, 10 classes. PyTorch's default initialisation."""
 
-    def __init__(self, shape=(3, 32, 32), classes=10):
+    def __init__(self, shape=(3, 32, 32), classes=10, channels_last=False):
         super().__init__()
         c, h, w = shape
         self.shape = shape
+        self.channels_last = channels_last
         self.conv1 = nn.Conv2d(c, 32, 3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
         self.fc = nn.Linear(64 * (h // 4) * (w // 4), 256)
         self.out = nn.Linear(256, classes)
 
     def forward(self, x):
-        x = x.reshape(-1, *self.shape)
+        c, h, w = self.shape
+        x = x.reshape(-1, h, w, c).permute(0, 3, 1, 2) if self.channels_last else x.reshape(-1, c, h, w)
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.relu(self.fc(x.flatten(1)))
@@ -266,7 +278,7 @@ def main(argv=None) -> int:
                for name, ds in [("train", train_ds), ("valid", dataset("valid", False)),
                                 ("test", dataset("test", False))]}
     shape = image_shape(train_ds.example_shape)
-    model = make_model(shape)
+    model = make_model(shape, channels_last(train_ds.example_shape))
     # Wait accounting (minibatch_client.stats): the dataset times next() on
     # its DataLoader in this process, what the trainer waits on with any
     # number of workers; local tensors get a bare meter, the same code.
@@ -291,7 +303,8 @@ def main(argv=None) -> int:
     ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     src = f"{a.data_file} (local tensors)" if a.data_file else a.server
     name = "LeNet-5" if isinstance(model, LeNet5) else "small CNN"
-    log(f"... {name} on {'x'.join(map(str, shape))} images, {world} rank(s), minibatches of {a.batch_size} per rank "
+    last = " (channels last)" if channels_last(train_ds.example_shape) else ""
+    log(f"... {name} on {'x'.join(map(str, shape))} images{last}, {world} rank(s), minibatches of {a.batch_size} per rank "
         f"from {src}, "
         f"{len(train_ds)} steps in the first epoch")
     history = []

@@ -33,7 +33,8 @@ the loader's error message must contain at least one.
 x_test, y_test``, written by ``np.savez`` and ``np.savez_compressed``) are
 listed under ``"npz"``, each with the ``valid_split`` to load it with; their
 expected tensors are what ``np.load`` reads back, as the loader serves them:
-x flattened to ``[n, values per example]`` (the same bytes), uint8 / int8 y
+x as served (see ``served_x``: grayscale images flattened to ``[n, H*W]``,
+images with channels kept), uint8 / int8 y
 widened to int64, train split into its first ``n - valid_split`` examples
 ("train") and the rest ("valid"). Hostile ``.npz`` files join ``"hostile"``.
 
@@ -548,11 +549,18 @@ def npz_bytes(arrays, compressed: bool) -> bytes:
     return f.getvalue()
 
 
+def served_x(x: np.ndarray) -> np.ndarray:
+    """x as the daemon serves an IDX or .npy array (src/load/mod.rs
+    examples_shape): [n, H, W] flattened to [n, H*W] (MNIST's row of 784),
+    1-D to [n, 1], examples with channels ([n, C, H, W], [n, H, W, C]) kept."""
+    return x.reshape(len(x), -1) if x.ndim <= 3 else x
+
+
 def expected_npz_sets(data: bytes, valid_split: int):
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         a = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     def xs(x):
-        return x.reshape(len(x), -1)
+        return served_x(x)
     def ys(y):
         return y.astype(np.int64) if y.dtype in (np.uint8, np.int8) else y
     cut = len(a["x_train"]) - valid_split
@@ -612,6 +620,9 @@ def npz(out: Out):
     assert b"(5, 28, 28)" in lying["x_test.npy"]
     out.reject(h + "lying-shape.npz", _zip(lying), ".npy header claims more data than the member holds",
                "needs 3920 bytes of data, the member holds 3136")
+    other = dict(base, x_test=np.zeros((len(base["x_test"]), 30, 30), np.uint8))
+    out.reject(h + "mismatched-shapes.npz", npz_bytes(other, False), "x_test of 30x30 images, x_train of 28x28",
+               "examples of uint8 [900], the training examples are uint8 [784]")
     fortran = dict(base, x_train=np.asfortranarray(base["x_train"]))
     out.reject(h + "fortran.npz", npz_bytes(fortran, False), "Fortran-order x_train", "fortran_order")
     bomb = npz_bytes(dict(base, x_train=np.zeros((2000, 28, 28), np.uint8)), True)
@@ -947,12 +958,12 @@ def npz_gz_and_idx(out: Out):
             data = idx_file(a)
             out._write(f"{rel}/{name}" + (".gz" if zipped else ""), gz(data) if zipped else data)
         cut = len(x_train) - valid_split
-        flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
         parts = [("train", x_train[:cut], y_train[:cut])]
         if valid_split:
             parts.append(("valid", x_train[cut:], y_train[cut:]))
         parts.append(("test", x_test, y_test))
-        sets = [{"name": n, "examples": len(y), "x": expected_tensor(flat(x)), "y": expected_tensor(y.astype(np.int64))}
+        sets = [{"name": n, "examples": len(y), "x": expected_tensor(served_x(x)),
+                 "y": expected_tensor(y.astype(np.int64))}
                 for n, x, y in parts]
         accept(rel, None, "idx", description, valid_split, sets)
 
@@ -967,7 +978,7 @@ def npz_gz_and_idx(out: Out):
     c = [rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 6, dtype=np.uint8),
          rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 3, dtype=np.uint8)]
     idx_dir("idx/hwc-32x32x3", *c, mnist_names, True,
-            "IDX images of shape [n, 32, 32, 3] (flattened to [n, 3072]), gzip'd", 1)
+            "IDX images of shape [n, 32, 32, 3] (kept: channels last), gzip'd", 1)
     h = "hostile/"
     bomb = npz_bytes(dict(npz_arrays(SEED + 3), x_train=np.zeros((2000, 28, 28), np.uint8)), True)
     out.reject(h + "bomb.npz.gz", gz(patch_central_size(bomb, "x_train.npy", 4096)),

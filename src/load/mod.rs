@@ -580,11 +580,10 @@ fn read_idx(path: &Path, labels: bool, opts: &LoadOptions) -> Result<IdxPart, Lo
     let h = idx::header(buf.as_slice()).map_err(idx_err)?;
     idx::to_little_endian(&mut buf.as_mut_slice()[h.data_start..], h.dtype);
     if !labels {
-        let row = h.shape[1..].iter().product();
         return Ok(IdxPart {
             buf,
             dtype: h.dtype,
-            shape: vec![h.shape[0], row],
+            shape: examples_shape(&h.shape),
             start: h.data_start,
         });
     }
@@ -794,10 +793,24 @@ fn npy_part(
     }
     Ok(IdxPart {
         dtype: h.dtype,
-        shape: vec![h.shape[0], h.shape[1..].iter().product()],
+        shape: examples_shape(&h.shape),
         start: h.data_start,
         buf,
     })
+}
+
+/// The shape x is served with, from an IDX or `.npy` array's: a grayscale
+/// image ([n, H, W]) becomes its row of H·W values, as `mnist.pkl.gz` holds
+/// MNIST ([n, 784]: the same digits serve alike from every format); 1-D
+/// examples become [n, 1]; examples with channels ([n, C, H, W] or
+/// [n, H, W, C], e.g. Keras's CIFAR-10 [n, 32, 32, 3]) keep their shape,
+/// because flattening would lose which of the two layouts they are in.
+fn examples_shape(shape: &[usize]) -> Vec<usize> {
+    match shape {
+        [n] => vec![*n, 1],
+        [n, rest @ ..] if rest.len() <= 2 => vec![*n, rest.iter().product()],
+        _ => shape.to_vec(),
+    }
 }
 
 /// Loads the four MNIST IDX files from a directory.
@@ -851,6 +864,21 @@ fn split_sets(
             return Err(LoadError::Dataset {
                 path: paths[k].clone(),
                 what: format!("{} labels for {} images", parts[k].shape[0], want),
+            });
+        }
+    }
+    // Every set's examples look alike: one model reads them all.
+    for k in (2..parts.len()).step_by(2) {
+        if parts[k].shape[1..] != parts[0].shape[1..] || parts[k].dtype != parts[0].dtype {
+            return Err(LoadError::Dataset {
+                path: paths[k].clone(),
+                what: format!(
+                    "examples of {} {:?}, the training examples are {} {:?}",
+                    parts[k].dtype,
+                    &parts[k].shape[1..],
+                    parts[0].dtype,
+                    &parts[0].shape[1..]
+                ),
             });
         }
     }

@@ -6,9 +6,10 @@ GetInfo's shape of one example everywhere: GetBatch on both transports,
 the StreamBatches epoch, attach (views and gathers), the torch dataset and
 DataLoader, and examples/train_torch.py (which picks its model by it).
 
-The daemon may keep x's image shape or flatten it to values per example
-(it flattens today: 3072 or 784): both are accepted, and the bytes must be
-the file's either way, the decoded floats exactly byte / scale_divisor.
+The daemon keeps images with channels as they are ([3, 32, 32], Keras's
+[32, 32, 3]) and flattens grayscale [28, 28] to MNIST's 784 values; the
+bytes must be the file's either way, the decoded floats exactly byte /
+scale_divisor.
 
 Run: MINIBATCHD=target/debug/minibatchd python3 -m pytest tests/python/test_shapes.py
 """
@@ -34,7 +35,8 @@ from test_attach import UdsDaemon  # noqa: E402
 TRAIN, VALID, TEST = 200, 100, 100  # x_train holds TRAIN + VALID (the daemon splits valid off its end)
 
 
-@pytest.fixture(scope="module", params=[(3, 32, 32), (28, 28)], ids=["cifar-3x32x32", "28x28"])
+@pytest.fixture(scope="module", params=[(3, 32, 32), (32, 32, 3), (28, 28)],
+                ids=["cifar-3x32x32", "keras-32x32x3", "28x28"])
 def data(request, tmp_path_factory):
     """The arrays written to the .npz, and a daemon serving it (TCP and --uds)."""
     shape = request.param
@@ -143,8 +145,9 @@ def test_torch_dataset_and_dataloader(data, via):
 
 
 def test_train_torch_picks_the_model_by_shape(data, tmp_path):
-    """examples/train_torch.py, one epoch: the small CNN on 3x32x32, LeNet-5
-    on 28x28 (as MNIST's 1x28x28), and the per-epoch wait line."""
+    """examples/train_torch.py, one epoch: the small CNN on 3x32x32 (also
+    from Keras's channels-last 32x32x3), LeNet-5 on 28x28 (as MNIST's
+    1x28x28), and the per-epoch wait line."""
     shape, _, daemon, _ = data
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "clients" / "python"),
                                                                      os.environ.get("PYTHONPATH")]))}
@@ -155,7 +158,8 @@ def test_train_torch_picks_the_model_by_shape(data, tmp_path):
                         "--epochs", "1", "--batch-size", "100", "--shuffle", "--json", str(m)],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    want = "small CNN on 3x32x32" if shape == (3, 32, 32) else "LeNet-5 on 1x28x28"
+    want = {(3, 32, 32): "small CNN on 3x32x32 images", (32, 32, 3): "small CNN on 3x32x32 images (channels last)",
+            (28, 28): "LeNet-5 on 1x28x28 images"}[shape]
     assert want in r.stdout, r.stdout
     assert "waiting for data: " in r.stdout and "% of step time" in r.stdout, r.stdout
     epoch = json.loads(m.read_text())["epochs"][0]
