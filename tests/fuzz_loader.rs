@@ -12,7 +12,7 @@ mod common;
 use minibatchd::memory::Backing;
 use std::path::Path;
 
-use common::rng;
+use common::{py2_cifar_batch, rng, ustar};
 
 use minibatchd::load::pickle::MAX_DIMS;
 use minibatchd::load::{self, LoadError, LoadOptions, PinPolicy, Stream, Work};
@@ -745,46 +745,10 @@ fn mutated_npz_never_panic() {
 
 // --- CIFAR: the tar reader and the batch reader -----------------------------
 
-/// A CIFAR-10 batch as Python 2's cPickle wrote it: a dict of
-/// `batch_label`, `labels` (list of ints) and `data` (uint8 [n, 3072] via
-/// `_reconstruct`, BINSTRING payload).
+/// A CIFAR-10 batch of `n` images whose bytes start at `first`.
 fn cifar_batch(n: usize, first: u8) -> Vec<u8> {
-    let mut p = b"\x80\x02}q\x01(U\x0bbatch_labelq\x02U\x05batchU\x06labelsq\x03](".to_vec();
-    for i in 0..n {
-        p.extend([b'K', (i % 10) as u8]);
-    }
-    p.extend(b"eU\x04dataq\x04cnumpy.core.multiarray\n_reconstruct\nq\x05cnumpy\nndarray\nq\x06K\x00\x85U\x01b\x87Rq\x07");
-    p.extend(b"(K\x01K");
-    p.push(n as u8);
-    p.extend(b"M\x00\x0c\x86cnumpy\ndtype\nq\x08U\x02u1K\x00K\x01\x87Rq\x09");
-    p.extend(b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T");
-    p.extend(((n * 3072) as i32).to_le_bytes());
-    p.extend((0..n * 3072).map(|i| first.wrapping_add(i as u8)));
-    p.extend(b"tbu.");
-    p
-}
-
-/// A GNU tar of `files` (ustar headers with the GNU magic), ended by two
-/// zero blocks.
-fn tar(files: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut v = Vec::new();
-    for (name, data) in files {
-        let mut h = vec![0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..107].copy_from_slice(b"0000644");
-        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
-        h[136..147].copy_from_slice(b"00000000000");
-        h[156] = b'0';
-        h[257..265].copy_from_slice(b"ustar  \0");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&c| c as u32).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        v.extend(h);
-        v.extend(data);
-        v.resize(v.len().next_multiple_of(512), 0);
-    }
-    v.extend([0u8; 1024]);
-    v
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    py2_cifar_batch(n, |i| first.wrapping_add(i as u8), &[("labels", &labels)])
 }
 
 /// CIFAR-10's members (2 images a batch), in the real archive's order.
@@ -809,7 +773,7 @@ fn cifar_members() -> Vec<(String, Vec<u8>)> {
 fn mutated_cifar_archives_never_panic() {
     let mut r = rng(0xc1fa);
     let members = cifar_members();
-    let seed = tar(&members);
+    let seed = ustar(&members);
     for input in [seed.clone(), gzip_stored(&seed)] {
         let ds = load::load_bytes(Path::new("seed.tar"), &input, &opts()).unwrap();
         assert_eq!(ds.format, Format::Cifar10);
@@ -831,7 +795,7 @@ fn mutated_cifar_archives_never_panic() {
             let mut m = members.clone();
             let k = (r() as usize) % m.len();
             m[k].1 = mutate(&m[k].1, &mut r);
-            tar(&m)
+            ustar(&m)
         };
         match load::load_bytes(Path::new("fuzz.tar"), &input, &opts()) {
             Ok(ds) => {

@@ -416,3 +416,57 @@ pub fn grpc(m: &impl prost::Message) -> Bytes {
     b.extend_from_slice(&body);
     b.freeze()
 }
+
+/// A ustar (POSIX) archive of regular files `(name, bytes)`, as `tar`
+/// writes one: 512-byte headers with octal sizes and checksums, data
+/// padded to 512 bytes, two zero blocks at the end.
+pub fn ustar<N: AsRef<str>, D: AsRef<[u8]>>(files: &[(N, D)]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (name, data) in files {
+        let (name, data) = (name.as_ref(), data.as_ref());
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = b'0';
+        h[257..265].copy_from_slice(b"ustar\x0000");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&c| c as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        v.extend(h);
+        v.extend(data);
+        v.resize(v.len().next_multiple_of(512), 0);
+    }
+    v.extend([0u8; 1024]);
+    v
+}
+
+/// A CIFAR batch dict as Python 2's cPickle wrote it (protocol 2, str keys
+/// as SHORT_BINSTRING): `data` uint8 [n, 3072] through numpy's
+/// `_reconstruct` (BINSTRING payload: byte i is `pixel(i)`), then each
+/// `(key, labels)` as a list of small ints (`labels` for CIFAR-10,
+/// `fine_labels` and `coarse_labels` for CIFAR-100).
+pub fn py2_cifar_batch(n: usize, pixel: impl Fn(usize) -> u8, labels: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut p = b"\x80\x02}q\x01(U\x04dataq\x02".to_vec();
+    p.extend(b"cnumpy.core.multiarray\n_reconstruct\nq\x03cnumpy\nndarray\nq\x04K\x00\x85U\x01b\x87Rq\x05");
+    p.extend(b"(K\x01K");
+    p.push(n as u8);
+    p.extend(b"M\x00\x0c\x86cnumpy\ndtype\nq\x06U\x02u1K\x00K\x01\x87Rq\x07");
+    p.extend(b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T");
+    p.extend(((n * 3072) as i32).to_le_bytes());
+    p.extend((0..n * 3072).map(pixel));
+    p.extend(b"tb");
+    for (key, labels) in labels {
+        p.push(b'U');
+        p.push(key.len() as u8);
+        p.extend(key.as_bytes());
+        p.extend(b"](");
+        for &l in *labels {
+            p.extend([b'K', l]);
+        }
+        p.extend(b"e");
+    }
+    p.extend(b"u.");
+    p
+}

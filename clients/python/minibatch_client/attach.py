@@ -600,18 +600,10 @@ class Attachment:
         fresh writable arrays: the same minibatches, bit for bit, as
         Client.epoch() with the same arguments."""
         s = self._set(set)
-        size, offset = int(size), int(offset)
-        _check_order(s.examples, size, rank, world_size, self.address, offset)
-        nb = _order.num_batches(s.examples, size, world_size=world_size, drop_last=drop_last, offset=offset)
-        start, count = int(start), int(count)
-        if start < 0 or count < 0:
-            raise InvalidArgument("start and count must not be negative", address=self.address)
-        if start > nb or (start == nb and nb > 0):
-            raise OutOfRange(f"start {start} is past the end: this order has {nb} minibatches", address=self.address)
-        stop = nb if count == 0 else min(nb, start + count)
-        order = _order.epoch_order(s.examples, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-                                   world_size=world_size, offset=offset)
-        return self._meter.iterate(_gather(self._rows(s.x), self._rows(s.y), order, size, start, stop,
+        order, start, stop = epoch_plan(s.examples, int(size), self.address, shuffle=shuffle, seed=seed,
+                                        epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last,
+                                        offset=offset, start=start, count=count)
+        return self._meter.iterate(_gather(self._rows(s.x), self._rows(s.y), order, int(size), start, stop,
                                            s.x if decode else None), _stats.nbytes)
 
     def verify(self) -> bool:
@@ -629,6 +621,25 @@ class Attachment:
                 raise ChecksumError(f"region {r} in file {r.file} at {r.offset}: sha256 of its bytes is {got}, the "
                                     f"daemon declared {r.sha256}", address=self.address)
         return True
+
+
+def epoch_plan(examples: int, size: int, address: str, *, shuffle: bool, seed: int, epoch: int, rank: int,
+               world_size: int, drop_last: bool, offset: int, start: int, count: int):
+    """(order, start, stop) of an attached epoch: the example order of one
+    epoch of a set of `examples` (README "Order") and the minibatches
+    [start, stop) of `size` to take from it, checked as the server checks a
+    StreamBatches request, with its messages."""
+    offset, start, count = int(offset), int(start), int(count)
+    _check_order(examples, size, rank, world_size, address, offset)
+    nb = _order.num_batches(examples, size, world_size=world_size, drop_last=drop_last, offset=offset)
+    if start < 0 or count < 0:
+        raise InvalidArgument("start and count must not be negative", address=address)
+    if start > nb or (start == nb and nb > 0):
+        raise OutOfRange(f"start {start} is past the end: this order has {nb} minibatches", address=address)
+    stop = nb if count == 0 else min(nb, start + count)
+    order = _order.epoch_order(examples, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                               world_size=world_size, offset=offset)
+    return order, start, stop
 
 
 def _gather(xr, yr, order, size, start, stop, decode_region):

@@ -34,7 +34,6 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from . import order as _order
 from ._proto import minibatch_pb2 as pb
 from .errors import ChecksumError, FailedPrecondition, InvalidArgument, OutOfRange, ProtocolError
 
@@ -331,20 +330,13 @@ class DeviceAttachment:
         uploaded once: bit for bit the host attachment's epoch()."""
         import torch
 
-        s = self._host._set(set)
-        size, offset = int(size), int(offset)
-        from .attach import _check_order
+        from .attach import epoch_plan
 
-        _check_order(s.examples, size, rank, world_size, self.address, offset)
-        nb = _order.num_batches(s.examples, size, world_size=world_size, drop_last=drop_last, offset=offset)
-        start, count = int(start), int(count)
-        if start < 0 or count < 0:
-            raise InvalidArgument("start and count must not be negative", address=self.address)
-        if start > nb or (start == nb and nb > 0):
-            raise OutOfRange(f"start {start} is past the end: this order has {nb} minibatches", address=self.address)
-        stop = nb if count == 0 else min(nb, start + count)
-        order = _order.epoch_order(s.examples, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-                                   world_size=world_size, offset=offset)
+        s = self._host._set(set)
+        size = int(size)
+        order, start, stop = epoch_plan(s.examples, size, self.address, shuffle=shuffle, seed=seed, epoch=epoch,
+                                        rank=rank, world_size=world_size, drop_last=drop_last, offset=offset,
+                                        start=start, count=count)
         x, y = self.tensors(set)
         idx = torch.as_tensor(np.ascontiguousarray(order, dtype=np.int64)).to(x.device)
 
