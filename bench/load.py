@@ -109,6 +109,26 @@ CIFAR10_ORDER = ("data_batch_4", "readme.html", "test_batch", "data_batch_3",
                  "batches.meta", "data_batch_2", "data_batch_5", "data_batch_1")
 
 
+def measure(cmds: dict, runs: int, py: str) -> dict[str, list[tuple[float, int]]]:
+    """(seconds, peak RSS) of each command, `runs` times, side by side.
+
+    This VM hands freed memory back to its host after a moment, and the
+    next process to touch that much memory pays for it again (seen here:
+    the same load took 140 ms right after another big process and 560 ms
+    after a pause). So every measured process starts right after a warmer
+    that touches and frees 512 MiB, and the order rotates each run."""
+    res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
+    warm = [py, "-c", "b = b'\\x01' * (512 << 20)"]
+    names = list(cmds)
+    for r in range(runs):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            cmd, until = cmds[k]
+            subprocess.run(warm, check=True)
+            res[k].append(run(cmd, until))
+        print(f"run {r + 1}/{runs} done", file=sys.stderr)
+    return res
+
+
 def make_cifar(tar_gz: Path, folder: Path) -> None:
     """A full-size cifar-10-python.tar.gz and its extracted folder: 5 + 1
     batches of 10,000 images, each a Python 2 cPickle dict (batch_label,
@@ -187,15 +207,7 @@ def cifar_main(a) -> None:
         "python-tar": ([py, "-c", PY_CIFAR_TAR.format(f=str(tar_gz))], None),
         "python-dir": ([py, "-c", PY_CIFAR_DIR.format(f=str(folder))], None),
     }
-    res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
-    warm = [py, "-c", "b = b'\\x01' * (512 << 20)"]
-    names = list(cmds)
-    for r in range(a.runs):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            cmd, until = cmds[k]
-            subprocess.run(warm, check=True)
-            res[k].append(run(cmd, until))
-        print(f"run {r + 1}/{a.runs} done", file=sys.stderr)
+    res = measure(cmds, a.runs, py)
     tensor_bytes = 60_000 * (3072 + 8)
     lines = [
         f"file {tar_gz.name}: {tar_gz.stat().st_size:,} bytes, tensors {tensor_bytes:,} bytes; "
@@ -259,20 +271,7 @@ def main() -> None:
                               "--metrics-addr", "off"], b"serving gRPC")
     if shutil.which("gzip"):
         cmds["gunzip"] = (["sh", "-c", f"gzip -dc '{f}' > /dev/null"], None)
-    res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
-    # This VM hands freed memory back to its host after a moment, and the
-    # next process to touch that much memory pays for it again (seen here:
-    # the same load took 140 ms right after another big process and 560 ms
-    # after a pause). So every measured process starts right after a warmer
-    # that touches and frees 512 MiB, and the order rotates each run.
-    warm = [py, "-c", "b = b'\\x01' * (512 << 20)"]
-    names = list(cmds)
-    for r in range(a.runs):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            cmd, until = cmds[k]
-            subprocess.run(warm, check=True)
-            res[k].append(run(cmd, until))
-        print(f"run {r + 1}/{a.runs} done", file=sys.stderr)
+    res = measure(cmds, a.runs, py)
     tensor_bytes = 70_000 * (784 * 4 + 8)
     med = {k: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for k, v in res.items()}
     rss_goal = 1.15 * tensor_bytes + 32 * 2**20
