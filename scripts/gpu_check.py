@@ -20,6 +20,11 @@ Checks:
   no_device     --device cuda:0 with no visible device fails at start-up
 
     python3 scripts/gpu_check.py --binary target/release/minibatchd --out gpu-check.json
+
+`--emulated` runs the checks that need no CUDA (placed, bytes,
+batch_and_epoch, sigterm) against the daemon's emulated backend: a dry run
+of this script on a machine without a GPU (tests/python/test_device.py
+runs it), so that a GPU host's few minutes are not spent on its bugs.
 """
 from __future__ import annotations
 
@@ -53,13 +58,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+EMULATED_GPU0 = "GPU-656d756c-6174-6564-0000-000000000000"
+
+
 class Daemon:
-    def __init__(self, binary: str, tmp: Path, *args: str, grace: int = 30):
+    def __init__(self, binary: str, tmp: Path, *args: str, grace: int = 30, env_extra: dict | None = None):
         self.sock = tmp / f"m{free_port()}.sock"
         self.address = f"127.0.0.1:{free_port()}"
         self.target = f"unix://{self.sock}"
         self.log = tmp / f"daemon-{self.address.replace(':', '-')}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINIBATCHD_")}
+        env.update(env_extra or {})
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([binary, "serve", "--addr", self.address, "--metrics-addr", "off",
                                           "--uds", str(self.sock), "--shutdown-grace-secs", str(grace), *args],
@@ -111,9 +120,10 @@ TRAINER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import torch
     from minibatch_client import attach
-    a = attach.connect({target!r}, device="cuda:0")
+    a = attach.connect({target!r}, device={device!r})
     x, y = a.batch("train", 0, 500)
-    torch.cuda.synchronize()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     print("attached", flush=True)
     sys.stdin.readline()
 """)
@@ -124,10 +134,13 @@ def main() -> int:
     ap.add_argument("--binary", required=True)
     ap.add_argument("--out", default="gpu-check.json")
     ap.add_argument("--examples", type=int, default=400_000,
-                    help="rows of the synthetic float32 [n, 784] dataset (400,000 = 1.25 GB)")
+                    help="rows of the synthetic uint8 [n, 784] dataset (400,000 = 314 MB)")
+    ap.add_argument("--emulated", action="store_true", help="dry run without CUDA (see the module docs)")
     a = ap.parse_args()
-    results: dict = {"host": socket.gethostname(), "torch": torch.__version__,
-                     "device": torch.cuda.get_device_name(0), "checks": {}}
+    emulated = a.emulated
+    dev_name = EMULATED_GPU0 if emulated else "cuda:0"
+    results: dict = {"host": socket.gethostname(), "torch": torch.__version__, "emulated": emulated,
+                     "device": "emulated" if emulated else torch.cuda.get_device_name(0), "checks": {}}
     try:
         import cupy
 
@@ -158,46 +171,53 @@ def main() -> int:
              y_train=rng.integers(0, 10, n).astype(np.uint8),
              x_test=rng.integers(0, 256, (10_000, 784), dtype=np.uint8),
              y_test=rng.integers(0, 10, 10_000).astype(np.uint8))
-    free0, total = torch.cuda.mem_get_info(0)
-    results["device_total_bytes"] = total
-    d = Daemon(a.binary, tmp, "--data", str(data), "--device", "cuda:0")
+    if not emulated:
+        free0, total = torch.cuda.mem_get_info(0)
+        results["device_total_bytes"] = total
+    d = Daemon(a.binary, tmp, "--data", str(data), "--device", "cuda:0",
+               env_extra={"MINIBATCHD_DEVICE_BACKEND": "emulated"} if emulated else None)
     try:
         @check("placed")
         def _():
             with mc.Client(d.address) as c:
                 info = c.info()
             devs = [dict(uuid=x.uuid, name=x.name, bytes=x.bytes, backend=x.backend) for x in info.devices]
-            assert devs and devs[0]["backend"] == "cuda", devs
+            assert devs and devs[0]["backend"] == ("emulated" if emulated else "cuda"), devs
             return {"devices": devs, "dataset_bytes": info.memory_bytes}
 
         @check("bytes")
         def _():
-            with mca.connect(d.target, device="cuda:0") as dev:
+            with mca.connect(d.target, device=dev_name) as dev:
                 dev.verify()
                 return {"regions": len(dev.regions), "opener": "cupy" if results["cupy"] else "ctypes"}
 
         @check("batch_and_epoch")
         def _():
-            with mca.connect(d.target) as host, mca.connect(d.target, device="cuda:0") as dev:
-                for set_, i, s in [("train", 0, 500), ("train", 77, 500), ("valid", 3, 1000), ("test", 19, 500)]:
+            with mca.connect(d.target) as host, mca.connect(d.target, device=dev_name) as dev:
+                last = host.num_batches("train", 500) - 1
+                for set_, i, s in [("train", 0, 500), ("train", last // 2, 500), ("train", last, 500),
+                                   ("valid", 3, 1000), ("test", 19, 500)]:
                     hx, hy = host.batch(set_, i, s)
                     dx, dy = dev.batch(set_, i, s)
-                    assert dx.is_cuda and np.array_equal(dx.cpu().numpy(), hx) and np.array_equal(dy.cpu().numpy(), hy)
+                    assert dx.is_cuda != emulated and np.array_equal(dx.cpu().numpy(), hx) and np.array_equal(dy.cpu().numpy(), hy)
                 order = dict(shuffle=True, seed=5, epoch=2, rank=1, world_size=2)
                 k = 0
                 for (hx, hy), (dx, dy) in zip(host.epoch("train", 500, **order, count=50),
                                               dev.epoch("train", 500, **order, count=50)):
                     assert np.array_equal(dx.cpu().numpy(), hx) and np.array_equal(dy.cpu().numpy(), hy)
                     k += 1
-                assert k == 50
+                assert k == min(50, host.num_batches("train", 500, world_size=2)), k
                 return {"epoch_minibatches_compared": k}
 
         @check("timing")
         def _():
-            with mca.connect(d.target, device="cuda:0") as dev, mc.Client(d.address) as c:
+            if emulated:
+                return {"skipped": "needs CUDA"}
+            with mca.connect(d.target, device=dev_name) as dev, mc.Client(d.address) as c:
                 x, y = dev.tensors("train")
                 perm = torch.randperm(x.shape[0], device=x.device)
                 state = {"i": 0}
+                assert x.shape[0] >= 100 * 500, "timing takes 100 different minibatches of 500"
 
                 def sl():
                     i = state["i"] = (state["i"] + 1) % 100
@@ -223,10 +243,12 @@ def main() -> int:
 
         @check("shared_once")
         def _():
+            if emulated:
+                return {"skipped": "needs CUDA"}
             torch.cuda.synchronize()
             free1, _ = torch.cuda.mem_get_info(0)
             procs = [subprocess.Popen([sys.executable, "-c", TRAINER.format(root=str(ROOT / "clients" / "python"),
-                                                                             target=d.target)],
+                                                                             target=d.target, device=dev_name)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(3)]
             try:
                 for p in procs:
@@ -249,7 +271,7 @@ def main() -> int:
         @check("sigterm")
         def _():
             p = subprocess.Popen([sys.executable, "-c", TRAINER.format(root=str(ROOT / "clients" / "python"),
-                                                                        target=d.target)],
+                                                                        target=d.target, device=dev_name)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert p.stdout.readline().strip() == "attached"
             d.proc.send_signal(signal.SIGTERM)
@@ -266,6 +288,8 @@ def main() -> int:
 
     @check("no_device")
     def _():
+        if emulated:
+            return {"skipped": "needs CUDA"}
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINIBATCHD_")}
         env["CUDA_VISIBLE_DEVICES"] = ""
         r = subprocess.run([a.binary, "serve", "--addr", "127.0.0.1:0", "--metrics-addr", "off",

@@ -134,3 +134,22 @@ def test_cuda_side_structures_without_a_gpu():
     if not torch.cuda.is_available():
         with pytest.raises(mc.FailedPrecondition, match="sees no CUDA device"):
             device.device_uuid("cuda:0")
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    """scripts/gpu_check.py --emulated: the GPU host's check, run here
+    without CUDA (its CUDA-only checks say skipped), so that the script a
+    GPU session carries works before that session spends device time."""
+    import json
+
+    from test_client import binary
+
+    out = tmp_path / "gpu-check.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--binary", str(binary()),
+                        "--out", str(out), "--emulated", "--examples", "20000"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    checks = json.loads(out.read_text())["checks"]
+    assert all(c["ok"] for c in checks.values()), checks
+    ran = {k for k, c in checks.items() if "skipped" not in c}
+    assert ran == {"placed", "bytes", "batch_and_epoch", "sigterm"}, ran
