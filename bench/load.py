@@ -7,6 +7,9 @@ Compares, on the same full-size file, alternating the commands run by run:
             listen: health answers from then; hashing runs later in the background)
   ready-uds the same with `--uds`: the dataset in shared memory that same-host
             trainers can attach to (memfds), its tensors aligned
+  ready-two the file twice as two datasets (--data a=FILE --data b=FILE),
+            loaded side by side: ready-two / ready is 1 when they overlap fully,
+            2 when one waits for the other
   inflate   `minibatchd inflate FILE` (only the loader's decompressor: the floor)
   python    `pickle.load(gzip.open(FILE), encoding='latin1')` in a fresh Python
   gunzip    `gzip -dc FILE > /dev/null` (zlib, for reference)
@@ -266,6 +269,10 @@ def main() -> None:
     uds_dir = tempfile.mkdtemp(prefix="mb-load-")
     cmds["ready-uds"] = ([a.bin, "--log", "info", "serve", "--data", str(f), "--addr", "127.0.0.1:0",
                           "--metrics-addr", "off", "--uds", os.path.join(uds_dir, "s.sock")], b"serving gRPC")
+    # Two datasets (the same file twice, under two names): loaded side by
+    # side, so ideally in the time of one (catalog::load).
+    cmds["ready-two"] = ([a.bin, "--log", "info", "serve", "--data", f"a={f}", "--data", f"b={f}",
+                          "--addr", "127.0.0.1:0", "--metrics-addr", "off"], b"serving gRPC")
     if a.compare:
         cmds["ready-old"] = ([a.compare, "--log", "info", "serve", "--data", str(f), "--addr", "127.0.0.1:0",
                               "--metrics-addr", "off"], b"serving gRPC")
@@ -291,6 +298,7 @@ def main() -> None:
         "python peak RSS / tensors": med["python"][1] / tensor_bytes,
     }
     ratios["ready-uds / ready, wall (the cost of attachable memory)"] = med["ready-uds"][0] / med["ready"][0]
+    ratios["ready-two / ready, wall (2 = one after the other)"] = med["ready-two"][0] / med["ready"][0]
     if a.compare:
         ratios["ready / ready-old, wall"] = med["ready"][0] / med["ready-old"][0]
         ratios["ready / ready-old, peak RSS"] = med["ready"][1] / med["ready-old"][1]
