@@ -209,6 +209,22 @@ def main() -> int:
                 assert k == min(50, host.num_batches("train", 500, world_size=2)), k
                 return {"epoch_minibatches_compared": k}
 
+        @check("torch_dataset")
+        def _():
+            from minibatch_client.torch import MinibatchDataset
+
+            kw = dict(shuffle=True, seed=1, rank=0, world_size=2)
+            host = MinibatchDataset(d.target, "train", 500, decode=False, **kw)
+            dev = MinibatchDataset(d.target, "train", 500, decode=False, device_attach=dev_name, **kw)
+            n = 0
+            for (hx, hy), (dx, dy) in zip(host, dev):
+                assert dx.is_cuda != emulated
+                assert torch.equal(dx.cpu(), hx) and torch.equal(dy.cpu(), hy)
+                n += 1
+                if n == 20:
+                    break
+            return {"minibatches_compared": n}
+
         @check("timing")
         def _():
             if emulated:

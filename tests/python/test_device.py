@@ -152,4 +152,31 @@ def test_gpu_check_script_dry_run(tmp_path):
     checks = json.loads(out.read_text())["checks"]
     assert all(c["ok"] for c in checks.values()), checks
     ran = {k for k, c in checks.items() if "skipped" not in c}
-    assert ran == {"placed", "bytes", "batch_and_epoch", "sigterm"}, ran
+    assert ran == {"placed", "bytes", "batch_and_epoch", "torch_dataset", "sigterm"}, ran
+
+
+def test_torch_dataset_reads_the_device_copy(daemon):
+    """MinibatchDataset(device_attach=...): the rank's epoch from the
+    daemon's device copy, the same minibatches as the host attachment's,
+    with state_dict resume working as elsewhere."""
+    from minibatch_client.torch import MinibatchDataset
+
+    kw = dict(shuffle=True, seed=3, rank=1, world_size=2)
+    host = MinibatchDataset(daemon.target, "train", 250, **kw)
+    dev = MinibatchDataset(daemon.target, "train", 250, device_attach=GPU0, **kw)
+    want = [(x.clone(), y.clone()) for x, y in host]
+    got = list(dev)
+    assert len(got) == len(want) == 6
+    for (gx, gy), (wx, wy) in zip(got, want):
+        assert torch.equal(gx, wx) and torch.equal(gy, wy)
+    # Interrupted after 2 minibatches, resumed by a new dataset: the rest.
+    a = MinibatchDataset(daemon.target, "train", 250, device_attach=GPU0, **kw)
+    it = iter(a)
+    next(it), next(it)
+    state = a.state_dict()
+    b = MinibatchDataset(daemon.target, "train", 250, device_attach=GPU0, **kw)
+    b.load_state_dict(state)
+    rest = list(b)
+    assert len(rest) == 4 and all(torch.equal(r[0], w[0]) for r, w in zip(rest, want[2:]))
+    with pytest.raises(ValueError, match="unix:///PATH"):
+        MinibatchDataset(daemon.address, "train", 250, device_attach=GPU0)

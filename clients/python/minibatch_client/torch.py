@@ -172,6 +172,12 @@ class MinibatchDataset(IterableDataset):
                  Inside DataLoader workers, leave device unset and use the
                  DataLoader's pin_memory=True instead (CUDA does not work
                  in forked workers).
+    device_attach: with a unix:// address, read the daemon's copy in this
+                 GPU's memory (`serve --device`; "cuda:0" or a GPU UUID):
+                 minibatches are then device tensors made there, a slice or
+                 an on-device gather of the resident copy, with no host
+                 copy and no host-to-device transfer (README "Device
+                 memory"). Not inside DataLoader workers; x and y as stored.
     rank, world_size: override torch.distributed / RANK, WORLD_SIZE.
     epoch:       the first epoch (set_epoch changes it).
     prefetch:    minibatches the TCP stream keeps ready (Client.epoch).
@@ -189,7 +195,7 @@ class MinibatchDataset(IterableDataset):
                  decode: bool = True, device: Union[None, str, torch.device] = None, pin_memory: bool = False,
                  rank: Optional[int] = None, world_size: Optional[int] = None, epoch: int = 0, prefetch: int = 2,
                  token: Optional[str] = None, stats: Optional[bool] = None, dataset: str = "",
-                 **client_options: Any):
+                 device_attach=None, **client_options: Any):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -212,6 +218,10 @@ class MinibatchDataset(IterableDataset):
         self.client_options = dict(client_options)
         self._rank_world = (int(rank), int(world_size)) if rank is not None else None
         self._attach = isinstance(address, str) and socket_path(address) is not None
+        self.device_attach = device_attach
+        if device_attach is not None and (not self._attach or self.x_dtype or self.y_dtype):
+            raise ValueError(f"device_attach={device_attach!r} reads the daemon's device copy over its Unix socket "
+                             "(address unix:///PATH), with x and y as stored (no x_dtype / y_dtype)")
         if self._attach and self.y_dtype is not None:
             raise ValueError(f"y_dtype={self.y_dtype!r} with {address}: an attached daemon shares y as stored "
                              "(convert the tensor instead, e.g. y.int())")
@@ -316,7 +326,8 @@ class MinibatchDataset(IterableDataset):
     def _attach_now(self, x_dtype=None):
         # No gRPC at all (attach.connect, not Client.attach): forked workers are safe.
         return _attach.connect(self.address, token=self.token, x_dtype=x_dtype,
-                               timeout=self.client_options.get("timeout", 60.0), dataset=self.dataset)
+                               timeout=self.client_options.get("timeout", 60.0), dataset=self.dataset,
+                               device=self.device_attach)
 
     def _client(self) -> Client:
         global _GRPC_PID
@@ -429,6 +440,9 @@ class MinibatchDataset(IterableDataset):
         if worker is not None and self.device is not None and self.device.type != "cpu":
             raise ValueError(f"MinibatchDataset(device={self.device}) inside a DataLoader worker: leave device "
                              "unset there, and use DataLoader(pin_memory=True) and .to(device) in the trainer")
+        if worker is not None and self.device_attach is not None:
+            raise ValueError(f"MinibatchDataset(device_attach={self.device_attach!r}) inside a DataLoader worker: "
+                             "device minibatches are already where the trainer needs them; use num_workers=0")
         if worker is not None and not self._attach and _GRPC_PID is not None and _GRPC_PID != os.getpid():
             warnings.warn(
                 f"MinibatchDataset: DataLoader worker {worker.id} was forked from a process that used gRPC "
@@ -494,7 +508,9 @@ class MinibatchDataset(IterableDataset):
                 x = decode_x(SimpleNamespace(array=x, dtype=s.x.dtype, scale_divisor=s.x.scale_divisor))
             yield x, ys.take(idx, axis=0)
 
-    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+    def _tensor(self, a) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):  # from the daemon's device copy (device_attach)
+            return a if self.device is None else a.to(self.device)
         if a.dtype == np.uint16 and self.x_dtype == "bfloat16" and not self.decode and a.ndim > 1:
             t = torch.from_numpy(a).view(torch.bfloat16)
         else:
