@@ -94,30 +94,41 @@ impl Backend for Cuda {
             });
         }
         let label = format!("cuda:{ordinal}");
+        // The flag's value in every error, as for a missing driver.
+        let within = |e: DeviceError| DeviceError::Unavailable {
+            spec: spec.into(),
+            why: e.to_string(),
+        };
         // SAFETY: plain driver calls with out-pointers to locals.
-        call(&label, "cuInit", || unsafe { sys::cuInit(0) })?;
+        call(&label, "cuInit", || unsafe { sys::cuInit(0) }).map_err(within)?;
         let mut count = 0;
         call(&label, "cuDeviceGetCount", || unsafe {
             sys::cuDeviceGetCount(&mut count)
-        })?;
+        })
+        .map_err(within)?;
         if ordinal as i32 >= count {
             return Err(DeviceError::Unavailable {
                 spec: spec.into(),
-                why: format!(
-                    "this host has {count} CUDA device(s) visible (cuda:0 to cuda:{}); \
-                     CUDA_VISIBLE_DEVICES renumbers them",
-                    count - 1
-                ),
+                why: match count {
+                    0 => "no CUDA device is visible here (CUDA_VISIBLE_DEVICES?)".into(),
+                    n => format!(
+                        "this host has {n} CUDA device(s) visible (cuda:0 to cuda:{}); \
+                         CUDA_VISIBLE_DEVICES renumbers them",
+                        n - 1
+                    ),
+                },
             });
         }
         let mut dev = 0;
         call(&label, "cuDeviceGet", || unsafe {
             sys::cuDeviceGet(&mut dev, ordinal as i32)
-        })?;
+        })
+        .map_err(within)?;
         let mut raw = [0 as std::ffi::c_char; 256];
         call(&label, "cuDeviceGetName", || unsafe {
             sys::cuDeviceGetName(raw.as_mut_ptr(), raw.len() as i32, dev)
-        })?;
+        })
+        .map_err(within)?;
         // SAFETY: the driver wrote a NUL-terminated name into `raw`.
         let name = unsafe { CStr::from_ptr(raw.as_ptr()) }
             .to_string_lossy()
@@ -125,12 +136,14 @@ impl Backend for Cuda {
         let mut uuid = sys::CUuuid_st { bytes: [0; 16] };
         call(&label, "cuDeviceGetUuid_v2", || unsafe {
             sys::cuDeviceGetUuid_v2(&mut uuid, dev)
-        })?;
+        })
+        .map_err(within)?;
         let uuid = format_uuid(&uuid.bytes.map(|b| b as u8));
         let mut ctx: sys::CUcontext = std::ptr::null_mut();
         call(&label, "cuDevicePrimaryCtxRetain", || unsafe {
             sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
-        })?;
+        })
+        .map_err(within)?;
         Ok(Box::new(CudaDevice {
             label: format!("{label} ({uuid})"),
             uuid,
