@@ -136,8 +136,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", required=True)
     ap.add_argument("--out", default="gpu-check.json")
-    ap.add_argument("--examples", type=int, default=400_000,
-                    help="rows of the synthetic uint8 [n, 784] dataset (400,000 = 314 MB)")
+    # Bigger than a CUDA context (~0.5 GB per process with torch), so that
+    # shared_once tells one copy for all trainers from one copy each.
+    ap.add_argument("--examples", type=int, default=2_000_000,
+                    help="rows of the synthetic uint8 [n, 784] dataset (2,000,000 = 1.57 GB)")
     ap.add_argument("--emulated", action="store_true", help="dry run without CUDA (see the module docs)")
     a = ap.parse_args()
     emulated = a.emulated
