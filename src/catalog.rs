@@ -200,7 +200,6 @@ impl From<Arc<Dataset>> for Datasets {
 pub struct Catalog {
     datasets: Vec<Arc<Prepared>>,
     pub limits: Limits,
-    pub budget: Budget,
     pub metrics: Arc<Metrics>,
 }
 
@@ -230,7 +229,6 @@ impl Catalog {
         Arc::new(Self {
             datasets,
             limits,
-            budget,
             metrics,
         })
     }
