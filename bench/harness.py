@@ -26,6 +26,9 @@ One run does, in this order:
     with its min–max; other figures are medians over rounds:
       get{64,500,5000}   GetBatch one by one, 1 client, float32
       get500 x2, x8      the same, 2 and 8 concurrent clients (processes), aggregate
+      get500 busypoll    GetBatch(500) again with minibatchd's clients' opt-in
+                         busy polling (2 ms per call; --busy-poll-us,
+                         MINIBATCH_CLIENT_BUSY_POLL_US)
       get500 uint8       x on the wire as uint8 (minibatchd only)
       epoch500           whole epochs in one StreamBatches (Flight: one do_get)
       epoch500 uint8
@@ -331,7 +334,7 @@ def pct(lat: list[float], p: float) -> float:
     return s[min(int(len(s) * p), len(s) - 1)]
 
 
-def rust_client(binary: str, addr: str, t: dict, cfg) -> dict:
+def rust_client(binary: str, addr: str, t: dict, cfg, busy_poll_us: int = 0) -> dict:
     cmd = [binary, "--log", "warn", "bench", "--server", addr, "--method",
            "stream-batches" if t["method"] == "epoch" else "get-batch",
            "--size", t["size"], "--concurrency", t["conc"], "--json"]
@@ -341,6 +344,8 @@ def rust_client(binary: str, addr: str, t: dict, cfg) -> dict:
         cmd += ["--duration", cfg.duration]
     if t.get("dtype"):
         cmd += ["--x-dtype", t["dtype"]]
+    if busy_poll_us:
+        cmd += ["--busy-poll-us", busy_poll_us]
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {r.stderr[-2000:]}")
@@ -349,12 +354,13 @@ def rust_client(binary: str, addr: str, t: dict, cfg) -> dict:
             "mb_per_s": j["mb_per_s"], "p50_ms": j["p50_ms"], "p99_ms": j["p99_ms"]}
 
 
-def py_clients(kind: str, addr: str, t: dict, cfg, transport: str = "") -> dict:
+def py_clients(kind: str, addr: str, t: dict, cfg, transport: str = "", busy_poll_us: int = 0) -> dict:
     """t["conc"] processes of bench/pyclient.py, started together after their
     warm-up; aggregate = all payload bytes / (last end - first start).
-    transport: MINIBATCH_CLIENT_TRANSPORT for minibatchd's client ("" = its default)."""
+    transport: MINIBATCH_CLIENT_TRANSPORT for minibatchd's client ("" = its default);
+    busy_poll_us: MINIBATCH_CLIENT_BUSY_POLL_US (its opt-in busy polling; 0 = off)."""
     n = t["conc"]
-    env = {**os.environ, "MINIBATCH_CLIENT_TRANSPORT": transport}
+    env = {**os.environ, "MINIBATCH_CLIENT_TRANSPORT": transport, "MINIBATCH_CLIENT_BUSY_POLL_US": str(busy_poll_us)}
     ps = []
     for w in range(n):
         cmd = [PY, ROOT / "bench" / "pyclient.py", "--kind", kind, "--addr", addr, "--method", t["method"],
@@ -397,6 +403,10 @@ WHO = ("minibatchd/rust", "minibatchd/python", "flight/python", "grpcio/python")
 # minibatchd's Python client on its portable grpcio transport (the default
 # "python" row uses the native transport when it is installed; see NATIVE).
 GRPCIO_FALLBACK = "minibatchd/python-grpcio"
+# minibatchd's clients with their opt-in busy polling during each GetBatch
+# (issue 18: `--busy-poll-us`, MINIBATCH_CLIENT_BUSY_POLL_US), on GetBatch(500).
+BUSY = ("minibatchd/rust-busypoll", "minibatchd/python-busypoll")
+BUSY_POLL_US = 2000
 
 try:
     import minibatch_client_native  # noqa: F401
@@ -408,7 +418,7 @@ except ImportError:
 def tests(quick: bool) -> list[dict]:
     ts = []
     for size in (64, 500, 5000):
-        who = WHO[:2] + (GRPCIO_FALLBACK,) + WHO[2:] if size == 500 else WHO
+        who = WHO[:2] + BUSY + (GRPCIO_FALLBACK,) + WHO[2:] if size == 500 else WHO
         ts.append({"id": f"get{size}", "label": f"GetBatch({size}) float32", "method": "get", "size": size, "conc": 1,
                    "who": who})
     for c in (2, 8):
@@ -697,13 +707,14 @@ def main() -> None:
             for who in t["who"]:
                 server, client = who.split("/")
                 kind = {"minibatchd": "minibatchd", "flight": "flight", "grpcio": "plain"}[server]
+                spin = BUSY_POLL_US if client.endswith("-busypoll") else 0
                 say(f"round {rnd + 1}/{a.rounds}: {t['label']}: {who}")
                 with RssSampler(mbd.pid if server == "minibatchd" else None) as rs:
-                    if client == "rust":
-                        m = rust_client(binary, maddr, t, cfg)
+                    if client.startswith("rust"):
+                        m = rust_client(binary, maddr, t, cfg, spin)
                     else:
                         m = py_clients(kind, addrs[kind], t, cfg,
-                                       "grpcio" if client == "python-grpcio" else "")
+                                       "grpcio" if client == "python-grpcio" else "", spin)
                 if server == "minibatchd":
                     m["server_rss_max"] = rs.max
                 m["tcp_bytes_per_s"] = tcp["bytes_per_s"]
