@@ -350,7 +350,11 @@ class NativeTransport:
         # Opt-in busy polling during each GetBatch (README "Clients"): the
         # GetBatch channel only; off unless the environment asks for it.
         spin = busy_poll_us()
-        self._get = native.Channel(dial, **kw, **({"busy_poll_us": spin} if spin else {}))
+        try:
+            self._get = native.Channel(dial, **kw, **({"busy_poll_us": spin} if spin else {}))
+        except TypeError as e:
+            raise ValueError("MINIBATCH_CLIENT_BUSY_POLL_US needs a minibatch-client-native that has busy "
+                             f"polling (pip install ./clients/python/native): {e}") from None
         self._stream = native.Channel(dial, **kw)
 
     def learn(self, info: bytes) -> None:
