@@ -17,12 +17,18 @@ One run does, in this order:
  3. starts the servers on 127.0.0.1: minibatchd, Flight and plain grpcio
     (bench/peers.py), and waits until minibatchd's background analysis has
     granted the uint8 wire dtype;
- 4. `rounds` rounds, each: raw loopback TCP (iperf3, one stream; without iperf3
-    a Python socket blast, labelled so), single-core memcpy (numpy copyto of a
+ 4. `rounds` rounds, each: single-core memcpy (numpy copyto of a
     train-x-sized array), then every test below with every client, so that
-    drift on a shared machine hits all alike; figures are medians over rounds:
+    drift on a shared machine hits all alike, each test right after its own
+    measurement of raw loopback TCP (iperf3 -t 1, one stream; without iperf3
+    a Python socket blast, labelled so); a test's ratio to TCP is the median
+    over rounds of (its figure / the TCP measured just before it), reported
+    with its min–max; other figures are medians over rounds:
       get{64,500,5000}   GetBatch one by one, 1 client, float32
       get500 x2, x8      the same, 2 and 8 concurrent clients (processes), aggregate
+      get500 busypoll    GetBatch(500) again with minibatchd's clients' opt-in
+                         busy polling (2 ms per call; --busy-poll-us,
+                         MINIBATCH_CLIENT_BUSY_POLL_US)
       get500 uint8       x on the wire as uint8 (minibatchd only)
       epoch500           whole epochs in one StreamBatches (Flight: one do_get)
       epoch500 uint8
@@ -70,6 +76,8 @@ import load  # noqa: E402  bench/load.py: make_full(), run()
 
 PY = sys.executable
 MIB = 2**20
+# Seconds of each raw-TCP measurement (iperf3 -t); one runs before every test.
+TCP_SAMPLE_S = 1.0
 
 # --- processes ------------------------------------------------------------------
 
@@ -326,7 +334,7 @@ def pct(lat: list[float], p: float) -> float:
     return s[min(int(len(s) * p), len(s) - 1)]
 
 
-def rust_client(binary: str, addr: str, t: dict, cfg) -> dict:
+def rust_client(binary: str, addr: str, t: dict, cfg, busy_poll_us: int = 0) -> dict:
     cmd = [binary, "--log", "warn", "bench", "--server", addr, "--method",
            "stream-batches" if t["method"] == "epoch" else "get-batch",
            "--size", t["size"], "--concurrency", t["conc"], "--json"]
@@ -336,6 +344,8 @@ def rust_client(binary: str, addr: str, t: dict, cfg) -> dict:
         cmd += ["--duration", cfg.duration]
     if t.get("dtype"):
         cmd += ["--x-dtype", t["dtype"]]
+    if busy_poll_us:
+        cmd += ["--busy-poll-us", busy_poll_us]
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {r.stderr[-2000:]}")
@@ -344,12 +354,13 @@ def rust_client(binary: str, addr: str, t: dict, cfg) -> dict:
             "mb_per_s": j["mb_per_s"], "p50_ms": j["p50_ms"], "p99_ms": j["p99_ms"]}
 
 
-def py_clients(kind: str, addr: str, t: dict, cfg, transport: str = "") -> dict:
+def py_clients(kind: str, addr: str, t: dict, cfg, transport: str = "", busy_poll_us: int = 0) -> dict:
     """t["conc"] processes of bench/pyclient.py, started together after their
     warm-up; aggregate = all payload bytes / (last end - first start).
-    transport: MINIBATCH_CLIENT_TRANSPORT for minibatchd's client ("" = its default)."""
+    transport: MINIBATCH_CLIENT_TRANSPORT for minibatchd's client ("" = its default);
+    busy_poll_us: MINIBATCH_CLIENT_BUSY_POLL_US (its opt-in busy polling; 0 = off)."""
     n = t["conc"]
-    env = {**os.environ, "MINIBATCH_CLIENT_TRANSPORT": transport}
+    env = {**os.environ, "MINIBATCH_CLIENT_TRANSPORT": transport, "MINIBATCH_CLIENT_BUSY_POLL_US": str(busy_poll_us)}
     ps = []
     for w in range(n):
         cmd = [PY, ROOT / "bench" / "pyclient.py", "--kind", kind, "--addr", addr, "--method", t["method"],
@@ -392,6 +403,10 @@ WHO = ("minibatchd/rust", "minibatchd/python", "flight/python", "grpcio/python")
 # minibatchd's Python client on its portable grpcio transport (the default
 # "python" row uses the native transport when it is installed; see NATIVE).
 GRPCIO_FALLBACK = "minibatchd/python-grpcio"
+# minibatchd's clients with their opt-in busy polling during each GetBatch
+# (issue 18: `--busy-poll-us`, MINIBATCH_CLIENT_BUSY_POLL_US), on GetBatch(500).
+BUSY = ("minibatchd/rust-busypoll", "minibatchd/python-busypoll")
+BUSY_POLL_US = 2000
 
 try:
     import minibatch_client_native  # noqa: F401
@@ -399,11 +414,20 @@ try:
 except ImportError:
     NATIVE = False
 
+# Whether the installed native transport has busy polling (a lazy channel
+# connects nothing); the Python busy-polling row needs it.
+try:
+    minibatch_client_native.Channel("127.0.0.1:1", busy_poll_us=1)
+    NATIVE_BUSY_POLL = True
+except (NameError, TypeError):
+    NATIVE_BUSY_POLL = False
+
 
 def tests(quick: bool) -> list[dict]:
     ts = []
     for size in (64, 500, 5000):
-        who = WHO[:2] + (GRPCIO_FALLBACK,) + WHO[2:] if size == 500 else WHO
+        busy = BUSY if NATIVE_BUSY_POLL else BUSY[:1]
+        who = WHO[:2] + busy + (GRPCIO_FALLBACK,) + WHO[2:] if size == 500 else WHO
         ts.append({"id": f"get{size}", "label": f"GetBatch({size}) float32", "method": "get", "size": size, "conc": 1,
                    "who": who})
     for c in (2, 8):
@@ -431,6 +455,13 @@ class Cfg:
 
 
 # --- report ---------------------------------------------------------------------
+
+def spread(v, lo, hi, nd=2) -> str:
+    """A median with its (min–max) over rounds, when they differ."""
+    if lo == hi:
+        return fmt(v, nd)
+    return f"{fmt(v, nd)} ({fmt(lo, nd)}–{fmt(hi, nd)})"
+
 
 def fmt(v, nd=0):
     if v is None:
@@ -465,10 +496,13 @@ def report(res: dict) -> str:
     for row in res["rows"]:
         L.append("| " + " | ".join([
             row["label"], row["who"], fmt(row["minibatches_per_s"], 1), fmt(row["mb_per_s"]), fmt(row["images_per_s"]),
-            fmt(row["p50_ms"], 3), fmt(row["p99_ms"], 3), fmt(row["x_tcp"], 2), fmt(row["x_memcpy"], 2),
+            fmt(row["p50_ms"], 3), fmt(row["p99_ms"], 3), spread(row["x_tcp"], row["x_tcp_min"], row["x_tcp_max"]),
+            fmt(row["x_memcpy"], 2),
             fmt(row.get("x_flight"), 2), fmt(row.get("x_grpcio"), 2),
             fmt(row["server_rss_max"] / MIB if row.get("server_rss_max") else None)]) + " |")
-    L.append(f"| raw loopback TCP, 1 stream | {lim['tcp_tool']} | | {fmt(tcp)} | | "
+    L.append(f"| raw loopback TCP, 1 stream ({lim['tcp_runs']} runs, one before each test; median, "
+             f"min–max) | {lim['tcp_tool']} | | {fmt(tcp)} ({fmt(lim['tcp_min_mb_per_s'])}–"
+             f"{fmt(lim['tcp_max_mb_per_s'])}) | | "
              f"{fmt(lim['wire_floor_ms_500'], 3)} (wire time of 500) | | 1.00 | | | | |")
     L.append(f"| memcpy, 1 core | {lim['memcpy_tool']} | | {fmt(mc)} | | | | | 1.00 | | | |")
     st = res["startup"]
@@ -508,12 +542,25 @@ def targets(res: dict) -> list[dict]:
         r = rows.get((k, who))
         return r[f] if r else float("nan")
 
-    v = get("get500", "minibatchd/rust") / lim["tcp_mb_per_s"]
-    add("GetBatch(500) float32, 1 Rust client / raw TCP", v, 0.85, v >= 0.85, f"{v:.2f}", "≥ 0.85")
+    def x_tcp(k, who):
+        r = rows.get((k, who))
+        if not r:
+            return float("nan"), ""
+        return r["x_tcp"], f"{r['x_tcp']:.2f} ({r['x_tcp_min']:.2f}–{r['x_tcp_max']:.2f} over {len(r['rounds'])} rounds)"
+
+    v, vs = x_tcp("get500", "minibatchd/rust")
+    add("GetBatch(500) float32, 1 Rust client / raw TCP", v, 0.85, v >= 0.85, vs, "≥ 0.85")
+    # Each round's p50 over the wire time of its own TCP measurement; the
+    # median of those, with their spread.
     p50 = get("get500", "minibatchd/rust", "p50_ms")
     floor = lim["wire_floor_ms_500"]
-    add("GetBatch(500) p50 / wire-time floor (payload ÷ TCP)", p50 / floor, 1.2, p50 / floor <= 1.2,
-        f"{p50:.3f} / {floor:.3f} ms = {p50 / floor:.2f}", "≤ 1.2")
+    payload500 = 500 * (res["dataset"]["sets"]["train"]["x_bytes"] + res["dataset"]["sets"]["train"]["y_bytes"])
+    r500 = rows.get(("get500", "minibatchd/rust"))
+    per = [m["p50_ms"] / (payload500 / m["tcp_bytes_per_s"] * 1e3) for m in r500["rounds"]] if r500 else [float("nan")]
+    v = statistics.median(per)
+    add("GetBatch(500) p50 / wire-time floor (payload ÷ TCP)", v, 1.2, v <= 1.2,
+        f"{v:.2f} ({min(per):.2f}–{max(per):.2f} over {len(per)} rounds; p50 {p50:.3f} ms, floor {floor:.3f} ms "
+        "at the median TCP)", "≤ 1.2")
     v = get("get500", "minibatchd/python") / get("get500", "flight/python")
     add("GetBatch(500) Python client / Flight Python client", v, 1.2, v >= 1.2, f"{v:.2f}", "≥ 1.2")
     fl = get("get500", "flight/python", "images_per_s")
@@ -522,8 +569,16 @@ def targets(res: dict) -> list[dict]:
     add("uint8 wire, images/s / Flight's (float32, Python client): minibatchd Python client", vp, 3.5, vp >= 3.5,
         f"{vp:.2f}", "≥ 3.5")
     add("the same with minibatchd's Rust client", vr, 3.5, vr >= 3.5, f"{vr:.2f}", "≥ 3.5")
-    v = get("epoch500", "minibatchd/rust") / lim["tcp_mb_per_s"]
-    add("StreamBatches epoch (500, float32, Rust client) / raw TCP", v, 0.9, v >= 0.9, f"{v:.2f}", "≥ 0.90")
+    v, vs = x_tcp("epoch500", "minibatchd/rust")
+    add("StreamBatches epoch (500, float32, Rust client) / raw TCP", v, 0.9, v >= 0.9, vs, "≥ 0.90")
+    # Issue 18's goal for the client trainers use (not one of issue 7's nine).
+    v, vs = x_tcp("get500", "minibatchd/python")
+    add("(issue 18) GetBatch(500) float32, 1 Python client / raw TCP", v, 0.85, v >= 0.85, vs, "≥ 0.85")
+    for who, name in (("minibatchd/rust-busypoll", "Rust"), ("minibatchd/python-busypoll", "Python")):
+        if (("get500", who)) in rows:
+            v, vs = x_tcp("get500", who)
+            add(f"(issue 18) the same, {name} client with opt-in busy polling / raw TCP", v, 0.85, v >= 0.85, vs,
+                "≥ 0.85")
     v = st["python_s"] / st["minibatchd_s"]
     add("start-up to healthy: Python pickle.load time / minibatchd's", v, 5, v >= 5, f"{v:.2f}", "≥ 5")
     goal = 1.15 * tb + 32 * MIB
@@ -651,36 +706,46 @@ def main() -> None:
     ts = tests(q)
     raw: dict[tuple[str, str], list[dict]] = {}
     lims: list[dict] = []
+    tcp_samples: list[dict] = []
     for rnd in range(a.rounds):
         say(f"round {rnd + 1}/{a.rounds}: limits")
-        tcp = tcp_limit(max(1.0, a.duration))
         mc = memcpy_limit(tr["examples"] * tr["x_bytes"] if not q else 50_000 * 784 * 4)
-        lims.append({"tcp": tcp, "memcpy": mc})
+        lims.append({"memcpy": mc})
         order = ts[rnd % len(ts):] + ts[:rnd % len(ts)]
         for t in order:
+            # Raw TCP right before every test (issue 18): iperf3 on this VM
+            # moves by 2x between runs, so each test's ratio to TCP is taken
+            # against the TCP of its own moment, and the spread is reported.
+            tcp = tcp_limit(TCP_SAMPLE_S if not q else 1.0)
+            tcp_samples.append({"round": rnd + 1, "before": t["id"], **tcp})
             for who in t["who"]:
                 server, client = who.split("/")
                 kind = {"minibatchd": "minibatchd", "flight": "flight", "grpcio": "plain"}[server]
+                spin = BUSY_POLL_US if client.endswith("-busypoll") else 0
                 say(f"round {rnd + 1}/{a.rounds}: {t['label']}: {who}")
                 with RssSampler(mbd.pid if server == "minibatchd" else None) as rs:
-                    if client == "rust":
-                        m = rust_client(binary, maddr, t, cfg)
+                    if client.startswith("rust"):
+                        m = rust_client(binary, maddr, t, cfg, spin)
                     else:
                         m = py_clients(kind, addrs[kind], t, cfg,
-                                       "grpcio" if client == "python-grpcio" else "")
+                                       "grpcio" if client == "python-grpcio" else "", spin)
                 if server == "minibatchd":
                     m["server_rss_max"] = rs.max
+                m["tcp_bytes_per_s"] = tcp["bytes_per_s"]
                 raw.setdefault((t["id"], who), []).append(m)
     server_hwm_end = proc_status(mbd.pid).get("VmHWM", 0)
     cleanup()
 
     # 5. report
-    tcp_bps = statistics.median(x["tcp"]["bytes_per_s"] for x in lims)
+    tcp_all = [x["bytes_per_s"] for x in tcp_samples]
+    tcp_bps = statistics.median(tcp_all)
     mc_bps = statistics.median(x["memcpy"]["bytes_per_s"] for x in lims)
     payload500 = 500 * (tr["x_bytes"] + tr["y_bytes"])
-    limits = {"tcp_tool": lims[0]["tcp"]["tool"], "tcp_mb_per_s": tcp_bps / 1e6, "memcpy_tool": lims[0]["memcpy"]["tool"],
+    limits = {"tcp_tool": tcp_samples[0]["tool"], "tcp_mb_per_s": tcp_bps / 1e6,
+              "tcp_min_mb_per_s": min(tcp_all) / 1e6, "tcp_max_mb_per_s": max(tcp_all) / 1e6,
+              "tcp_runs": len(tcp_all), "memcpy_tool": lims[0]["memcpy"]["tool"],
               "memcpy_mb_per_s": mc_bps / 1e6, "wire_floor_ms_500": payload500 / tcp_bps * 1e3,
-              "samples": lims}
+              "samples": lims, "tcp_samples": tcp_samples}
     rows = []
     for t in ts:
         per_example = (tr["x_elems"] if t.get("dtype") == "uint8" else tr["x_bytes"]) + tr["y_bytes"]
@@ -693,7 +758,11 @@ def main() -> None:
             for f in ("minibatches_per_s", "mb_per_s", "p50_ms", "p99_ms"):
                 row[f] = statistics.median(m[f] for m in ms)
             row["images_per_s"] = row["mb_per_s"] * 1e6 / per_example
-            row["x_tcp"] = row["mb_per_s"] / limits["tcp_mb_per_s"]
+            # Each round's figure over the TCP measured right before it; the
+            # median of those, and their spread.
+            per_round = [m["mb_per_s"] * 1e6 / m["tcp_bytes_per_s"] for m in ms]
+            row["x_tcp"] = statistics.median(per_round)
+            row["x_tcp_min"], row["x_tcp_max"] = min(per_round), max(per_round)
             row["x_memcpy"] = row["mb_per_s"] / limits["memcpy_mb_per_s"]
             if who.startswith("minibatchd"):
                 row["server_rss_max"] = max(m["server_rss_max"] for m in ms)

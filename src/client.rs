@@ -139,6 +139,9 @@ pub struct ClientOptions {
     pub tls_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Name to verify in the server certificate (default: the address's host).
     pub tls_domain: Option<String>,
+    /// Opt-in busy polling during each GetBatch, at most this long per call
+    /// (zero: never; [`Config::busy_poll`]).
+    pub busy_poll: std::time::Duration,
 }
 
 impl ClientOptions {
@@ -170,6 +173,7 @@ impl ClientOptions {
         let mut c = Config::new(addr);
         c.tls = tls;
         c.token = self.token.clone();
+        c.busy_poll = self.busy_poll;
         Ok(c)
     }
 }

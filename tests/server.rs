@@ -3,10 +3,11 @@
 mod common;
 
 use common::{code, indices, int64s, sample, synthetic, TestServer};
-use minibatchd::client::{BatchRequest, Client};
+use minibatchd::client::{BatchRequest, Client, ClientOptions};
 use minibatchd::proto;
 use minibatchd::server::ServerOptions;
 use minibatchd::store::{DType, Dataset};
+use std::time::Duration;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -77,6 +78,37 @@ async fn minibatches_are_the_loaded_bytes() {
             rows(&srv.dataset, "train", "y", &idx),
             "y of minibatch {index}"
         );
+    }
+}
+
+/// The clients' opt-in busy polling (issue 18) changes how a GetBatch
+/// waits, not what it returns: the same minibatches, the same errors, also
+/// when the budget runs out before the answer is in.
+#[tokio::test]
+async fn busy_polling_clients_get_the_same_answers() {
+    let srv = TestServer::start(sample()).await;
+    let mut plain = srv.client().await;
+    for budget in [Duration::from_millis(50), Duration::from_nanos(1)] {
+        let opts = ClientOptions {
+            busy_poll: budget,
+            ..Default::default()
+        };
+        let mut busy = Client::connect_with(&srv.addr.to_string(), &opts)
+            .await
+            .unwrap();
+        for index in [0u64, 4] {
+            let r = BatchRequest::new("train", index, 700);
+            assert_eq!(
+                busy.get_batch(&r).await.unwrap(),
+                plain.get_batch(&r).await.unwrap(),
+                "minibatch {index}, busy polling for {budget:?}"
+            );
+        }
+        let e = busy
+            .get_batch(&BatchRequest::new("train", 5, 700))
+            .await
+            .unwrap_err();
+        assert_eq!(code(e), Code::OutOfRange);
     }
 }
 

@@ -349,6 +349,11 @@ pub struct ClientArgs {
     /// Server name to verify (default: the host in --server).
     #[arg(long, env = "MINIBATCHD_TLS_DOMAIN")]
     pub tls_domain: Option<String>,
+    /// Busy-poll the socket for up to this many microseconds of each GetBatch
+    /// instead of sleeping until the answer arrives (burns the client's core
+    /// meanwhile; 0 = never).
+    #[arg(long, env = "MINIBATCHD_BUSY_POLL_US", default_value_t = 0)]
+    pub busy_poll_us: u64,
 }
 
 impl ClientArgs {
@@ -361,6 +366,7 @@ impl ClientArgs {
                 .clone()
                 .zip(self.tls_client_key.clone()),
             tls_domain: self.tls_domain.clone(),
+            busy_poll: Duration::from_micros(self.busy_poll_us),
         }
     }
 

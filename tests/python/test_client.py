@@ -218,6 +218,28 @@ def test_transport_choice(server, monkeypatch):
         assert np.array_equal(c.get_batch("train", 2, 50)[1], g.get_batch("train", 2, 50)[1])
 
 
+def test_busy_polling_is_opt_in_and_changes_no_answer(server, monkeypatch):
+    """MINIBATCH_CLIENT_BUSY_POLL_US (issue 18) makes the native GetBatch poll
+    instead of sleeping: the same arrays and errors; a bad value says why."""
+    from minibatch_client import transport
+
+    monkeypatch.delenv("MINIBATCH_CLIENT_TRANSPORT", raising=False)
+    monkeypatch.setenv("MINIBATCH_CLIENT_BUSY_POLL_US", "soon")
+    with pytest.raises(ValueError, match="MINIBATCH_CLIENT_BUSY_POLL_US"):
+        transport.busy_poll_us()
+    if transport.native is None:
+        return
+    for us in ("1", "50000"):  # a budget shorter than any call, and one longer
+        monkeypatch.setenv("MINIBATCH_CLIENT_BUSY_POLL_US", us)
+        with mc.Client(server) as c, mc.Client(server, native=False) as g:
+            assert c.transport == "native"
+            for i in (0, 3):
+                for u, v in zip(c.get_batch("train", i, 500), g.get_batch("train", i, 500)):
+                    assert u.flags.writeable and np.array_equal(u, v), (us, i)
+            with pytest.raises(mc.OutOfRange):
+                c.get_batch("test", 99, 500)
+
+
 def test_native_call_cancel_and_deadline(server):
     """The native transport's own surface: a call cancelled from another
     thread while its iterator waits ends with CANCELLED; a deadline gives

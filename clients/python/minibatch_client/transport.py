@@ -279,6 +279,20 @@ def use_native(asked: Optional[bool], targets: Sequence[str]) -> bool:
     return why_not is None if asked is None else bool(asked)
 
 
+def busy_poll_us() -> int:
+    """MINIBATCH_CLIENT_BUSY_POLL_US: microseconds of each native GetBatch
+    during which the calling thread polls the socket instead of sleeping
+    (0 or unset: never; it burns a core while a call is in flight)."""
+    env = os.environ.get("MINIBATCH_CLIENT_BUSY_POLL_US", "").strip()
+    try:
+        us = int(env or 0)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= 10**7:
+        raise ValueError(f"MINIBATCH_CLIENT_BUSY_POLL_US={env!r}: microseconds, 0 to 10000000")
+    return us
+
+
 def batch_from_native(t, expected: Expected) -> Batch:
     """A minibatch the native transport reassembled (Call.next_batch,
     Channel.one_batch): (index, [(name, dtype, shape, scale_divisor, writable
@@ -333,7 +347,14 @@ class NativeTransport:
         self._verify_crc = verify_crc
         self._cap = max_message_bytes
         kw = dict(tls or {}, max_message_bytes=max_message_bytes)
-        self._get = native.Channel(dial, **kw)
+        # Opt-in busy polling during each GetBatch (README "Clients"): the
+        # GetBatch channel only; off unless the environment asks for it.
+        spin = busy_poll_us()
+        try:
+            self._get = native.Channel(dial, **kw, **({"busy_poll_us": spin} if spin else {}))
+        except TypeError as e:
+            raise ValueError("MINIBATCH_CLIENT_BUSY_POLL_US needs a minibatch-client-native that has busy "
+                             f"polling (pip install ./clients/python/native): {e}") from None
         self._stream = native.Channel(dial, **kw)
 
     def learn(self, info: bytes) -> None:

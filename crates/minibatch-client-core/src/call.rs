@@ -1,8 +1,13 @@
 //! The calls that return minibatches, on one connection.
+//!
+//! A GetBatch may busy-poll its socket while it waits ([`Config::busy_poll`],
+//! off by default).
 use std::borrow::Cow;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use grpc_frames::MessageReader;
 use prost::Message as _;
@@ -47,6 +52,8 @@ pub struct Connection {
     uri: String,
     auth: Option<http::HeaderValue>,
     learned: Arc<RwLock<Learned>>,
+    /// [`Config::busy_poll`].
+    busy_poll: Duration,
 }
 
 impl std::fmt::Debug for Connection {
@@ -82,6 +89,7 @@ impl Connection {
             channel,
             uri: cfg.uri(),
             auth: cfg.auth()?,
+            busy_poll: cfg.busy_poll,
             learned: Arc::new(RwLock::new(Learned {
                 configured_max_message: cfg.max_message_bytes,
                 max_message: cfg.max_message_bytes,
@@ -217,7 +225,32 @@ impl Connection {
         metadata: http::HeaderMap,
         verify_crc: bool,
     ) -> Result<Batch, ClientError> {
-        self.stream(req, metadata, verify_crc).await?.one().await
+        let budget = self.busy_poll;
+        let call = async { self.stream(req, metadata, verify_crc).await?.one().await };
+        if budget.is_zero() {
+            call.await
+        } else {
+            busy_poll(call, budget).await
+        }
+    }
+}
+
+/// Runs `fut`, yielding to the runtime rather than sleeping while it is
+/// pending, for at most `budget` (see the module docs); then awaits it.
+async fn busy_poll<F: Future>(fut: F, budget: Duration) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let until = Instant::now() + budget;
+    loop {
+        let polled = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+        if let Poll::Ready(out) = polled {
+            return out;
+        }
+        if Instant::now() >= until {
+            return fut.await;
+        }
+        // Lets the server run first when it shares this core.
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
     }
 }
 

@@ -28,6 +28,30 @@ pub struct Config {
     /// Largest example (row of `x` or `y`) accepted while the dataset's
     /// shapes are unknown ([`DEFAULT_MAX_EXAMPLE_BYTES`]).
     pub max_example_bytes: u64,
+    /// Opt-in busy polling: for up to this long from the start of a GetBatch
+    /// call ([`crate::Connection::one_batch`]), the calling task polls the
+    /// socket instead of sleeping until the response arrives (zero, the
+    /// default: never).
+    ///
+    /// Why: a GetBatch waits about 0.1 ms for its first bytes and then for
+    /// each burst of the ~25 TCP segments a 1.6 MB minibatch takes on
+    /// loopback. Each time the calling thread sleeps in `epoll_wait`, the
+    /// kernel must wake it when the next segment lands: a context switch on
+    /// the client and, on a virtual machine whose vCPU went idle, an
+    /// inter-processor interrupt that the server's sending thread pays for
+    /// (`sock_def_readable`, 10 % of the server's CPU samples for
+    /// GetBatch(500); BENCHMARKS.md "Issue 18"). With a budget, the call's
+    /// task yields to the runtime instead of sleeping
+    /// (`tokio::task::yield_now`: the runtime polls its sockets with a zero
+    /// timeout and runs the task again) until the answer is complete or the
+    /// budget since the call started is spent, then sleeps as usual. Each
+    /// turn also yields the core to the kernel (`sched_yield`), so a server
+    /// or any other thread waiting for this core runs first: without that,
+    /// a client that shared its core with the server delayed the answer it
+    /// was waiting for (throughput fell by half in the same measurement).
+    /// It keeps the client's core busy for at most the budget per call, and
+    /// never while no call is in flight: hence opt-in.
+    pub busy_poll: Duration,
 }
 
 impl Config {
@@ -42,6 +66,7 @@ impl Config {
             max_frame_size: MAX_FRAME_SIZE,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_example_bytes: DEFAULT_MAX_EXAMPLE_BYTES,
+            busy_poll: Duration::ZERO,
         }
     }
 
@@ -102,6 +127,7 @@ impl std::fmt::Debug for Config {
             .field("max_frame_size", &self.max_frame_size)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_example_bytes", &self.max_example_bytes)
+            .field("busy_poll", &self.busy_poll)
             .finish()
     }
 }

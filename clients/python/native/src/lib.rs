@@ -128,11 +128,14 @@ impl Channel {
     /// `max_message_bytes` bounds each response message (default 64 MiB,
     /// lowered to the server's limit by `learn_info`); `max_example_bytes`
     /// bounds one example of x or y until `learn_info` gives the shapes
-    /// (default 1 MiB).
+    /// (default 1 MiB). `busy_poll_us` (default 0: off) lets each
+    /// `one_batch` poll the socket for up to that many microseconds instead
+    /// of sleeping until the answer arrives (`Config::busy_poll`).
     #[new]
     #[pyo3(signature = (address, connect_timeout = 5.0, max_frame_size = minibatch_client_core::MAX_FRAME_SIZE,
                         tls_ca = None, tls_cert = None, tls_key = None, tls_domain = None,
-                        tls = false, max_message_bytes = None, max_example_bytes = None))]
+                        tls = false, max_message_bytes = None, max_example_bytes = None,
+                        busy_poll_us = 0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         address: &str,
@@ -145,6 +148,7 @@ impl Channel {
         tls: bool,
         max_message_bytes: Option<usize>,
         max_example_bytes: Option<u64>,
+        busy_poll_us: u64,
     ) -> PyResult<Self> {
         let mut cfg = Config::new(address);
         if tls || tls_ca.is_some() {
@@ -172,6 +176,7 @@ impl Channel {
         if let Some(m) = max_example_bytes {
             cfg.max_example_bytes = m;
         }
+        cfg.busy_poll = Duration::from_micros(busy_poll_us);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
