@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +51,7 @@ sys.path.insert(0, str(ROOT / "clients" / "python"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import minibatch_client as mc  # noqa: E402
-from harness import free_port, memcpy_limit  # noqa: E402  the serving benchmark's probes
+from harness import find_binary, free_port, memcpy_limit  # noqa: E402  the serving benchmark's probes
 
 TRAINERS = 8
 SIZE = 500
@@ -76,16 +74,6 @@ s = float(x[:, ::256].sum()) + float(y.sum())
 print("ready", flush=True)
 sys.stdin.readline()
 """
-
-
-def binary() -> str:
-    b = os.environ.get("MINIBATCHD")
-    if b:
-        return b
-    for p in (ROOT / "target" / "release" / "minibatchd", ROOT / "target" / "debug" / "minibatchd"):
-        if p.is_file():
-            return str(p)
-    sys.exit("no minibatchd binary: build it first (cargo build --release) or set MINIBATCHD")
 
 
 def pss(pid: int) -> int:
@@ -163,7 +151,7 @@ def main() -> None:
             from load import make_full
             print(f"writing {data} ...", file=sys.stderr)
             make_full(data)
-    bin_ = binary()
+    bin_ = find_binary()
     tmp = Path(tempfile.mkdtemp(prefix="mb-attach-bench-"))
     sock = tmp / "minibatchd.sock"
     port = free_port()

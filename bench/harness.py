@@ -130,6 +130,17 @@ def own_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def find_binary(given: str | None = None) -> str:
+    """The minibatchd binary to measure: `given`, else $MINIBATCHD, else
+    target/release or target/debug (the first that exists)."""
+    b = given or os.environ.get("MINIBATCHD") or next(
+        (str(p) for p in (ROOT / "target" / "release" / "minibatchd", ROOT / "target" / "debug" / "minibatchd")
+         if p.exists()), None)
+    if not b or not Path(b).exists():
+        raise SystemExit("no minibatchd binary: build it (cargo build --release), pass --bin or set MINIBATCHD")
+    return b
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -616,11 +627,7 @@ def main() -> None:
     a.epochs = a.epochs or (1 if q else 10)
     a.startup_runs = a.startup_runs or (1 if q else 5)
     cmdline = " ".join(["bench/run.sh", *sys.argv[1:]])
-    binary = a.bin or os.environ.get("MINIBATCHD") or next(
-        (str(p) for p in (ROOT / "target" / "release" / "minibatchd", ROOT / "target" / "debug" / "minibatchd")
-         if p.exists()), None)
-    if not binary or not Path(binary).exists():
-        raise SystemExit("no minibatchd binary: build it (cargo build --release) or pass --bin")
+    binary = find_binary(a.bin)
     OUT.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     atexit.register(cleanup)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -40,19 +39,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import minibatch_client as mc  # noqa: E402
 from minibatch_client import stats  # noqa: E402
-from harness import free_port, health  # noqa: E402
+from harness import find_binary, free_port, health  # noqa: E402
 
 SIZE = 500
-
-
-def binary() -> str:
-    b = os.environ.get("MINIBATCHD")
-    if b:
-        return b
-    for p in (ROOT / "target" / "release" / "minibatchd", ROOT / "target" / "debug" / "minibatchd"):
-        if p.is_file():
-            return str(p)
-    sys.exit("no minibatchd binary: build it first (cargo build --release) or set MINIBATCHD")
 
 
 def paired_round(n: int, on, off) -> tuple[float, float]:
@@ -118,7 +107,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wait-cost-"))
     sock = tmp / "minibatchd.sock"
     addr = f"127.0.0.1:{free_port()}"
-    cmd = [binary(), "--log", "warn", "serve", "--addr", addr, "--metrics-addr", "off", "--uds", str(sock)]
+    cmd = [find_binary(), "--log", "warn", "serve", "--addr", addr, "--metrics-addr", "off", "--uds", str(sock)]
     if a.file:
         cmd += ["--data", a.file]
     log = open(tmp / "minibatchd.log", "wb")

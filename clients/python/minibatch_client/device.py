@@ -30,7 +30,7 @@ import hashlib
 import mmap
 import os
 import struct
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class _CudaOpener:
         with torch.cuda.device(self.index):
             torch.empty(1, device=self.device)  # the primary context, current on this thread
         try:
-            import cupy  # noqa: F401
+            import cupy  # noqa: F401  (only whether it is installed)
 
             self._cupy = True
         except ImportError:
