@@ -204,15 +204,11 @@ pub(super) fn load_tar(
             .map(|k| (k, dir))
     });
     let Some((kind, dir)) = found else {
-        let mut names: Vec<&str> = entries.iter().take(8).map(|e| e.name.as_str()).collect();
-        if entries.len() > 8 {
-            names.push("...");
-        }
         return Err(LoadError::Format {
             path: path.into(),
             what: format!(
                 "a tar archive, but not CIFAR's python version (expected a folder holding data_batch_1..5 and test_batch, or train, test and meta); it holds [{}]",
-                names.join(", ")
+                super::listing(entries.iter().map(|e| e.name.as_str()))
             ),
         });
     };

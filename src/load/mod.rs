@@ -214,6 +214,24 @@ mod cgroup {
     }
 }
 
+/// Most member names an error lists of an archive's contents: enough to
+/// see what the archive is, and an error stays a line.
+const MAX_LISTED: usize = 8;
+
+/// An archive's member names for an error: the first [`MAX_LISTED`], then
+/// `...` if there are more.
+fn listing<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for (i, n) in names.enumerate() {
+        if i == MAX_LISTED {
+            out.push("...");
+            break;
+        }
+        out.push(n);
+    }
+    out.join(", ")
+}
+
 /// Loads a dataset file (gzip'd or plain pickle, `.npz`, gzip'd `.npz`,
 /// CIFAR's tar archive) or directory (`.npy` files, CIFAR's batches, IDX
 /// files).
@@ -678,15 +696,11 @@ fn load_npz(
     for (k, key) in keys.iter().enumerate() {
         let name = format!("{key}.npy");
         let Some(m) = members.iter().find(|m| m.name == name) else {
-            let mut found: Vec<&str> = members.iter().take(8).map(|m| m.name.as_str()).collect();
-            if members.len() > 8 {
-                found.push("...");
-            }
             return Err(LoadError::Format {
                 path: path.into(),
                 what: format!(
                     "npz has no member {name} (expected x_train, y_train, x_test, y_test as np.savez writes them; it holds [{}])",
-                    found.join(", ")
+                    listing(members.iter().map(|m| m.name.as_str()))
                 ),
             });
         };
