@@ -40,22 +40,15 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 from torch.utils.data import DataLoader
 
-from paths import ROOT, SAMPLE
+from paths import ROOT
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
 import minibatch_client as mc  # noqa: E402
 from minibatch_client.torch import STATE_FORMAT, MinibatchDataset, worker_context  # noqa: E402
 from test_attach import UdsDaemon  # noqa: E402
-from test_client import EXAMPLES, Daemon  # noqa: E402
+from test_client import EXAMPLES, Daemon, sample  # noqa: E402,F401  (sample: the fixture)
 
 N = EXAMPLES["train"]
-
-
-@pytest.fixture(scope="module")
-def sample() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    with gzip.open(SAMPLE, "rb") as f:
-        sets = pickle.load(f, encoding="latin1")
-    return {name: (np.asarray(x), np.asarray(y)) for name, (x, y) in zip(EXAMPLES, sets)}
 
 
 @pytest.fixture(scope="module")
